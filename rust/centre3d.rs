@@ -1,0 +1,353 @@
+//! Three-dimensional X-ray centring from two grids that share x.
+//! Spec: `xrc-algorithm.md` §3.
+//!
+//! The volume `V[x, y, z] = xy[x, y] * xz[x, z]` is never stored: every row
+//! `(x, y)` of it is the row `xz[x, :]` scaled by `xy[x, y]`, so the kept voxels
+//! are found row by row as runs along z, a whole row is skipped when even its
+//! largest product misses the threshold, and statistics are summed per run.
+//! Memory is a few words per run; time is rows plus kept voxels.
+
+use crate::error::{InputError, Result};
+use crate::grid::Grid;
+use crate::label::{Labels, Runs};
+use crate::wells::Wells;
+
+/// Parameters of a 3D centring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Keep voxels with `v >= threshold * max` (max of the voxel's region).
+    pub threshold: f64,
+    /// Grid cells with `count < threshold_absolute` become 0 first.
+    pub threshold_absolute: f64,
+    /// The sample on the pin (single-sample pins).
+    pub sample_id: Option<i64>,
+    /// The wells of a multi-sample pin; empty for a single-sample pin.
+    pub wells: Wells,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { threshold: 0.25, threshold_absolute: 0.0, sample_id: None, wells: Wells::default() }
+    }
+}
+
+/// One diffracting region. Coordinates are in grid boxes; counts are exact
+/// integers carried as floats, as in the wire format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Xrc3d {
+    pub centre_of_mass: [f64; 3],
+    pub max_voxel: [i64; 3],
+    pub max_count: f64,
+    pub n_voxels: i64,
+    pub total_count: f64,
+    pub sample_id: Option<i64>,
+    /// Half-open: `[[min x, min y, min z], [max x + 1, max y + 1, max z + 1]]`.
+    pub bounding_box: [[i64; 3]; 2],
+}
+
+/// Largest extent of one axis, and of the whole volume. Within these bounds the
+/// i128 sums of `coordinate * value` cannot overflow (2^40 * 2^20 * 2^63 < 2^127).
+const MAX_AXIS: usize = 1 << 20;
+const MAX_VOXELS: u128 = 1 << 40;
+
+/// Centre the two grids `xy` (`nx x ny`) and `xz` (`nx x nz`). Results are
+/// sorted by `total_count`, largest first, ties in label order.
+pub fn centre_3d(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<Vec<Xrc3d>> {
+    let (xy, xz) = prepare(xy, xz, params)?;
+    let (runs, region_of_run) = if params.wells.is_multi_sample() {
+        kept_runs_per_region(&xy, &xz, params.threshold)
+    } else {
+        (kept_runs_whole_volume(&xy, &xz, params.threshold), Vec::new())
+    };
+    let labels = runs.label();
+    let mut stats = accumulate(&xy, &xz, &runs, &labels);
+    if params.wells.is_multi_sample() {
+        // Regions in label order, then labels within a region in raster order.
+        let mut order: Vec<usize> = (0..stats.len()).collect();
+        order.sort_by_key(|&l| (region_of_run[labels.first_run[l] as usize], l));
+        stats = order.into_iter().map(|l| stats[l].clone()).collect();
+    }
+    stats.sort_by(|a, b| b.total.cmp(&a.total)); // stable
+    Ok(stats.iter().map(|s| s.result(params)).collect())
+}
+
+/// Check the inputs and return copies with `threshold_absolute` applied.
+fn prepare(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<(Grid<i64>, Grid<i64>)> {
+    if xy.nx != xz.nx {
+        return Err(InputError::new(format!(
+            "xy and xz must share x: xy has nx={}, xz has nx={}",
+            xy.nx, xz.nx
+        )));
+    }
+    if xy.data.is_empty() || xz.data.is_empty() {
+        return Err(InputError::new("empty grid: xy and xz need at least one cell each"));
+    }
+    if !params.threshold.is_finite() {
+        return Err(InputError::new(format!("threshold must be a finite number, got {}", params.threshold)));
+    }
+    if !params.threshold_absolute.is_finite() {
+        return Err(InputError::new(format!(
+            "threshold_absolute must be a finite number, got {}",
+            params.threshold_absolute
+        )));
+    }
+    for &(name, n) in &[("nx", xy.nx), ("ny", xy.ny), ("nz", xz.ny)] {
+        if n > MAX_AXIS {
+            return Err(InputError::new(format!("grid too large: {name}={n} exceeds {MAX_AXIS}")));
+        }
+    }
+    if (xy.nx as u128) * (xy.ny as u128) * (xz.ny as u128) > MAX_VOXELS {
+        return Err(InputError::new("grid too large: more than 2^40 voxels"));
+    }
+    xy.check_counts("xy")?;
+    xz.check_counts("xz")?;
+    let cut = |g: &Grid<i64>| Grid {
+        data: g.data.iter().map(|&c| if (c as f64) < params.threshold_absolute { 0 } else { c }).collect(),
+        ..*g
+    };
+    let (xy, xz) = (cut(xy), cut(xz));
+    if xy.max().checked_mul(xz.max()).is_none() {
+        return Err(InputError::new(format!(
+            "counts too large: {} * {} overflows a 64-bit integer",
+            xy.max(),
+            xz.max()
+        )));
+    }
+    Ok((xy, xz))
+}
+
+/// Whether voxel value `v` passes the threshold `t` (`float(v) >= threshold * float(max)`).
+#[inline]
+fn passes(v: i64, t: f64) -> bool {
+    v as f64 >= t
+}
+
+/// Single-sample pin: one region, the whole volume.
+fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Runs {
+    let (nx, ny) = (xy.nx, xy.ny);
+    let row_max: Vec<i64> = (0..nx).map(|x| xz.row(x).iter().copied().max().unwrap_or(0)).collect();
+    let max = (0..nx)
+        .map(|x| xy.row(x).iter().copied().max().unwrap_or(0) * row_max[x])
+        .max()
+        .unwrap_or(0);
+    let mut builder = Runs::builder(nx, ny);
+    if max == 0 {
+        return builder.finish();
+    }
+    let t = threshold * max as f64;
+    for x in 0..nx {
+        let b = xz.row(x);
+        for (y, &a) in xy.row(x).iter().enumerate() {
+            if a == 0 || !passes(a * row_max[x], t) {
+                continue;
+            }
+            builder.push_where(x, y, 0, b.len(), |z| b[z] > 0 && passes(a * b[z], t));
+        }
+    }
+    builder.finish()
+}
+
+/// Multi-sample pin: regions are the 26-connected components of `V > 0`, each
+/// thresholded against its own maximum. Returns the kept runs and, per kept
+/// run, the label of its region.
+fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs, Vec<u32>) {
+    let (nx, ny) = (xy.nx, xy.ny);
+    let mut positive = Runs::builder(nx, ny);
+    let mut bounds = Vec::new();
+    for x in 0..nx {
+        let b = xz.row(x);
+        bounds.clear();
+        let mut z = 0;
+        while z < b.len() {
+            if b[z] > 0 {
+                let start = z;
+                while z < b.len() && b[z] > 0 {
+                    z += 1;
+                }
+                bounds.push((start, z));
+            }
+            z += 1;
+        }
+        for (y, &a) in xy.row(x).iter().enumerate() {
+            if a > 0 {
+                for &(s, e) in &bounds {
+                    positive.push(x, y, s, e);
+                }
+            }
+        }
+    }
+    let positive = positive.finish();
+    let regions = positive.label();
+    let mut region_max = vec![0i64; regions.count()];
+    for i in 0..positive.len() {
+        let (x, y) = positive.xy(i);
+        let b = &xz.row(x)[positive.start[i] as usize..positive.end[i] as usize];
+        let v = xy.get(x, y) * b.iter().copied().max().unwrap_or(0);
+        let m = &mut region_max[regions.of_run[i] as usize];
+        *m = (*m).max(v);
+    }
+    let mut kept = Runs::builder(nx, ny);
+    let mut region_of_run = Vec::new();
+    for i in 0..positive.len() {
+        let (x, y) = positive.xy(i);
+        let region = regions.of_run[i];
+        let t = threshold * region_max[region as usize] as f64;
+        let (a, b) = (xy.get(x, y), xz.row(x));
+        let added = kept.push_where(x, y, positive.start[i] as usize, positive.end[i] as usize, |z| {
+            passes(a * b[z], t)
+        });
+        region_of_run.extend(std::iter::repeat_n(region, added));
+    }
+    (kept.finish(), region_of_run)
+}
+
+/// Exact integer statistics of one label.
+#[derive(Debug, Clone)]
+struct Stats {
+    n: i64,
+    total: i128,
+    moment: [i128; 3],
+    max: i64,
+    max_voxel: [i64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+}
+
+impl Stats {
+    fn result(&self, params: &Params) -> Xrc3d {
+        let w = self.total as f64;
+        let centre_of_mass = self.moment.map(|m| m as f64 / w + 0.5);
+        Xrc3d {
+            centre_of_mass,
+            max_voxel: self.max_voxel,
+            max_count: self.max as f64,
+            n_voxels: self.n,
+            total_count: self.total as f64,
+            sample_id: params.wells.tag(params.sample_id, centre_of_mass[0]),
+            bounding_box: [self.lo, self.hi.map(|h| h + 1)],
+        }
+    }
+}
+
+/// One pass over the kept runs, in raster order, summing per label.
+fn accumulate(xy: &Grid<i64>, xz: &Grid<i64>, runs: &Runs, labels: &Labels) -> Vec<Stats> {
+    let mut stats: Vec<Stats> = vec![
+        Stats {
+            n: 0,
+            total: 0,
+            moment: [0; 3],
+            max: -1,
+            max_voxel: [0; 3],
+            lo: [i64::MAX; 3],
+            hi: [i64::MIN; 3],
+        };
+        labels.count()
+    ];
+    for i in 0..runs.len() {
+        let (x, y) = runs.xy(i);
+        let (start, end) = (runs.start[i] as usize, runs.end[i] as usize);
+        let a = xy.get(x, y);
+        let b = &xz.row(x)[start..end];
+        let (mut sum_b, mut sum_zb) = (0i128, 0i128);
+        let (mut b_max, mut z_max) = (-1i64, 0usize);
+        for (k, &bz) in b.iter().enumerate() {
+            sum_b += bz as i128;
+            sum_zb += (start + k) as i128 * bz as i128;
+            if bz > b_max {
+                b_max = bz;
+                z_max = start + k;
+            }
+        }
+        let s = &mut stats[labels.of_run[i] as usize];
+        let run_total = a as i128 * sum_b;
+        s.n += (end - start) as i64;
+        s.total += run_total;
+        s.moment[0] += x as i128 * run_total;
+        s.moment[1] += y as i128 * run_total;
+        s.moment[2] += a as i128 * sum_zb;
+        // Runs arrive in raster order: only a strictly larger value moves the maximum.
+        if a * b_max > s.max {
+            s.max = a * b_max;
+            s.max_voxel = [x as i64, y as i64, z_max as i64];
+        }
+        let (lo, hi) = ([x, y, start].map(|c| c as i64), [x, y, end - 1].map(|c| c as i64));
+        for d in 0..3 {
+            s.lo[d] = s.lo[d].min(lo[d]);
+            s.hi[d] = s.hi[d].max(hi[d]);
+        }
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid(rows: &[&[i64]]) -> Grid<i64> {
+        Grid::new(rows.len(), rows[0].len(), rows.iter().flat_map(|r| r.iter().copied()).collect()).unwrap()
+    }
+
+    #[test]
+    fn single_voxel() {
+        let r = centre_3d(&grid(&[&[0, 3]]), &grid(&[&[2, 0, 0]]), &Params::default()).unwrap();
+        assert_eq!(
+            r,
+            vec![Xrc3d {
+                centre_of_mass: [0.5, 1.5, 0.5],
+                max_voxel: [0, 1, 0],
+                max_count: 6.0,
+                n_voxels: 1,
+                total_count: 6.0,
+                sample_id: None,
+                bounding_box: [[0, 1, 0], [1, 2, 1]],
+            }]
+        );
+    }
+
+    #[test]
+    fn weighted_centre_is_exact() {
+        // Row x=0: values 1*[1, 3] -> z centre (0*1 + 1*3)/4 = 0.75
+        let r = centre_3d(&grid(&[&[1]]), &grid(&[&[1, 3]]), &Params::default()).unwrap();
+        assert_eq!(r[0].centre_of_mass, [0.5, 0.5, 1.25]);
+        assert_eq!(r[0].total_count, 4.0);
+        assert_eq!(r[0].max_voxel, [0, 0, 1]);
+    }
+
+    #[test]
+    fn zero_threshold_never_keeps_zero_voxels() {
+        let p = Params { threshold: 0.0, ..Params::default() };
+        let r = centre_3d(&grid(&[&[1, 0, 1]]), &grid(&[&[1]]), &p).unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|x| x.n_voxels == 1));
+    }
+
+    #[test]
+    fn absolute_threshold_cuts_cells_first() {
+        let p = Params { threshold_absolute: 3.0, ..Params::default() };
+        let r = centre_3d(&grid(&[&[2, 4]]), &grid(&[&[5]]), &p).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].max_voxel, [0, 1, 0]);
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let e = centre_3d(&grid(&[&[1], &[1]]), &grid(&[&[1]]), &Params::default()).unwrap_err();
+        assert!(e.0.contains("nx=2") && e.0.contains("nx=1"), "{e}");
+        let e = centre_3d(&grid(&[&[-1]]), &grid(&[&[1]]), &Params::default()).unwrap_err();
+        assert!(e.0.starts_with("xy: negative count -1"), "{e}");
+        let p = Params { threshold: f64::NAN, ..Params::default() };
+        assert!(centre_3d(&grid(&[&[1]]), &grid(&[&[1]]), &p).unwrap_err().0.contains("threshold"));
+        let e = centre_3d(&grid(&[&[i64::MAX]]), &grid(&[&[2]]), &Params::default()).unwrap_err();
+        assert!(e.0.contains("overflows"), "{e}");
+    }
+
+    #[test]
+    fn does_not_modify_inputs_and_handles_empty() {
+        let (xy, xz) = (grid(&[&[0, 0]]), grid(&[&[0]]));
+        assert!(centre_3d(&xy, &xz, &Params::default()).unwrap().is_empty());
+        let xy = grid(&[&[1, 9]]);
+        let p = Params { threshold_absolute: 5.0, ..Params::default() };
+        centre_3d(&xy, &grid(&[&[9]]), &p).unwrap();
+        assert_eq!(xy.data, vec![1, 9]);
+    }
+}
