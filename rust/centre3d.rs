@@ -67,7 +67,7 @@ pub fn centre_3d(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<Vec<
         order.sort_by_key(|&l| (region_of_run[labels.first_run[l] as usize], l));
         stats = order.into_iter().map(|l| stats[l].clone()).collect();
     }
-    stats.sort_by(|a, b| b.total.cmp(&a.total)); // stable
+    stats.sort_by_key(|s| std::cmp::Reverse(s.total)); // stable
     Ok(stats.iter().map(|s| s.result(params)).collect())
 }
 

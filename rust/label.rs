@@ -63,7 +63,7 @@ impl Runs {
     pub fn label(&self) -> Labels {
         let n = self.len();
         let mut parent: Vec<u32> = (0..n as u32).collect();
-        let nx = if self.ny == 0 { 0 } else { (self.row_start.len() - 1) / self.ny };
+        let nx = (self.row_start.len() - 1).checked_div(self.ny).unwrap_or(0);
         for x in 0..nx {
             for y in 0..self.ny {
                 let here = self.row_range(x, y);

@@ -1,0 +1,37 @@
+"""zocalo-xrc: X-ray centring for synchrotron macromolecular crystallography.
+
+The centring core is Rust (``zocalo_xrc._native``); this package gives it typed
+Python faces.
+"""
+
+from collections.abc import Sequence as _Sequence
+
+from ._native import XrcResults
+from ._results import GridScan2DResult, XrcResult
+from .centring import (
+    MULTIPIN_THRESHOLD,
+    MULTIPIN_THRESHOLD_ABSOLUTE,
+    GridScan,
+    centre_2d,
+    centre_3d,
+    centre_3d_scans,
+    well_limits,
+)
+from .grid import GridInfo, reshape_grid
+
+_Sequence.register(XrcResults)
+
+__all__ = [
+    "MULTIPIN_THRESHOLD",
+    "MULTIPIN_THRESHOLD_ABSOLUTE",
+    "GridInfo",
+    "GridScan",
+    "GridScan2DResult",
+    "XrcResult",
+    "XrcResults",
+    "centre_2d",
+    "centre_3d",
+    "centre_3d_scans",
+    "reshape_grid",
+    "well_limits",
+]
