@@ -1,0 +1,122 @@
+"""Property tests: the Rust core against the plain scipy reference in reference.py."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import reference
+import zocalo_xrc as zx
+
+# Sparse small counts make ties, touching corners, many components and empty grids.
+count = st.one_of(st.just(0), st.just(0), st.integers(0, 4), st.integers(0, 60))
+
+
+def grid(max_x=7, max_y=7):
+    return st.tuples(st.integers(1, max_x), st.integers(1, max_y)).flatmap(
+        lambda s: hnp.arrays(np.int64, s, elements=count)
+    )
+
+
+@st.composite
+def gridinfo(draw, max_steps=9):
+    return {
+        "steps_x": draw(st.integers(1, max_steps)),
+        "steps_y": draw(st.integers(1, max_steps)),
+        "dx_mm": draw(st.sampled_from([0.005, 0.01, 0.02, 0.035])),
+        "dy_mm": draw(st.sampled_from([0.005, 0.01, 0.02, 0.05])),
+        "micronsPerPixelX": draw(st.sampled_from([0.44, 0.806, 1.0, 1.25])),
+        "micronsPerPixelY": draw(st.sampled_from([0.44, 0.806, 1.0, 1.25])),
+        "snapshot_offsetXPixel": draw(st.sampled_from([0.0, 339.273, 10.5])),
+        "snapshot_offsetYPixel": draw(st.sampled_from([0.0, 236.727, 20.25])),
+        "snaked": draw(st.booleans()),
+        "orientation": draw(st.sampled_from(["horizontal", "vertical"])),
+    }
+
+
+@given(gi=gridinfo(), data=st.data())
+def test_reshape_matches_reference(gi, data):
+    n = gi["steps_x"] * gi["steps_y"]
+    counts = data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, 10**6)))
+    got = zx.reshape_grid(counts, zx.GridInfo.from_ispyb(gi))
+    want = reference.reshape(counts, gi["steps_x"], gi["steps_y"], gi["snaked"], gi["orientation"])
+    assert got.dtype == np.int64 and got.shape == (gi["steps_x"], gi["steps_y"])
+    np.testing.assert_array_equal(got, want)
+
+
+@given(gi=gridinfo(), data=st.data(), sample_id=st.one_of(st.none(), st.integers(1, 10**7)))
+def test_centre_2d_matches_reference(gi, data, sample_id):
+    counts = data.draw(hnp.arrays(np.int64, gi["steps_x"] * gi["steps_y"], elements=count))
+    got = zx.centre_2d(counts, zx.GridInfo.from_ispyb(gi), sample_id=sample_id).to_dict()
+    assert got == reference.centre_2d(counts, gi, sample_id)
+
+
+@given(gi=gridinfo(), data=st.data())
+def test_centre_2d_multi_sample_pin(gi, data):
+    counts = data.draw(hnp.arrays(np.int64, gi["steps_x"] * gi["steps_y"], elements=count))
+    limits = [(0.0, 2.0), (2.5, 4.0), (4.0, 9.0)]
+    ids = {1: 11, 2: 12, 3: 13}
+    got = zx.centre_2d(counts, zx.GridInfo.from_ispyb(gi), sample_id=11, multipin_sample_ids=ids, well_limits=limits)
+    assert got.to_dict() == reference.centre_2d(counts, gi, 11, ids, limits)
+
+
+@given(
+    xy=grid(),
+    data=st.data(),
+    threshold=st.sampled_from([0.25, 0.05, 0.5, 0.0, 1.0, 0.3333]),
+    threshold_absolute=st.sampled_from([0, 0, 3, 5, 2.5]),
+    sample_id=st.one_of(st.none(), st.integers(1, 10**7)),
+)
+def test_centre_3d_matches_reference(xy, data, threshold, threshold_absolute, sample_id):
+    xz = data.draw(st.integers(1, 7).flatmap(lambda nz: hnp.arrays(np.int64, (xy.shape[0], nz), elements=count)))
+    got = zx.centre_3d(xy, xz, threshold=threshold, threshold_absolute=threshold_absolute, sample_id=sample_id)
+    assert got.to_dicts() == reference.centre_3d(xy, xz, threshold, threshold_absolute, sample_id)
+
+
+@given(xy=grid(max_x=12), data=st.data(), threshold=st.sampled_from([0.25, 0.05, 0.6]))
+def test_centre_3d_multi_sample_pin_matches_reference(xy, data, threshold):
+    xz = data.draw(st.integers(1, 5).flatmap(lambda nz: hnp.arrays(np.int64, (xy.shape[0], nz), elements=count)))
+    limits = [(0.0, 3.0), (3.5, 7.0), (7.0, 11.0)]
+    ids = {1: 21, 2: 22, 3: 23}
+    got = zx.centre_3d(xy, xz, threshold=threshold, threshold_absolute=3, sample_id=21,
+                       multipin_sample_ids=ids, well_limits=limits)
+    assert got.to_dicts() == reference.centre_3d(xy, xz, threshold, 3, 21, ids, limits)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(1, 30)),
+    seed=st.integers(0, 2**32 - 1),
+    mean=st.sampled_from([0.3, 2.0, 8.0]),
+)
+def test_centre_3d_on_noisy_volumes(shape, seed, mean):
+    """Larger, noisy volumes: many components of odd shapes."""
+    nx, ny, nz = shape
+    rng = np.random.default_rng(seed)
+    xy, xz = rng.poisson(mean, (nx, ny)), rng.poisson(mean, (nx, nz))
+    assert zx.centre_3d(xy, xz).to_dicts() == reference.centre_3d(xy, xz)
+
+
+@given(
+    n=st.integers(1, 8),
+    w=st.integers(1, 3000),
+    o=st.integers(0, 3000),
+    dx=st.sampled_from([0.01, 0.02, 0.005]),
+    junk=st.sampled_from(["", "x", "Standard "]),
+)
+def test_well_limits_match_reference(n, w, o, dx, junk):
+    loop_type = f"{junk}multipin_{n}x{w}+{o}"
+    assert zx.well_limits(loop_type, dx) == reference.well_limits(loop_type, dx)
+
+
+def test_one_by_n_and_n_by_one():
+    for xy, xz in [([[5]], [[7]]), ([[1, 2, 3, 0, 9]], [[4]]), ([[1], [2], [0], [9]], [[4], [1], [1], [4]])]:
+        assert zx.centre_3d(xy, xz).to_dicts() == reference.centre_3d(xy, xz)
+
+
+def test_large_counts_keep_exact_sums():
+    """Sums beyond 2**53: exact integer sums, one division, as the spec says."""
+    xy = np.full((3, 2), 3_000_000_000, dtype=np.int64)
+    xz = np.full((3, 2), 1_000_000_000, dtype=np.int64)
+    (r,) = zx.centre_3d(xy, xz)
+    assert r.total_count == float(12 * 3 * 10**18)
+    assert r.centre_of_mass == (1.5, 1.0, 1.0)
