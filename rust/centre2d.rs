@@ -25,12 +25,19 @@ impl Snapshot {
             ("snapshot_offsetYPixel", self.offset_y_px),
         ] {
             if !v.is_finite() {
-                return Err(InputError::new(format!("{name} must be a finite number, got {v}")));
+                return Err(InputError::new(format!(
+                    "{name} must be a finite number, got {v}"
+                )));
             }
         }
-        for (name, v) in [("micronsPerPixelX", self.microns_per_pixel_x), ("micronsPerPixelY", self.microns_per_pixel_y)] {
+        for (name, v) in [
+            ("micronsPerPixelX", self.microns_per_pixel_x),
+            ("micronsPerPixelY", self.microns_per_pixel_y),
+        ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(InputError::new(format!("{name} must be a positive number, got {v}")));
+                return Err(InputError::new(format!(
+                    "{name} must be a positive number, got {v}"
+                )));
             }
         }
         Ok(())
@@ -38,7 +45,10 @@ impl Snapshot {
 
     /// The size of one grid box on the snapshot, in pixels.
     pub fn box_size_px(&self) -> [f64; 2] {
-        [1000.0 * self.dx_mm / self.microns_per_pixel_x, 1000.0 * self.dy_mm / self.microns_per_pixel_y]
+        [
+            1000.0 * self.dx_mm / self.microns_per_pixel_x,
+            1000.0 * self.dy_mm / self.microns_per_pixel_y,
+        ]
     }
 }
 
@@ -79,10 +89,20 @@ pub fn centre_2d(
 ) -> Result<Xrc2d> {
     snapshot.check()?;
     if let Some(i) = counts.iter().position(|&c| c < 0) {
-        return Err(InputError::new(format!("counts: negative count {} at image {}", counts[i], i + 1)));
+        return Err(InputError::new(format!(
+            "counts: negative count {} at image {}",
+            counts[i],
+            i + 1
+        )));
     }
-    if counts.iter().try_fold(0i64, |s, &c| s.checked_add(c)).is_none() {
-        return Err(InputError::new("counts: the sum of all counts overflows a 64-bit integer"));
+    if counts
+        .iter()
+        .try_fold(0i64, |s, &c| s.checked_add(c))
+        .is_none()
+    {
+        return Err(InputError::new(
+            "counts: the sum of all counts overflows a 64-bit integer",
+        ));
     }
     let grid = scan.reshape(counts)?;
     let box_size_px = snapshot.box_size_px();
@@ -99,10 +119,16 @@ pub fn centre_2d(
     let best_image = counts.iter().position(|&c| c == max).unwrap() as i64 + 1;
 
     // The transposed grid B[y][x] as one plane: rows are y, runs go along x.
+    // Kept cells have 2 * count >= max, that is count >= ceil(max / 2).
     let (nx, ny) = (scan.steps_x, scan.steps_y);
+    let kept_from = max / 2 + max % 2;
     let mut builder = Runs::builder(1, ny);
+    let mut line = vec![0i64; nx];
     for y in 0..ny {
-        builder.push_where(0, y, 0, nx, |x| 2 * grid.get(x, y) as i128 >= max as i128);
+        for (x, c) in line.iter_mut().enumerate() {
+            *c = grid.get(x, y);
+        }
+        builder.push_at_least(0, y, &line, 0, kept_from);
     }
     let runs = builder.finish();
     let labels = runs.label();
@@ -116,18 +142,19 @@ pub fn centre_2d(
     let (mut sum_x, mut sum_y, mut total) = (0i64, 0i64, 0i64);
     let (mut region_max, mut max_voxel) = (-1i64, [0i64; 2]);
     let mut best_region = Vec::new();
-    for i in (0..runs.len()).filter(|&i| labels.of_run[i] == best) {
-        let y = runs.xy(i).1;
-        for x in runs.start[i] as usize..runs.end[i] as usize {
-            let c = grid.get(x, y);
-            sum_x += x as i64;
-            sum_y += y as i64;
-            total += c;
-            if c > region_max {
-                region_max = c;
-                max_voxel = [x as i64, y as i64];
+    for (_, y, range) in runs.rows() {
+        for i in range.filter(|&i| labels.of_run[i] == best) {
+            for x in runs.start[i] as usize..runs.end[i] as usize {
+                let c = grid.get(x, y);
+                sum_x += x as i64;
+                sum_y += y as i64;
+                total += c;
+                if c > region_max {
+                    region_max = c;
+                    max_voxel = [x as i64, y as i64];
+                }
+                best_region.push([y as i64, x as i64]);
             }
-            best_region.push([y as i64, x as i64]);
         }
     }
     let n = best_region.len() as i64;
@@ -190,7 +217,10 @@ mod tests {
     #[test]
     fn bad_geometry_and_counts_are_named() {
         let scan = Scan::new(2, 1, false, Orientation::Horizontal).unwrap();
-        let snap = Snapshot { microns_per_pixel_x: 0.0, ..SNAP };
+        let snap = Snapshot {
+            microns_per_pixel_x: 0.0,
+            ..SNAP
+        };
         let e = centre_2d(&[1, 1], &scan, &snap, None, &Wells::default()).unwrap_err();
         assert!(e.0.contains("micronsPerPixelX"), "{e}");
         let e = centre_2d(&[1, -2], &scan, &SNAP, None, &Wells::default()).unwrap_err();

@@ -27,7 +27,12 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { threshold: 0.25, threshold_absolute: 0.0, sample_id: None, wells: Wells::default() }
+        Params {
+            threshold: 0.25,
+            threshold_absolute: 0.0,
+            sample_id: None,
+            wells: Wells::default(),
+        }
     }
 }
 
@@ -57,18 +62,25 @@ pub fn centre_3d(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<Vec<
     let (runs, region_of_run) = if params.wells.is_multi_sample() {
         kept_runs_per_region(&xy, &xz, params.threshold)
     } else {
-        (kept_runs_whole_volume(&xy, &xz, params.threshold), Vec::new())
+        (
+            kept_runs_whole_volume(&xy, &xz, params.threshold),
+            Vec::new(),
+        )
     };
     let labels = runs.label();
-    let mut stats = accumulate(&xy, &xz, &runs, &labels);
+    let stats = accumulate(&xy, &xz, &runs, &labels);
+    // Label order: raster order, or on a multi-sample pin regions in label
+    // order and labels in raster order within each region. Then a stable sort
+    // by total count, largest first. Sort indices, not the statistics.
+    let mut order: Vec<u32> = (0..stats.len() as u32).collect();
     if params.wells.is_multi_sample() {
-        // Regions in label order, then labels within a region in raster order.
-        let mut order: Vec<usize> = (0..stats.len()).collect();
-        order.sort_by_key(|&l| (region_of_run[labels.first_run[l] as usize], l));
-        stats = order.into_iter().map(|l| stats[l].clone()).collect();
+        order.sort_by_key(|&l| (region_of_run[labels.first_run[l as usize] as usize], l));
     }
-    stats.sort_by_key(|s| std::cmp::Reverse(s.total)); // stable
-    Ok(stats.iter().map(|s| s.result(params)).collect())
+    order.sort_by_key(|&l| std::cmp::Reverse(stats[l as usize].total)); // stable
+    Ok(order
+        .iter()
+        .map(|&l| stats[l as usize].result(params))
+        .collect())
 }
 
 /// Check the inputs and return copies with `threshold_absolute` applied.
@@ -80,10 +92,15 @@ fn prepare(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<(Grid<i64>
         )));
     }
     if xy.data.is_empty() || xz.data.is_empty() {
-        return Err(InputError::new("empty grid: xy and xz need at least one cell each"));
+        return Err(InputError::new(
+            "empty grid: xy and xz need at least one cell each",
+        ));
     }
     if !params.threshold.is_finite() {
-        return Err(InputError::new(format!("threshold must be a finite number, got {}", params.threshold)));
+        return Err(InputError::new(format!(
+            "threshold must be a finite number, got {}",
+            params.threshold
+        )));
     }
     if !params.threshold_absolute.is_finite() {
         return Err(InputError::new(format!(
@@ -93,7 +110,9 @@ fn prepare(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<(Grid<i64>
     }
     for &(name, n) in &[("nx", xy.nx), ("ny", xy.ny), ("nz", xz.ny)] {
         if n > MAX_AXIS {
-            return Err(InputError::new(format!("grid too large: {name}={n} exceeds {MAX_AXIS}")));
+            return Err(InputError::new(format!(
+                "grid too large: {name}={n} exceeds {MAX_AXIS}"
+            )));
         }
     }
     if (xy.nx as u128) * (xy.ny as u128) * (xz.ny as u128) > MAX_VOXELS {
@@ -102,7 +121,17 @@ fn prepare(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<(Grid<i64>
     xy.check_counts("xy")?;
     xz.check_counts("xz")?;
     let cut = |g: &Grid<i64>| Grid {
-        data: g.data.iter().map(|&c| if (c as f64) < params.threshold_absolute { 0 } else { c }).collect(),
+        data: g
+            .data
+            .iter()
+            .map(|&c| {
+                if (c as f64) < params.threshold_absolute {
+                    0
+                } else {
+                    c
+                }
+            })
+            .collect(),
         ..*g
     };
     let (xy, xz) = (cut(xy), cut(xz));
@@ -116,16 +145,32 @@ fn prepare(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<(Grid<i64>
     Ok((xy, xz))
 }
 
-/// Whether voxel value `v` passes the threshold `t` (`float(v) >= threshold * float(max)`).
-#[inline]
-fn passes(v: i64, t: f64) -> bool {
-    v as f64 >= t
+/// The least `b` in `1..=cap` for which `float(a * b) >= t` (DLS's
+/// `float(v) >= threshold * float(max)`), if any. `a > 0`, so `float(a * b)`
+/// never decreases as `b` grows and a row's threshold is one integer.
+fn least_passing(a: i64, t: f64, cap: i64) -> Option<i64> {
+    let passes = |b: i64| a.checked_mul(b).is_none_or(|v| v as f64 >= t);
+    if cap < 1 || !passes(cap) {
+        return None;
+    }
+    let (mut fails, mut ok) = (0, cap);
+    while ok - fails > 1 {
+        let mid = fails + (ok - fails) / 2;
+        if passes(mid) {
+            ok = mid;
+        } else {
+            fails = mid;
+        }
+    }
+    Some(ok)
 }
 
 /// Single-sample pin: one region, the whole volume.
 fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Runs {
     let (nx, ny) = (xy.nx, xy.ny);
-    let row_max: Vec<i64> = (0..nx).map(|x| xz.row(x).iter().copied().max().unwrap_or(0)).collect();
+    let row_max: Vec<i64> = (0..nx)
+        .map(|x| xz.row(x).iter().copied().max().unwrap_or(0))
+        .collect();
     let max = (0..nx)
         .map(|x| xy.row(x).iter().copied().max().unwrap_or(0) * row_max[x])
         .max()
@@ -135,13 +180,14 @@ fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Run
         return builder.finish();
     }
     let t = threshold * max as f64;
-    for x in 0..nx {
-        let b = xz.row(x);
+    for (x, &b_max) in row_max.iter().enumerate() {
         for (y, &a) in xy.row(x).iter().enumerate() {
-            if a == 0 || !passes(a * row_max[x], t) {
+            if a == 0 {
                 continue;
             }
-            builder.push_where(x, y, 0, b.len(), |z| b[z] > 0 && passes(a * b[z], t));
+            if let Some(b_min) = least_passing(a, t, b_max) {
+                builder.push_at_least(x, y, xz.row(x), 0, b_min);
+            }
         }
     }
     builder.finish()
@@ -153,52 +199,50 @@ fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Run
 fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs, Vec<u32>) {
     let (nx, ny) = (xy.nx, xy.ny);
     let mut positive = Runs::builder(nx, ny);
-    let mut bounds = Vec::new();
     for x in 0..nx {
-        let b = xz.row(x);
-        bounds.clear();
-        let mut z = 0;
-        while z < b.len() {
-            if b[z] > 0 {
-                let start = z;
-                while z < b.len() && b[z] > 0 {
-                    z += 1;
-                }
-                bounds.push((start, z));
-            }
-            z += 1;
-        }
         for (y, &a) in xy.row(x).iter().enumerate() {
             if a > 0 {
-                for &(s, e) in &bounds {
-                    positive.push(x, y, s, e);
-                }
+                positive.push_at_least(x, y, xz.row(x), 0, 1);
             }
         }
     }
     let positive = positive.finish();
     let regions = positive.label();
-    let mut region_max = vec![0i64; regions.count()];
-    for i in 0..positive.len() {
-        let (x, y) = positive.xy(i);
+    let run_max = |x: usize, i: usize| {
         let b = &xz.row(x)[positive.start[i] as usize..positive.end[i] as usize];
-        let v = xy.get(x, y) * b.iter().copied().max().unwrap_or(0);
-        let m = &mut region_max[regions.of_run[i] as usize];
-        *m = (*m).max(v);
+        b.iter().copied().max().unwrap_or(0)
+    };
+    let mut region_max = vec![0i64; regions.count()];
+    for (x, y, range) in positive.rows() {
+        for i in range {
+            let m = &mut region_max[regions.of_run[i] as usize];
+            *m = (*m).max(xy.get(x, y) * run_max(x, i));
+        }
     }
     let mut kept = Runs::builder(nx, ny);
     let mut region_of_run = Vec::new();
-    for i in 0..positive.len() {
-        let (x, y) = positive.xy(i);
-        let region = regions.of_run[i];
-        let t = threshold * region_max[region as usize] as f64;
-        let (a, b) = (xy.get(x, y), xz.row(x));
-        let added = kept.push_where(x, y, positive.start[i] as usize, positive.end[i] as usize, |z| {
-            passes(a * b[z], t)
-        });
-        region_of_run.extend(std::iter::repeat_n(region, added));
+    for (x, y, range) in positive.rows() {
+        let a = xy.get(x, y);
+        for i in range {
+            let region = regions.of_run[i];
+            let t = threshold * region_max[region as usize] as f64;
+            if let Some(b_min) = least_passing(a, t, run_max(x, i)) {
+                let (s, e) = (positive.start[i] as usize, positive.end[i] as usize);
+                let added = kept.push_at_least(x, y, &xz.row(x)[s..e], s, b_min);
+                region_of_run.extend(std::iter::repeat_n(region, added));
+            }
+        }
     }
     (kept.finish(), region_of_run)
+}
+
+/// `v as f64`, rounding as Python's `float(int)` does, fast when `v` fits i64.
+#[inline]
+fn to_f64(v: i128) -> f64 {
+    match i64::try_from(v) {
+        Ok(v) => v as f64,
+        Err(_) => v as f64,
+    }
 }
 
 /// Exact integer statistics of one label.
@@ -215,14 +259,14 @@ struct Stats {
 
 impl Stats {
     fn result(&self, params: &Params) -> Xrc3d {
-        let w = self.total as f64;
-        let centre_of_mass = self.moment.map(|m| m as f64 / w + 0.5);
+        let w = to_f64(self.total);
+        let centre_of_mass = self.moment.map(|m| to_f64(m) / w + 0.5);
         Xrc3d {
             centre_of_mass,
             max_voxel: self.max_voxel,
             max_count: self.max as f64,
             n_voxels: self.n,
-            total_count: self.total as f64,
+            total_count: to_f64(self.total),
             sample_id: params.wells.tag(params.sample_id, centre_of_mass[0]),
             bounding_box: [self.lo, self.hi.map(|h| h + 1)],
         }
@@ -243,37 +287,41 @@ fn accumulate(xy: &Grid<i64>, xz: &Grid<i64>, runs: &Runs, labels: &Labels) -> V
         };
         labels.count()
     ];
-    for i in 0..runs.len() {
-        let (x, y) = runs.xy(i);
-        let (start, end) = (runs.start[i] as usize, runs.end[i] as usize);
+    for (x, y, range) in runs.rows() {
         let a = xy.get(x, y);
-        let b = &xz.row(x)[start..end];
-        let (mut sum_b, mut sum_zb) = (0i128, 0i128);
-        let (mut b_max, mut z_max) = (-1i64, 0usize);
-        for (k, &bz) in b.iter().enumerate() {
-            sum_b += bz as i128;
-            sum_zb += (start + k) as i128 * bz as i128;
-            if bz > b_max {
-                b_max = bz;
-                z_max = start + k;
+        for i in range {
+            let (start, end) = (runs.start[i] as usize, runs.end[i] as usize);
+            let b = &xz.row(x)[start..end];
+            let (mut sum_b, mut sum_zb) = (0i128, 0i128);
+            let (mut b_max, mut z_max) = (-1i64, 0usize);
+            for (k, &bz) in b.iter().enumerate() {
+                sum_b += bz as i128;
+                sum_zb += (start + k) as i128 * bz as i128;
+                if bz > b_max {
+                    b_max = bz;
+                    z_max = start + k;
+                }
             }
-        }
-        let s = &mut stats[labels.of_run[i] as usize];
-        let run_total = a as i128 * sum_b;
-        s.n += (end - start) as i64;
-        s.total += run_total;
-        s.moment[0] += x as i128 * run_total;
-        s.moment[1] += y as i128 * run_total;
-        s.moment[2] += a as i128 * sum_zb;
-        // Runs arrive in raster order: only a strictly larger value moves the maximum.
-        if a * b_max > s.max {
-            s.max = a * b_max;
-            s.max_voxel = [x as i64, y as i64, z_max as i64];
-        }
-        let (lo, hi) = ([x, y, start].map(|c| c as i64), [x, y, end - 1].map(|c| c as i64));
-        for d in 0..3 {
-            s.lo[d] = s.lo[d].min(lo[d]);
-            s.hi[d] = s.hi[d].max(hi[d]);
+            let s = &mut stats[labels.of_run[i] as usize];
+            let run_total = a as i128 * sum_b;
+            s.n += (end - start) as i64;
+            s.total += run_total;
+            s.moment[0] += x as i128 * run_total;
+            s.moment[1] += y as i128 * run_total;
+            s.moment[2] += a as i128 * sum_zb;
+            // Runs arrive in raster order: only a strictly larger value moves the maximum.
+            if a * b_max > s.max {
+                s.max = a * b_max;
+                s.max_voxel = [x as i64, y as i64, z_max as i64];
+            }
+            let (lo, hi) = (
+                [x, y, start].map(|c| c as i64),
+                [x, y, end - 1].map(|c| c as i64),
+            );
+            for d in 0..3 {
+                s.lo[d] = s.lo[d].min(lo[d]);
+                s.hi[d] = s.hi[d].max(hi[d]);
+            }
         }
     }
     stats
@@ -284,7 +332,12 @@ mod tests {
     use super::*;
 
     fn grid(rows: &[&[i64]]) -> Grid<i64> {
-        Grid::new(rows.len(), rows[0].len(), rows.iter().flat_map(|r| r.iter().copied()).collect()).unwrap()
+        Grid::new(
+            rows.len(),
+            rows[0].len(),
+            rows.iter().flat_map(|r| r.iter().copied()).collect(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -315,7 +368,10 @@ mod tests {
 
     #[test]
     fn zero_threshold_never_keeps_zero_voxels() {
-        let p = Params { threshold: 0.0, ..Params::default() };
+        let p = Params {
+            threshold: 0.0,
+            ..Params::default()
+        };
         let r = centre_3d(&grid(&[&[1, 0, 1]]), &grid(&[&[1]]), &p).unwrap();
         assert_eq!(r.len(), 2);
         assert!(r.iter().all(|x| x.n_voxels == 1));
@@ -323,10 +379,31 @@ mod tests {
 
     #[test]
     fn absolute_threshold_cuts_cells_first() {
-        let p = Params { threshold_absolute: 3.0, ..Params::default() };
+        let p = Params {
+            threshold_absolute: 3.0,
+            ..Params::default()
+        };
         let r = centre_3d(&grid(&[&[2, 4]]), &grid(&[&[5]]), &p).unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].max_voxel, [0, 1, 0]);
+    }
+
+    #[test]
+    fn least_passing_is_the_exact_float_cutoff() {
+        for a in 1..50i64 {
+            for &t in &[0.0, -1.0, 0.5, 7.0, 10.25, 99.0, 1e6] {
+                let want = (1..=60).find(|&b| (a * b) as f64 >= t);
+                assert_eq!(least_passing(a, t, 60), want, "a={a} t={t}");
+            }
+        }
+        // Near 2^53 float(a*b) rounds; the cutoff follows the rounded value.
+        let a = (1i64 << 53) + 1;
+        let t = (a as f64) * 2.0;
+        assert_eq!(
+            least_passing(a, t, 4),
+            (1..=4).find(|&b| (a * b) as f64 >= t)
+        );
+        assert_eq!(least_passing(i64::MAX, 1e30, 3), Some(2)); // overflow counts as passing
     }
 
     #[test]
@@ -335,8 +412,14 @@ mod tests {
         assert!(e.0.contains("nx=2") && e.0.contains("nx=1"), "{e}");
         let e = centre_3d(&grid(&[&[-1]]), &grid(&[&[1]]), &Params::default()).unwrap_err();
         assert!(e.0.starts_with("xy: negative count -1"), "{e}");
-        let p = Params { threshold: f64::NAN, ..Params::default() };
-        assert!(centre_3d(&grid(&[&[1]]), &grid(&[&[1]]), &p).unwrap_err().0.contains("threshold"));
+        let p = Params {
+            threshold: f64::NAN,
+            ..Params::default()
+        };
+        assert!(centre_3d(&grid(&[&[1]]), &grid(&[&[1]]), &p)
+            .unwrap_err()
+            .0
+            .contains("threshold"));
         let e = centre_3d(&grid(&[&[i64::MAX]]), &grid(&[&[2]]), &Params::default()).unwrap_err();
         assert!(e.0.contains("overflows"), "{e}");
     }
@@ -346,7 +429,10 @@ mod tests {
         let (xy, xz) = (grid(&[&[0, 0]]), grid(&[&[0]]));
         assert!(centre_3d(&xy, &xz, &Params::default()).unwrap().is_empty());
         let xy = grid(&[&[1, 9]]);
-        let p = Params { threshold_absolute: 5.0, ..Params::default() };
+        let p = Params {
+            threshold_absolute: 5.0,
+            ..Params::default()
+        };
         centre_3d(&xy, &grid(&[&[9]]), &p).unwrap();
         assert_eq!(xy.data, vec![1, 9]);
     }

@@ -42,16 +42,31 @@ pub struct Scan {
 }
 
 impl Scan {
-    pub fn new(steps_x: usize, steps_y: usize, snaked: bool, orientation: Orientation) -> Result<Self> {
+    pub fn new(
+        steps_x: usize,
+        steps_y: usize,
+        snaked: bool,
+        orientation: Orientation,
+    ) -> Result<Self> {
         if steps_x == 0 || steps_y == 0 {
             return Err(InputError::new(format!(
                 "empty grid: steps_x={steps_x}, steps_y={steps_y}; both must be at least 1"
             )));
         }
-        if steps_x.checked_mul(steps_y).is_none_or(|n| n > u32::MAX as usize) {
-            return Err(InputError::new(format!("grid too large: {steps_x} x {steps_y} images")));
+        if steps_x
+            .checked_mul(steps_y)
+            .is_none_or(|n| n > u32::MAX as usize)
+        {
+            return Err(InputError::new(format!(
+                "grid too large: {steps_x} x {steps_y} images"
+            )));
         }
-        Ok(Scan { steps_x, steps_y, snaked, orientation })
+        Ok(Scan {
+            steps_x,
+            steps_y,
+            snaked,
+            orientation,
+        })
     }
 
     pub fn image_count(&self) -> usize {
@@ -63,12 +78,20 @@ impl Scan {
         match self.orientation {
             Orientation::Horizontal => {
                 let (line, k) = (i / self.steps_x, i % self.steps_x);
-                let x = if self.snaked && line % 2 == 1 { self.steps_x - 1 - k } else { k };
+                let x = if self.snaked && line % 2 == 1 {
+                    self.steps_x - 1 - k
+                } else {
+                    k
+                };
                 (x, line)
             }
             Orientation::Vertical => {
                 let (line, k) = (i / self.steps_y, i % self.steps_y);
-                let y = if self.snaked && line % 2 == 1 { self.steps_y - 1 - k } else { k };
+                let y = if self.snaked && line % 2 == 1 {
+                    self.steps_y - 1 - k
+                } else {
+                    k
+                };
                 (line, y)
             }
         }
@@ -90,7 +113,11 @@ impl Scan {
             let (x, y) = self.cell(i);
             data[x * self.steps_y + y] = c;
         }
-        Ok(Grid { nx: self.steps_x, ny: self.steps_y, data })
+        Ok(Grid {
+            nx: self.steps_x,
+            ny: self.steps_y,
+            data,
+        })
     }
 }
 
@@ -157,7 +184,9 @@ mod tests {
 
     #[test]
     fn horizontal_unsnaked_fills_rows_of_x() {
-        let g = scan(3, 2, false, Orientation::Horizontal).reshape(&[0, 1, 2, 3, 4, 5]).unwrap();
+        let g = scan(3, 2, false, Orientation::Horizontal)
+            .reshape(&[0, 1, 2, 3, 4, 5])
+            .unwrap();
         // A[x][y] = i where i = y*3 + x
         assert_eq!(g.data, vec![0, 3, 1, 4, 2, 5]);
     }
@@ -183,10 +212,15 @@ mod tests {
 
     #[test]
     fn wrong_length_and_empty_are_errors() {
-        let e = scan(3, 2, false, Orientation::Horizontal).reshape(&[1i64; 5]).unwrap_err();
+        let e = scan(3, 2, false, Orientation::Horizontal)
+            .reshape(&[1i64; 5])
+            .unwrap_err();
         assert!(e.0.contains("expected 6 values"), "{e}");
         assert!(Scan::new(0, 3, false, Orientation::Vertical).is_err());
-        assert!(Orientation::parse("diagonal").unwrap_err().0.contains("diagonal"));
+        assert!(Orientation::parse("diagonal")
+            .unwrap_err()
+            .0
+            .contains("diagonal"));
     }
 
     #[test]

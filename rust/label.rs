@@ -53,6 +53,15 @@ impl Runs {
         (r / self.ny, r % self.ny)
     }
 
+    /// Every row that has runs: `(x, y, runs)`, in raster order.
+    pub fn rows(&self) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
+        self.row_start
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[0] < w[1])
+            .map(|(r, w)| (r / self.ny, r % self.ny, w[0] as usize..w[1] as usize))
+    }
+
     #[inline]
     fn row_range(&self, x: usize, y: usize) -> Range<usize> {
         let r = x * self.ny + y;
@@ -127,7 +136,10 @@ impl RunsBuilder {
     pub fn push(&mut self, x: usize, y: usize, start: usize, end: usize) {
         let row = x * self.runs.ny + y;
         debug_assert!(start < end);
-        debug_assert!(self.runs.row_start.len() <= row + 1, "rows out of raster order");
+        debug_assert!(
+            self.runs.row_start.len() <= row + 1,
+            "rows out of raster order"
+        );
         while self.runs.row_start.len() <= row {
             self.runs.row_start.push(self.runs.start.len() as u32);
         }
@@ -141,30 +153,50 @@ impl RunsBuilder {
         self.runs.row.push(row as u32);
     }
 
-    /// Add the maximal runs of `z` in `lo..hi` where `keep(z)` holds, to row
-    /// `(x, y)`. Returns how many runs were added.
-    #[inline]
-    pub fn push_where(
+    /// Add to row `(x, y)` the maximal runs of `z = offset + k` where
+    /// `values[k] >= min`. Returns how many runs were added. The row is read 64
+    /// values at a time into a bit mask, and runs are read off its bits.
+    pub fn push_at_least(
         &mut self,
         x: usize,
         y: usize,
-        lo: usize,
-        hi: usize,
-        mut keep: impl FnMut(usize) -> bool,
+        values: &[i64],
+        offset: usize,
+        min: i64,
     ) -> usize {
         let mut added = 0;
-        let mut z = lo;
-        while z < hi {
-            if keep(z) {
-                let start = z;
-                z += 1;
-                while z < hi && keep(z) {
-                    z += 1;
-                }
-                self.push(x, y, start, z);
-                added += 1;
+        let mut open: Option<usize> = None;
+        for (c, chunk) in values.chunks(64).enumerate() {
+            let mut kept = 0u64;
+            for (k, &v) in chunk.iter().enumerate() {
+                kept |= ((v >= min) as u64) << k;
             }
-            z += 1;
+            let (base, n) = (offset + c * 64, chunk.len());
+            let mut pos = 0;
+            while pos < n {
+                match open {
+                    None => {
+                        let ahead = kept >> pos;
+                        if ahead == 0 {
+                            break;
+                        }
+                        pos += ahead.trailing_zeros() as usize;
+                        open = Some(base + pos);
+                    }
+                    Some(start) => {
+                        pos += ((!kept >> pos).trailing_zeros() as usize).min(n - pos);
+                        if pos < n {
+                            self.push(x, y, start, base + pos);
+                            added += 1;
+                            open = None;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(start) = open {
+            self.push(x, y, start, offset + values.len());
+            added += 1;
         }
         added
     }
@@ -220,7 +252,8 @@ mod tests {
         let mut b = Runs::builder(nx, ny);
         for x in 0..nx {
             for y in 0..ny {
-                b.push_where(x, y, 0, nz, |z| mask[x][y][z]);
+                let values: Vec<i64> = mask[x][y].iter().map(|&m| m as i64).collect();
+                b.push_at_least(x, y, &values, 0, 1);
             }
         }
         let runs = b.finish();
@@ -237,13 +270,19 @@ mod tests {
 
     fn parse(rows: &[&str]) -> Vec<Vec<Vec<bool>>> {
         // One x-slice: rows are y, characters are z.
-        vec![rows.iter().map(|r| r.chars().map(|c| c == '#').collect()).collect()]
+        vec![rows
+            .iter()
+            .map(|r| r.chars().map(|c| c == '#').collect())
+            .collect()]
     }
 
     #[test]
     fn corners_touch_in_a_plane() {
         let l = label_dense(&parse(&["#..#", ".#..", "...."]));
-        assert_eq!(l[0], vec![vec![1, 0, 0, 2], vec![0, 1, 0, 0], vec![0, 0, 0, 0]]);
+        assert_eq!(
+            l[0],
+            vec![vec![1, 0, 0, 2], vec![0, 1, 0, 0], vec![0, 0, 0, 0]]
+        );
     }
 
     #[test]
@@ -284,6 +323,28 @@ mod tests {
         let l = label_dense(&m);
         assert_eq!(l[0][2][1], 1);
         assert_eq!(l[1][1][0], 1);
+    }
+
+    #[test]
+    fn runs_across_64_value_chunks() {
+        let mut values = vec![0i64; 200];
+        for z in (0..3).chain(60..70).chain(127..129).chain(190..200) {
+            values[z] = 5;
+        }
+        values[64] = 0; // splits 60..70 at the chunk boundary
+        let mut b = Runs::builder(1, 1);
+        assert_eq!(b.push_at_least(0, 0, &values, 10, 5), 5);
+        let runs = b.finish();
+        let got: Vec<(u32, u32)> = runs
+            .start
+            .iter()
+            .copied()
+            .zip(runs.end.iter().copied())
+            .collect();
+        assert_eq!(
+            got,
+            vec![(10, 13), (70, 74), (75, 80), (137, 139), (200, 210)]
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@ use crate::grid::{Grid, Orientation, Scan};
 use crate::pyrepr::write_float;
 use crate::wells::{self, Wells};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 impl From<InputError> for PyErr {
     fn from(e: InputError) -> PyErr {
         PyValueError::new_err(e.0)
@@ -29,7 +32,9 @@ fn grid_from(name: &str, a: &PyReadonlyArray2<i64>) -> PyResult<Grid<i64>> {
     let view = a.as_array();
     let (nx, ny) = view.dim();
     if nx == 0 || ny == 0 {
-        return Err(PyValueError::new_err(format!("{name}: empty grid of shape ({nx}, {ny})")));
+        return Err(PyValueError::new_err(format!(
+            "{name}: empty grid of shape ({nx}, {ny})"
+        )));
     }
     Ok(Grid::new(nx, ny, view.iter().copied().collect())?)
 }
@@ -46,7 +51,8 @@ fn reshape_grid<'py>(
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
     let scan = Scan::new(steps_x, steps_y, snaked, Orientation::parse(orientation)?)?;
     let grid = scan.reshape(counts.as_slice()?)?;
-    let array = Array::from_shape_vec((grid.nx, grid.ny), grid.data).expect("shape checked by reshape");
+    let array =
+        Array::from_shape_vec((grid.nx, grid.ny), grid.data).expect("shape checked by reshape");
     Ok(array.into_pyarray(py))
 }
 
@@ -72,9 +78,20 @@ fn centre_2d<'py>(
     well_limits: Vec<(f64, f64)>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let scan = Scan::new(steps_x, steps_y, snaked, Orientation::parse(orientation)?)?;
-    let (dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px) = snapshot;
-    let snapshot = Snapshot { dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px };
-    let wells = Wells { limits: well_limits, sample_ids: multipin_sample_ids };
+    let (dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px) =
+        snapshot;
+    let snapshot = Snapshot {
+        dx_mm,
+        dy_mm,
+        microns_per_pixel_x,
+        microns_per_pixel_y,
+        offset_x_px,
+        offset_y_px,
+    };
+    let wells = Wells {
+        limits: well_limits,
+        sample_ids: multipin_sample_ids,
+    };
     let counts = counts.as_slice()?.to_vec();
     let r = py.detach(|| centre2d::centre_2d(&counts, &scan, &snapshot, sample_id, &wells))?;
     let d = PyDict::new(py);
@@ -93,10 +110,20 @@ fn centre_2d<'py>(
     d.set_item("centre_x_box", f.map(|f| f.centre_of_mass[0]))?;
     d.set_item("centre_y_box", f.map(|f| f.centre_of_mass[1]))?;
     d.set_item("status", if f.is_some() { "ok" } else { "fail" })?;
-    d.set_item("message", if f.is_some() { "ok" } else { "No good images found" })?;
+    d.set_item(
+        "message",
+        if f.is_some() {
+            "ok"
+        } else {
+            "No good images found"
+        },
+    )?;
     d.set_item("best_image", f.map(|f| f.best_image))?;
     d.set_item("reflections_in_best_image", f.map(|f| f.max_count))?;
-    d.set_item("best_region", f.map(|f| f.best_region.iter().map(|c| c.to_vec()).collect::<Vec<_>>()))?;
+    d.set_item(
+        "best_region",
+        f.map(|f| f.best_region.iter().map(|c| c.to_vec()).collect::<Vec<_>>()),
+    )?;
     Ok(d)
 }
 
@@ -118,7 +145,10 @@ fn centre_3d<'py>(
         threshold,
         threshold_absolute,
         sample_id,
-        wells: Wells { limits: well_limits, sample_ids: multipin_sample_ids },
+        wells: Wells {
+            limits: well_limits,
+            sample_ids: multipin_sample_ids,
+        },
     };
     let rows = py.detach(|| centre3d::centre_3d(&xy, &xz, &params))?;
     Ok(XrcResults { rows })
@@ -186,10 +216,16 @@ impl XrcResults {
         f: impl Fn(&Xrc3d) -> [T; N],
     ) -> Bound<'py, PyArray2<T>> {
         let flat: Vec<T> = self.rows.iter().flat_map(&f).collect();
-        Array::from_shape_vec((self.rows.len(), N), flat).expect("N values per row").into_pyarray(py)
+        Array::from_shape_vec((self.rows.len(), N), flat)
+            .expect("N values per row")
+            .into_pyarray(py)
     }
 
-    fn scalar<'py, T: numpy::Element>(&self, py: Python<'py>, f: impl Fn(&Xrc3d) -> T) -> Bound<'py, PyArray1<T>> {
+    fn scalar<'py, T: numpy::Element>(
+        &self,
+        py: Python<'py>,
+        f: impl Fn(&Xrc3d) -> T,
+    ) -> Bound<'py, PyArray1<T>> {
         PyArray1::from_iter(py, self.rows.iter().map(f))
     }
 }
@@ -215,7 +251,11 @@ impl XrcResults {
         self.rows.len()
     }
 
-    fn __getitem__<'py>(&self, py: Python<'py>, index: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn __getitem__<'py>(
+        &self,
+        py: Python<'py>,
+        index: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         if let Ok(slice) = index.cast::<PySlice>() {
             let ix = slice.indices(self.rows.len() as isize)?;
             let rows = (0..ix.slicelength)
@@ -227,13 +267,19 @@ impl XrcResults {
         let n = self.rows.len() as isize;
         let j = if i < 0 { i + n } else { i };
         if !(0..n).contains(&j) {
-            return Err(PyIndexError::new_err(format!("XrcResults index {i} out of range for {n} results")));
+            return Err(PyIndexError::new_err(format!(
+                "XrcResults index {i} out of range for {n} results"
+            )));
         }
         to_result(py, &self.rows[j as usize])
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let items = self.rows.iter().map(|r| to_result(py, r)).collect::<PyResult<Vec<_>>>()?;
+        let items = self
+            .rows
+            .iter()
+            .map(|r| to_result(py, r))
+            .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)?.try_iter().map(|it| it.into_any())
     }
 
@@ -245,11 +291,19 @@ impl XrcResults {
     }
 
     fn __repr__(&self) -> String {
-        let mut s = format!("XrcResults({} result{}", self.rows.len(), if self.rows.len() == 1 { "" } else { "s" });
+        let mut s = format!(
+            "XrcResults({} result{}",
+            self.rows.len(),
+            if self.rows.len() == 1 { "" } else { "s" }
+        );
         if let Some(best) = self.rows.first() {
             let c = best.centre_of_mass;
-            write!(s, "; first: centre_of_mass=({:.3}, {:.3}, {:.3}), max_count={}", c[0], c[1], c[2], best.max_count)
-                .unwrap();
+            write!(
+                s,
+                "; first: centre_of_mass=({:.3}, {:.3}, {:.3}), max_count={}",
+                c[0], c[1], c[2], best.max_count
+            )
+            .unwrap();
         }
         s.push(')');
         s
@@ -270,8 +324,14 @@ impl XrcResults {
     /// `(N, 2, 3)` int64, half-open.
     #[getter]
     fn bounding_box<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray3<i64>> {
-        let flat: Vec<i64> = self.rows.iter().flat_map(|r| r.bounding_box.concat()).collect();
-        Array::from_shape_vec((self.rows.len(), 2, 3), flat).expect("6 values per row").into_pyarray(py)
+        let flat: Vec<i64> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.bounding_box.concat())
+            .collect();
+        Array::from_shape_vec((self.rows.len(), 2, 3), flat)
+            .expect("6 values per row")
+            .into_pyarray(py)
     }
 
     #[getter]
@@ -294,7 +354,8 @@ impl XrcResults {
     fn sample_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let data = self.scalar(py, |r| r.sample_id.unwrap_or(0));
         let mask = self.scalar(py, |r| r.sample_id.is_none());
-        py.import("numpy.ma")?.call_method1("masked_array", (data, mask))
+        py.import("numpy.ma")?
+            .call_method1("masked_array", (data, mask))
     }
 
     /// A new `XrcResults`, stably sorted by `by`, largest first unless `descending=False`.

@@ -24,7 +24,10 @@ impl Wells {
         if !self.is_multi_sample() {
             return sample_id;
         }
-        let k = self.limits.iter().position(|&(lo, hi)| lo <= position && position <= hi)?;
+        let k = self
+            .limits
+            .iter()
+            .position(|&(lo, hi)| lo <= position && position <= hi)?;
         self.sample_ids.get(&(k as i64 + 1)).copied()
     }
 }
@@ -85,12 +88,25 @@ mod tests {
         assert_eq!(limits.len(), 6);
         // well 0: (1000 - 800) / 20 .. (1000 + 800) / 20
         assert_eq!(limits[0], (10.0, 90.0));
-        assert_eq!(limits[5], ((1000.0 + 8000.0 - 800.0) / 20.0, (1000.0 + 8000.0 + 800.0) / 20.0));
+        assert_eq!(
+            limits[5],
+            (
+                (1000.0 + 8000.0 - 800.0) / 20.0,
+                (1000.0 + 8000.0 + 800.0) / 20.0
+            )
+        );
     }
 
     #[test]
     fn other_loop_types_have_no_wells() {
-        for s in ["", "Standard", "multipin_", "multipin_6x", "multipin_6x1600+", "multipin_ax1+2"] {
+        for s in [
+            "",
+            "Standard",
+            "multipin_",
+            "multipin_6x",
+            "multipin_6x1600+",
+            "multipin_ax1+2",
+        ] {
             assert!(well_limits(s, 0.02).is_empty(), "{s}");
         }
         assert_eq!(well_limits("a multipin_x multipin_2x10+5", 0.01).len(), 2);

@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 
+import spec
 import zocalo_xrc as zx
 
 
 def cases(kind):
-    from conftest import SPEC
-
-    return [pytest.param(c, id=c["name"]) for c in json.loads((SPEC / "xrc-vectors.json").read_text())[kind]]
+    return [pytest.param(c, id=c["name"]) for c in spec.vectors()[kind]]
 
 
 @pytest.mark.parametrize("case", cases("3d"))

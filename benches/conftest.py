@@ -1,0 +1,49 @@
+"""Benchmarks: zocalo-xrc against its peers, measured side by side in one run.
+
+Each benchmark records its median under (suite, workload, contender); at the end
+of the session the ratios peer / ours are printed per workload.
+"""
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+# The scipy reference lives with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+MEDIANS: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+OURS = "zocalo-xrc"
+
+
+@pytest.fixture
+def record(benchmark, request):
+    """Run ``benchmark`` and keep its median for the ratio table."""
+
+    def run(suite, workload, contender, fn, *args, rounds=None, **kwargs):
+        benchmark.group = f"{suite}: {workload}"
+        benchmark.name = contender
+        if rounds is None:
+            result = benchmark(fn, *args, **kwargs)
+        else:
+            result = benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, iterations=1, warmup_rounds=0)
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            MEDIANS[(suite, workload)][contender] = benchmark.stats.stats.median
+        return result
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEDIANS:
+        return
+    tr = terminalreporter
+    tr.section("zocalo-xrc ratios (peer median / zocalo-xrc median; higher is better for us)")
+    for (suite, workload), medians in MEDIANS.items():
+        ours = medians.get(OURS)
+        if ours is None:
+            continue
+        peers = {k: v for k, v in medians.items() if k != OURS}
+        parts = [f"{name} {t / ours:,.1f}x" for name, t in sorted(peers.items(), key=lambda kv: kv[1])]
+        tr.write_line(f"{suite} | {workload}: ours {ours * 1e3:.3f} ms; " + "; ".join(parts))
