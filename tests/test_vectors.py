@@ -13,17 +13,15 @@ def cases(kind):
     return [pytest.param(c, id=c["name"]) for c in spec.vectors()[kind]]
 
 
+def options(case):
+    """The keyword arguments of centre_3d that a 3D case sets."""
+    keys = ("threshold", "threshold_absolute", "sample_id", "multipin_sample_ids", "well_limits")
+    return {k: case[k] for k in keys}
+
+
 @pytest.mark.parametrize("case", cases("3d"))
 def test_3d_vector(case):
-    results = zx.centre_3d(
-        case["xy"],
-        case["xz"],
-        threshold=case["threshold"],
-        threshold_absolute=case["threshold_absolute"],
-        sample_id=case["sample_id"],
-        multipin_sample_ids=case["multipin_sample_ids"],
-        well_limits=case["well_limits"],
-    )
+    results = zx.centre_3d(case["xy"], case["xz"], **options(case))
     assert results.to_dicts() == case["expected"]
     assert [r.to_dict() for r in results] == case["expected"]
     assert results.to_json() == json.dumps(case["expected"])
@@ -58,13 +56,5 @@ def test_3d_vector_from_acquisition_order(case):
         counts[order.ravel()] = grid.ravel()
         return zx.GridScan(dcid, counts, info)
 
-    results = zx.centre_3d_scans(
-        collection(1002, xz),
-        collection(1001, xy),
-        threshold=case["threshold"],
-        threshold_absolute=case["threshold_absolute"],
-        sample_id=case["sample_id"],
-        multipin_sample_ids=case["multipin_sample_ids"],
-        well_limits=case["well_limits"],
-    )
+    results = zx.centre_3d_scans(collection(1002, xz), collection(1001, xy), **options(case))
     assert results.to_dicts() == case["expected"]

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 Coordinate = tuple[int, int, int]
 
 
+def _as_lists(v: Any) -> Any:
+    return [_as_lists(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _as_tuples(v: Any) -> Any:
+    return tuple(_as_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+class _WireShape:
+    """Field order is wire order: tuples travel as JSON lists."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Build from the wire shape (lists become tuples)."""
+        return cls(**{f.name: _as_tuples(d[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire shape: the same keys, in the same order, as the service sends."""
+        return {f.name: _as_lists(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
-class XrcResult:
+class XrcResult(_WireShape):
     """One diffracting region of a 3D scan, in grid boxes.
 
     ``centre_of_mass`` puts box centres on half-integers; ``max_voxel`` is an
@@ -24,21 +47,9 @@ class XrcResult:
     sample_id: int | None
     bounding_box: tuple[Coordinate, Coordinate]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The wire shape: the same keys, in the same order, as the service sends."""
-        return {
-            "centre_of_mass": list(self.centre_of_mass),
-            "max_voxel": list(self.max_voxel),
-            "max_count": self.max_count,
-            "n_voxels": self.n_voxels,
-            "total_count": self.total_count,
-            "sample_id": self.sample_id,
-            "bounding_box": [list(self.bounding_box[0]), list(self.bounding_box[1])],
-        }
-
 
 @dataclass(frozen=True, slots=True)
-class GridScan2DResult:
+class GridScan2DResult(_WireShape):
     """The result of a 2D scan. ``status`` is ``"ok"`` or ``"fail"`` (no spots);
     on failure every optional field is ``None``."""
 
@@ -61,62 +72,6 @@ class GridScan2DResult:
     reflections_in_best_image: int | None
     best_region: tuple[tuple[int, int], ...] | None
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GridScan2DResult:
-        """Build from the wire shape (lists become tuples)."""
-
-        def tup(v: Any) -> Any:
-            return None if v is None else tuple(v)
-
-        region = d["best_region"]
-        return cls(
-            centre_of_mass=tup(d["centre_of_mass"]),
-            max_voxel=tup(d["max_voxel"]),
-            max_count=d["max_count"],
-            n_voxels=d["n_voxels"],
-            total_count=d["total_count"],
-            sample_id=d["sample_id"],
-            steps=tuple(d["steps"]),
-            box_size_px=tuple(d["box_size_px"]),
-            snapshot_offset=tuple(d["snapshot_offset"]),
-            centre_x=d["centre_x"],
-            centre_y=d["centre_y"],
-            centre_x_box=d["centre_x_box"],
-            centre_y_box=d["centre_y_box"],
-            status=d["status"],
-            message=d["message"],
-            best_image=d["best_image"],
-            reflections_in_best_image=d["reflections_in_best_image"],
-            best_region=None if region is None else tuple(tuple(c) for c in region),
-        )
-
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire shape: the same keys, in the same order, as the service sends."""
-
-        def lst(v: Any) -> Any:
-            return None if v is None else list(v)
-
-        return {
-            "centre_of_mass": lst(self.centre_of_mass),
-            "max_voxel": lst(self.max_voxel),
-            "max_count": self.max_count,
-            "n_voxels": self.n_voxels,
-            "total_count": self.total_count,
-            "sample_id": self.sample_id,
-            "steps": list(self.steps),
-            "box_size_px": list(self.box_size_px),
-            "snapshot_offset": list(self.snapshot_offset),
-            "centre_x": self.centre_x,
-            "centre_y": self.centre_y,
-            "centre_x_box": self.centre_x_box,
-            "centre_y_box": self.centre_y_box,
-            "status": self.status,
-            "message": self.message,
-            "best_image": self.best_image,
-            "reflections_in_best_image": self.reflections_in_best_image,
-            "best_region": None if self.best_region is None else [list(c) for c in self.best_region],
-        }
