@@ -6,9 +6,11 @@ pub mod centre2d;
 pub mod centre3d;
 pub mod error;
 pub mod grid;
+pub mod json;
 pub mod label;
 pub mod pyrepr;
 pub mod wells;
+pub mod wire;
 
 #[cfg(feature = "python")]
 mod python;

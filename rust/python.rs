@@ -7,17 +7,37 @@ use std::fmt::Write;
 
 use numpy::ndarray::Array;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PySlice, PyTuple, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PySlice, PyString, PyTuple, PyType};
 
 use crate::centre2d::{self, Snapshot};
 use crate::centre3d::{self, Params, Xrc3d};
 use crate::error::InputError;
 use crate::grid::{Grid, Orientation, Scan};
-use crate::pyrepr::write_float;
+use crate::json;
 use crate::wells::{self, Wells};
+use crate::wire::{self, Addressee, Results, Wire2d};
+
+create_exception!(
+    zocalo_xrc,
+    ResultPayloadError,
+    PyValueError,
+    "A results message that is not what the wire format says; the message and `path` name where."
+);
+
+impl From<json::Error> for PyErr {
+    fn from(e: json::Error) -> PyErr {
+        let err = ResultPayloadError::new_err(e.to_string());
+        Python::attach(|py| {
+            let _ = err.value(py).setattr("path", e.path());
+        });
+        err
+    }
+}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -62,7 +82,7 @@ fn well_limits(loop_type: &str, dx_mm: f64) -> Vec<(f64, f64)> {
     wells::well_limits(loop_type, dx_mm)
 }
 
-/// 2D centring; returns the result's fields in wire order (Python wraps them).
+/// 2D centring; returns a `GridScan2DResult`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn centre_2d<'py>(
@@ -76,55 +96,14 @@ fn centre_2d<'py>(
     sample_id: Option<i64>,
     multipin_sample_ids: HashMap<i64, i64>,
     well_limits: Vec<(f64, f64)>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let scan = Scan::new(steps_x, steps_y, snaked, Orientation::parse(orientation)?)?;
-    let (dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px) =
-        snapshot;
-    let snapshot = Snapshot {
-        dx_mm,
-        dy_mm,
-        microns_per_pixel_x,
-        microns_per_pixel_y,
-        offset_x_px,
-        offset_y_px,
-    };
-    let wells = Wells {
-        limits: well_limits,
-        sample_ids: multipin_sample_ids,
-    };
+    let (dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px) = snapshot;
+    let snapshot = Snapshot { dx_mm, dy_mm, microns_per_pixel_x, microns_per_pixel_y, offset_x_px, offset_y_px };
+    let wells = Wells { limits: well_limits, sample_ids: multipin_sample_ids };
     let counts = counts.as_slice()?.to_vec();
     let r = py.detach(|| centre2d::centre_2d(&counts, &scan, &snapshot, sample_id, &wells))?;
-    let d = PyDict::new(py);
-    let f = r.found.as_ref();
-    d.set_item("centre_of_mass", f.map(|f| f.centre_of_mass.to_vec()))?;
-    d.set_item("max_voxel", f.map(|f| f.max_voxel.to_vec()))?;
-    d.set_item("max_count", f.map(|f| f.max_count as f64))?;
-    d.set_item("n_voxels", f.map(|f| f.n_voxels))?;
-    d.set_item("total_count", f.map(|f| f.total_count as f64))?;
-    d.set_item("sample_id", f.and_then(|f| f.sample_id))?;
-    d.set_item("steps", r.steps.to_vec())?;
-    d.set_item("box_size_px", r.box_size_px.to_vec())?;
-    d.set_item("snapshot_offset", r.snapshot_offset.to_vec())?;
-    d.set_item("centre_x", f.map(|f| f.centre_x))?;
-    d.set_item("centre_y", f.map(|f| f.centre_y))?;
-    d.set_item("centre_x_box", f.map(|f| f.centre_of_mass[0]))?;
-    d.set_item("centre_y_box", f.map(|f| f.centre_of_mass[1]))?;
-    d.set_item("status", if f.is_some() { "ok" } else { "fail" })?;
-    d.set_item(
-        "message",
-        if f.is_some() {
-            "ok"
-        } else {
-            "No good images found"
-        },
-    )?;
-    d.set_item("best_image", f.map(|f| f.best_image))?;
-    d.set_item("reflections_in_best_image", f.map(|f| f.max_count))?;
-    d.set_item(
-        "best_region",
-        f.map(|f| f.best_region.iter().map(|c| c.to_vec()).collect::<Vec<_>>()),
-    )?;
-    Ok(d)
+    to_result_2d(py, &Wire2d::from(&r))
 }
 
 /// 3D centring of `xy` `(nx, ny)` and `xz` `(nx, nz)`, both `A[x][...]`.
@@ -155,10 +134,80 @@ fn centre_3d<'py>(
 }
 
 static XRC_RESULT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static GRID_SCAN_2D_RESULT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// The Python class `zocalo_xrc.XrcResult`.
 fn xrc_result_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     XRC_RESULT.import(py, "zocalo_xrc._results", "XrcResult")
+}
+
+/// The Python class `zocalo_xrc.GridScan2DResult`.
+fn result_2d_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    GRID_SCAN_2D_RESULT.import(py, "zocalo_xrc._results", "GridScan2DResult")
+}
+
+fn to_result_2d<'py>(py: Python<'py>, r: &Wire2d) -> PyResult<Bound<'py, PyAny>> {
+    let pair = |v: Option<[f64; 2]>| v.map(|v| (v[0], v[1]));
+    let region = match &r.best_region {
+        None => None,
+        Some(cells) => Some(PyTuple::new(py, cells.iter().map(|c| (c[0], c[1])))?),
+    };
+    let args = PyTuple::new(
+        py,
+        [
+            pair(r.centre_of_mass).into_pyobject(py)?.into_any(),
+            r.max_voxel.map(|v| (v[0], v[1])).into_pyobject(py)?.into_any(),
+            r.max_count.into_pyobject(py)?.into_any(),
+            r.n_voxels.into_pyobject(py)?.into_any(),
+            r.total_count.into_pyobject(py)?.into_any(),
+            r.sample_id.into_pyobject(py)?.into_any(),
+            (r.steps[0], r.steps[1]).into_pyobject(py)?.into_any(),
+            (r.box_size_px[0], r.box_size_px[1]).into_pyobject(py)?.into_any(),
+            (r.snapshot_offset[0], r.snapshot_offset[1]).into_pyobject(py)?.into_any(),
+            r.centre_x.into_pyobject(py)?.into_any(),
+            r.centre_y.into_pyobject(py)?.into_any(),
+            r.centre_x_box.into_pyobject(py)?.into_any(),
+            r.centre_y_box.into_pyobject(py)?.into_any(),
+            r.status.as_str().into_pyobject(py)?.into_any(),
+            r.message.as_str().into_pyobject(py)?.into_any(),
+            r.best_image.into_pyobject(py)?.into_any(),
+            r.reflections_in_best_image.into_pyobject(py)?.into_any(),
+            region.into_pyobject(py)?.into_any(),
+        ],
+    )?;
+    result_2d_type(py)?.call1(args)
+}
+
+fn from_result_2d(obj: &Bound<'_, PyAny>) -> PyResult<Wire2d> {
+    let get = |name: &str| obj.getattr(name);
+    let pair = |name: &str| -> PyResult<Option<[f64; 2]>> {
+        Ok(get(name)?.extract::<Option<(f64, f64)>>()?.map(|(a, b)| [a, b]))
+    };
+    let ints = |name: &str| -> PyResult<Option<[i64; 2]>> {
+        Ok(get(name)?.extract::<Option<(i64, i64)>>()?.map(|(a, b)| [a, b]))
+    };
+    let region: Option<Vec<(i64, i64)>> = get("best_region")?.extract()?;
+    Ok(Wire2d {
+        centre_of_mass: pair("centre_of_mass")?,
+        max_voxel: ints("max_voxel")?,
+        max_count: get("max_count")?.extract()?,
+        n_voxels: get("n_voxels")?.extract()?,
+        total_count: get("total_count")?.extract()?,
+        sample_id: get("sample_id")?.extract()?,
+        steps: ints("steps")?.ok_or_else(|| PyTypeError::new_err("steps must not be None"))?,
+        box_size_px: pair("box_size_px")?.ok_or_else(|| PyTypeError::new_err("box_size_px must not be None"))?,
+        snapshot_offset: pair("snapshot_offset")?
+            .ok_or_else(|| PyTypeError::new_err("snapshot_offset must not be None"))?,
+        centre_x: get("centre_x")?.extract()?,
+        centre_y: get("centre_y")?.extract()?,
+        centre_x_box: get("centre_x_box")?.extract()?,
+        centre_y_box: get("centre_y_box")?.extract()?,
+        status: get("status")?.extract()?,
+        message: get("message")?.extract()?,
+        best_image: get("best_image")?.extract()?,
+        reflections_in_best_image: get("reflections_in_best_image")?.extract()?,
+        best_region: region.map(|r| r.into_iter().map(|(y, x)| [y, x]).collect()),
+    })
 }
 
 fn to_result<'py>(py: Python<'py>, r: &Xrc3d) -> PyResult<Bound<'py, PyAny>> {
@@ -362,12 +411,15 @@ impl XrcResults {
     #[pyo3(signature = (by = "max_count", descending = true))]
     fn sorted(&self, by: &str, descending: bool) -> PyResult<XrcResults> {
         let key = sort_key(by)?;
-        let mut rows = self.rows.clone();
+        // Sort (key, index) pairs, not rows; the index breaks ties, which
+        // makes the (faster) unstable sort give exactly the stable order.
+        let mut order: Vec<(f64, u32)> = self.rows.iter().enumerate().map(|(i, r)| (key(r), i as u32)).collect();
         if descending {
-            rows.sort_by(|a, b| key(b).total_cmp(&key(a)));
+            order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         } else {
-            rows.sort_by(|a, b| key(a).total_cmp(&key(b)));
+            order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         }
+        let rows = order.iter().map(|&(_, i)| self.rows[i as usize].clone()).collect();
         Ok(XrcResults { rows })
     }
 
@@ -395,52 +447,164 @@ impl XrcResults {
     /// The results as a JSON list, byte for byte what `json.dumps(self.to_dicts())` writes.
     fn to_json(&self) -> String {
         let mut s = String::with_capacity(self.rows.len() * 200 + 2);
-        write_results_json(&mut s, &self.rows);
+        wire::write_results_3d(&mut s, &self.rows);
         s
+    }
+
+    /// The results with at least the given counts (order kept), e.g.
+    /// `at_least(total_count=3)`, the cut consumers usually make.
+    #[pyo3(signature = (*, max_count = None, total_count = None, n_voxels = None))]
+    fn at_least(&self, max_count: Option<f64>, total_count: Option<f64>, n_voxels: Option<i64>) -> XrcResults {
+        let rows = self
+            .rows
+            .iter()
+            .filter(|r| {
+                max_count.is_none_or(|m| r.max_count >= m)
+                    && total_count.is_none_or(|t| r.total_count >= t)
+                    && n_voxels.is_none_or(|n| r.n_voxels >= n)
+            })
+            .cloned()
+            .collect();
+        XrcResults { rows }
     }
 }
 
-/// JSON of a list of 3D results, in Python's `json.dumps` default spelling.
-fn write_results_json(s: &mut String, rows: &[Xrc3d]) {
-    fn ints(s: &mut String, v: &[i64]) {
-        s.push('[');
-        for (i, x) in v.iter().enumerate() {
-            if i > 0 {
-                s.push_str(", ");
-            }
-            write!(s, "{x}").unwrap();
-        }
-        s.push(']');
+/// Bodies above this size are parsed with the GIL released.
+const DETACH_ABOVE: usize = 64 * 1024;
+
+/// A decoded results message (see `zocalo_xrc.parse_result_message`).
+#[pyclass(module = "zocalo_xrc", frozen)]
+pub struct ResultMessage {
+    /// `XrcResults` for a 3D payload, a 1-tuple of `GridScan2DResult` for 2D.
+    #[pyo3(get)]
+    results: Py<PyAny>,
+    kind: &'static str,
+    #[pyo3(get)]
+    status: Option<String>,
+    #[pyo3(get)]
+    dcid: Option<i64>,
+    #[pyo3(get)]
+    dcgid: Option<i64>,
+    #[pyo3(get)]
+    gpu: bool,
+    #[pyo3(get)]
+    environment_id: Option<String>,
+    no_crystal: bool,
+}
+
+#[pymethods]
+impl ResultMessage {
+    /// `"3d"` or `"2d"`.
+    #[getter(r#type)]
+    fn kind(&self) -> &'static str {
+        self.kind
     }
-    s.push('[');
-    for (i, r) in rows.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push_str("{\"centre_of_mass\": [");
-        for (k, c) in r.centre_of_mass.iter().enumerate() {
-            if k > 0 {
-                s.push_str(", ");
-            }
-            write_float(s, *c);
-        }
-        s.push_str("], \"max_voxel\": ");
-        ints(s, &r.max_voxel);
-        s.push_str(", \"max_count\": ");
-        write_float(s, r.max_count);
-        write!(s, ", \"n_voxels\": {}, \"total_count\": ", r.n_voxels).unwrap();
-        write_float(s, r.total_count);
-        match r.sample_id {
-            Some(id) => write!(s, ", \"sample_id\": {id}").unwrap(),
-            None => s.push_str(", \"sample_id\": null"),
-        }
-        s.push_str(", \"bounding_box\": [");
-        ints(s, &r.bounding_box[0]);
-        s.push_str(", ");
-        ints(s, &r.bounding_box[1]);
-        s.push_str("]}");
+
+    /// True when Zocalo answered that there is no crystal: no 3D results, or a
+    /// failed 2D result. (No answer at all is a different thing: a timeout.)
+    #[getter]
+    fn no_crystal(&self) -> bool {
+        self.no_crystal
     }
-    s.push(']');
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let status = self.status.clone().into_pyobject(py)?.repr()?;
+        let dcid = self.dcid.into_pyobject(py)?.repr()?;
+        let dcgid = self.dcgid.into_pyobject(py)?.repr()?;
+        let gpu = if self.gpu { "True" } else { "False" };
+        let results = self.results.bind(py).repr()?;
+        Ok(format!(
+            "ResultMessage(type='{}', status={status}, dcid={dcid}, dcgid={dcgid}, gpu={gpu}, results={results})",
+            self.kind
+        ))
+    }
+}
+
+/// Decode a results message body: bytes, bytearray, memoryview or str.
+#[pyfunction]
+fn parse_result_message(py: Python<'_>, body: &Bound<'_, PyAny>) -> PyResult<ResultMessage> {
+    let parse = |bytes: &[u8]| {
+        if bytes.len() > DETACH_ABOVE {
+            py.detach(|| wire::parse_result_message(bytes))
+        } else {
+            wire::parse_result_message(bytes)
+        }
+    };
+    let message = if let Ok(b) = body.cast::<PyBytes>() {
+        parse(b.as_bytes())
+    } else if let Ok(s) = body.cast::<PyString>() {
+        match s.to_str() {
+            Ok(text) => parse(text.as_bytes()),
+            Err(_) => return Err(ResultPayloadError::new_err("the body is a str that is not valid Unicode (lone surrogates)")),
+        }
+    } else if let Ok(b) = body.cast::<PyByteArray>() {
+        parse(&b.to_vec())
+    } else if let Ok(buffer) = PyBuffer::<u8>::get(body) {
+        parse(&buffer.to_vec(py)?)
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "parse_result_message: expected bytes, bytearray, memoryview or str, got {}",
+            body.get_type().name()?
+        )));
+    }?;
+    let (results, kind, no_crystal) = match message.results {
+        Results::ThreeD(rows) => {
+            let empty = rows.is_empty();
+            (Bound::new(py, XrcResults { rows })?.into_any(), "3d", empty)
+        }
+        Results::TwoD(rows) => {
+            let failed = rows.iter().all(|r| r.status != "ok");
+            let items = rows.iter().map(|r| to_result_2d(py, r)).collect::<PyResult<Vec<_>>>()?;
+            (PyTuple::new(py, items)?.into_any(), "2d", failed)
+        }
+    };
+    Ok(ResultMessage {
+        results: results.unbind(),
+        kind,
+        status: message.status,
+        dcid: message.dcid,
+        dcgid: message.dcgid,
+        gpu: message.gpu,
+        environment_id: message.environment_id,
+        no_crystal,
+    })
+}
+
+/// The body of a results message for `results` (an `XrcResults`, a
+/// `GridScan2DResult`, or a sequence of either kind), in the wire format.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn build_result_message<'py>(
+    py: Python<'py>,
+    results: &Bound<'py, PyAny>,
+    dcid: i64,
+    dcgid: Option<i64>,
+    gpu: bool,
+    beamline: String,
+    environment_id: String,
+    status: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let results = if let Ok(rs) = results.cast::<XrcResults>() {
+        Results::ThreeD(rs.get().rows.clone())
+    } else if results.is_instance(result_2d_type(py)?)? {
+        Results::TwoD(vec![from_result_2d(results)?])
+    } else {
+        let items: Vec<Bound<'py, PyAny>> = results.try_iter()?.collect::<PyResult<_>>()?;
+        let all_2d = !items.is_empty()
+            && items.iter().map(|i| i.is_instance(result_2d_type(py)?)).collect::<PyResult<Vec<_>>>()?.into_iter().all(|b| b);
+        if all_2d {
+            Results::TwoD(items.iter().map(from_result_2d).collect::<PyResult<_>>()?)
+        } else {
+            let rows = items.iter().enumerate().map(|(i, item)| {
+                from_result(item).map_err(|e| PyTypeError::new_err(format!("results[{i}]: expected an XrcResult ({e})")))
+            });
+            Results::ThreeD(rows.collect::<PyResult<_>>()?)
+        }
+    };
+    let to = Addressee { dcid, dcgid, gpu, beamline, environment_id };
+    let mut body = String::new();
+    wire::write_result_message(&mut body, &results, status, &to);
+    Ok(PyBytes::new(py, body.as_bytes()))
 }
 
 #[pymodule]
@@ -449,6 +613,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(well_limits, m)?)?;
     m.add_function(wrap_pyfunction!(centre_2d, m)?)?;
     m.add_function(wrap_pyfunction!(centre_3d, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_result_message, m)?)?;
+    m.add_function(wrap_pyfunction!(build_result_message, m)?)?;
     m.add_class::<XrcResults>()?;
+    m.add_class::<ResultMessage>()?;
+    m.add("ResultPayloadError", m.py().get_type::<ResultPayloadError>())?;
     Ok(())
 }

@@ -17,21 +17,30 @@ from .centring import (
     centre_3d_scans,
     well_limits,
 )
+from .geometry import GridGeometry, MotorPosition, OutsideGridError
 from .grid import GridInfo, reshape_grid
+from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
 
 _Sequence.register(XrcResults)
 
 __all__ = [
     "MULTIPIN_THRESHOLD",
     "MULTIPIN_THRESHOLD_ABSOLUTE",
+    "MotorPosition",
+    "OutsideGridError",
+    "ResultMessage",
+    "ResultPayloadError",
+    "GridGeometry",
     "GridInfo",
     "GridScan",
     "GridScan2DResult",
     "XrcResult",
     "XrcResults",
+    "build_result_message",
     "centre_2d",
     "centre_3d",
     "centre_3d_scans",
+    "parse_result_message",
     "reshape_grid",
     "well_limits",
 ]

@@ -6,7 +6,7 @@ from typing import Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._results import XrcResult
+from ._results import GridScan2DResult, XrcResult
 
 SortKey = Literal["max_count", "total_count", "n_voxels"]
 
@@ -28,7 +28,7 @@ def centre_2d(
     sample_id: int | None,
     multipin_sample_ids: Mapping[int, int],
     well_limits: list[tuple[float, float]],
-) -> dict[str, object]: ...
+) -> GridScan2DResult: ...
 def centre_3d(
     xy: npt.NDArray[np.int64],
     xz: npt.NDArray[np.int64],
@@ -77,3 +77,51 @@ class XrcResults:
         """The wire shape of each result, keys in wire order."""
     def to_json(self) -> str:
         """A JSON list, byte for byte what ``json.dumps(self.to_dicts())`` writes."""
+    def at_least(
+        self, *, max_count: float | None = None, total_count: float | None = None, n_voxels: int | None = None
+    ) -> XrcResults:
+        """The results with at least these counts, order kept."""
+
+class ResultPayloadError(ValueError):
+    """A results message that is not what the wire format says. The message
+    starts with the JSON path (``payload.results[3].bounding_box[1]: ...``)."""
+
+    path: str
+
+class ResultMessage:
+    """A decoded results message."""
+
+    @property
+    def results(self) -> XrcResults | tuple[GridScan2DResult, ...]:
+        """``XrcResults`` for a 3D payload; a 1-tuple of ``GridScan2DResult`` for 2D."""
+    @property
+    def type(self) -> Literal["2d", "3d"]: ...
+    @property
+    def status(self) -> str | None:
+        """The payload's status; None for the old bare list of results."""
+    @property
+    def dcid(self) -> int | None: ...
+    @property
+    def dcgid(self) -> int | None: ...
+    @property
+    def gpu(self) -> bool:
+        """True when the counts came from the GPU spot finder."""
+    @property
+    def environment_id(self) -> str | None: ...
+    @property
+    def no_crystal(self) -> bool:
+        """Zocalo answered, and found no crystal (not the same as no answer)."""
+
+def parse_result_message(body: bytes | bytearray | memoryview | str) -> ResultMessage:
+    """Decode a results message: a recipe envelope, a bare payload or the old
+    bare list of 3D results. Raises ``ResultPayloadError``."""
+
+def build_result_message(
+    results: XrcResults | Iterable[XrcResult] | GridScan2DResult | Iterable[GridScan2DResult],
+    dcid: int,
+    dcgid: int | None,
+    gpu: bool,
+    beamline: str,
+    environment_id: str,
+    status: str,
+) -> bytes: ...

@@ -47,6 +47,18 @@ class XrcResult(_WireShape):
     sample_id: int | None
     bounding_box: tuple[Coordinate, Coordinate]
 
+    @property
+    def centre_in_boxes(self) -> tuple[float, float, float]:
+        """``centre_of_mass - 0.5``: box ``k`` centred on ``k``, as plans use it."""
+        x, y, z = self.centre_of_mass
+        return (x - 0.5, y - 0.5, z - 0.5)
+
+    @property
+    def bounds_in_boxes(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Both bounding-box corners less 0.5, on the same footing as :attr:`centre_in_boxes`."""
+        lo, hi = self.bounding_box
+        return (tuple(c - 0.5 for c in lo), tuple(c - 0.5 for c in hi))  # type: ignore[return-value]
+
 
 @dataclass(frozen=True, slots=True)
 class GridScan2DResult(_WireShape):
