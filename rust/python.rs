@@ -411,13 +411,12 @@ impl XrcResults {
     #[pyo3(signature = (by = "max_count", descending = true))]
     fn sorted(&self, by: &str, descending: bool) -> PyResult<XrcResults> {
         let key = sort_key(by)?;
-        // Sort (key, index) pairs, not rows; the index breaks ties, which
-        // makes the (faster) unstable sort give exactly the stable order.
+        // Sort (key, index) pairs, stably, rather than moving whole rows.
         let mut order: Vec<(f64, u32)> = self.rows.iter().enumerate().map(|(i, r)| (key(r), i as u32)).collect();
         if descending {
-            order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            order.sort_by(|a, b| b.0.total_cmp(&a.0));
         } else {
-            order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            order.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
         let rows = order.iter().map(|&(_, i)| self.rows[i as usize].clone()).collect();
         Ok(XrcResults { rows })
