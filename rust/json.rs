@@ -217,9 +217,11 @@ impl<'a> Parser<'a> {
     #[inline]
     pub fn peek(&mut self) -> Result<Kind> {
         self.skip_ws();
-        match self.bytes.get(self.pos) {
-            Some(b'n') => Ok(Kind::Null),
-            Some(b't' | b'f') => Ok(Kind::Bool),
+        let rest = &self.bytes[self.pos..];
+        match rest.first() {
+            Some(b'n') if rest.starts_with(b"null") => Ok(Kind::Null),
+            Some(b't') if rest.starts_with(b"true") => Ok(Kind::Bool),
+            Some(b'f') if rest.starts_with(b"false") => Ok(Kind::Bool),
             Some(b'-' | b'0'..=b'9') => {
                 if self.bytes[self.pos..].starts_with(b"-Infinity") {
                     return Err(self.not_json_number());
@@ -924,6 +926,15 @@ mod tests {
         })()
         .unwrap_err();
         assert_eq!(e.to_string(), "a[1].b[1]: expected an integer, got a string");
+    }
+
+    #[test]
+    fn misspelt_literals_are_syntax_errors() {
+        for s in ["nul", "not json", "tru", "fals", "nulll"] {
+            let mut p = Parser::new(s.as_bytes());
+            let e = p.skip().and_then(|_| p.finish()).unwrap_err().to_string();
+            assert!(e.contains("invalid JSON") || e.contains("truncated JSON"), "{s}: {e}");
+        }
     }
 
     #[test]

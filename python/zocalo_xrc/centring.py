@@ -41,7 +41,7 @@ def centre_2d(
     """Centre one grid. ``counts`` holds one spot count per image, in acquisition order."""
     if not isinstance(grid, GridInfo):
         raise ValueError(f"grid: expected a GridInfo, got {type(grid).__name__}")
-    fields = _native.centre_2d(
+    return _native.centre_2d(
         counts_array(counts, 1, "counts"),
         grid.steps_x,
         grid.steps_y,
@@ -59,7 +59,6 @@ def centre_2d(
         _multipin_ids(multipin_sample_ids),
         _well_limits(well_limits),
     )
-    return GridScan2DResult.from_dict(fields)
 
 
 def centre_3d(
