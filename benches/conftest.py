@@ -4,11 +4,15 @@ Each benchmark records its median under (suite, workload, contender); at the end
 of the session the ratios peer / ours are printed per workload.
 """
 
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+# numpy's BLAS threads spin on the second of two cores and disturb timings.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The scipy reference lives with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
