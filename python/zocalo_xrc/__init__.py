@@ -17,13 +17,35 @@ from .centring import (
     centre_3d_scans,
     well_limits,
 )
+from .config import ConfigurationError, ConnectionSettings
 from .geometry import GridGeometry, MotorPosition, OutsideGridError
 from .grid import GridInfo, reshape_grid
 from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
+from .transport import InProcessTransport, Transport, TransportError, UnroutableError
+from .zocalo import (
+    NoResultsFromZocaloError,
+    Source,
+    SourceComparison,
+    ZocaloResults,
+    ZocaloStartInfo,
+    ZocaloTrigger,
+)
 
 _Sequence.register(XrcResults)
 
 __all__ = [
+    "ConfigurationError",
+    "ConnectionSettings",
+    "InProcessTransport",
+    "NoResultsFromZocaloError",
+    "Source",
+    "SourceComparison",
+    "Transport",
+    "TransportError",
+    "UnroutableError",
+    "ZocaloResults",
+    "ZocaloStartInfo",
+    "ZocaloTrigger",
     "MULTIPIN_THRESHOLD",
     "MULTIPIN_THRESHOLD_ABSOLUTE",
     "MotorPosition",

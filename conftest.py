@@ -1,0 +1,28 @@
+"""Fixtures shared by tests/ and benches/: one real RabbitMQ broker per session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+
+import rabbitmq  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rabbit():
+    """A real RabbitMQ broker on 127.0.0.1, for the whole session."""
+    url = os.environ.get("ZOCALO_XRC_TEST_AMQP_URL")
+    if url:
+        yield type("External", (), {"url": url, "close_all_connections": None})()
+        return
+    if not rabbitmq.available():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmq-server is not installed (.ci/run installs it)")
+        pytest.skip("rabbitmq-server is not installed: apt-get install rabbitmq-server")
+    broker = rabbitmq.RabbitMQ()
+    broker.start()
+    yield broker
+    broker.stop()

@@ -1,0 +1,433 @@
+"""Messaging transports: what the Zocalo faces need from a broker.
+
+Two implementations share these semantics: :class:`~zocalo_xrc.amqp.AmqpTransport`
+(RabbitMQ, through one long-lived connection) and :class:`InProcessTransport`
+(a broker inside this process, for demos and quick tests):
+
+* ``publish`` goes through an exchange (``""`` is the default exchange, routing
+  key = queue name) with ``mandatory`` set; the returned future resolves once
+  the broker has taken the message, and fails with :class:`UnroutableError`
+  when no queue would receive it.
+* ``subscribe`` delivers each message to a callback on the transport's own
+  thread; every :class:`Delivery` must be acked or rejected, and what is left
+  unacked when a consumer goes away is delivered again, marked ``redelivered``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger("zocalo_xrc.transport")
+
+
+class TransportError(RuntimeError):
+    """The broker could not do what was asked."""
+
+
+class UnroutableError(TransportError):
+    """No queue would receive the message (a missing queue, a binding-less key)."""
+
+
+class PublishRefusedError(TransportError):
+    """The broker refused the message (a negative publisher confirm)."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection went away before the broker confirmed the message."""
+
+
+@dataclass
+class QueueSpec:
+    """A queue to consume: a named one that must exist, or (``name=None``) a
+    private, server-named queue bound to ``exchange`` with ``routing_key``,
+    made again whenever the connection is."""
+
+    name: str | None
+    exchange: str = ""
+    routing_key: str = ""
+
+    @property
+    def private(self) -> bool:
+        return self.name is None
+
+
+class Delivery(ABC):
+    """One message handed to a consumer."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    exchange: str
+    routing_key: str
+    redelivered: bool
+
+    @abstractmethod
+    def ack(self) -> None:
+        """The message is dealt with: the broker forgets it."""
+
+    @abstractmethod
+    def reject(self, requeue: bool = False) -> None:
+        """The message cannot be dealt with. Without requeue it is dead-lettered
+        (if the queue says where) or dropped; it never comes back in a loop."""
+
+
+Callback = Callable[[Delivery], None]
+
+
+class Subscription(ABC):
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop consuming; unacked messages go back to the queue."""
+
+
+class Transport(ABC):
+    """A connection to a broker (see the module text for the semantics)."""
+
+    @abstractmethod
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
+        """Publish persistently with ``mandatory``; resolves when the broker has it."""
+
+    @abstractmethod
+    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
+        """Consume ``queue``, calling ``callback`` on the transport's thread."""
+
+    @abstractmethod
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the transport's thread, soon."""
+
+    @abstractmethod
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the transport's thread after ``delay`` seconds."""
+
+    @abstractmethod
+    def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
+        """Declare a results queue the way Diamond's deployment does: a durable
+        quorum queue with a delivery limit of 5 that dead-letters to
+        ``dlq.<name>``, bound to the topic exchange ``exchange`` with
+        ``routing_key`` (default: the queue's name)."""
+
+    @abstractmethod
+    def declare_queue(self, name: str) -> None:
+        """Declare a plain durable queue (``processing_recipe``, say)."""
+
+    @abstractmethod
+    def queue_exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def message_count(self, name: str) -> int:
+        """How many messages wait in ``name``, not counting unacked ones."""
+
+    @abstractmethod
+    def delete_queue(self, name: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- the in-process broker ----------------------------------------------------
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` is zero or more."""
+    words, keys = pattern.split("."), key.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(keys) + 1))
+        return j < len(keys) and words[i] in ("*", keys[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+@dataclass
+class _Message:
+    body: bytes
+    headers: dict[str, Any]
+    exchange: str
+    routing_key: str
+    redelivered: bool = False
+
+
+@dataclass
+class _Queue:
+    name: str
+    dead_letter_to: str | None = None
+    exclusive_to: int | None = None
+    ready: collections.deque = field(default_factory=collections.deque)
+    consumers: list = field(default_factory=list)
+    turn: int = 0
+
+
+class InProcessBroker:
+    """A broker that lives in this process: the default exchange, topic
+    exchanges, queues, prefetch, acks, redelivery and dead-lettering. One
+    thread of its own runs every consumer callback, as an I/O thread would."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._queues: dict[str, _Queue] = {}
+        self._exchanges: dict[str, list[tuple[str, str]]] = {"": []}
+        self._tasks: collections.deque = collections.deque()
+        self._names = itertools.count(1)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="zocalo-xrc in-process broker", daemon=True)
+        self._thread.start()
+
+    # administration
+    def declare_queue(self, name: str, dead_letter_to: str | None = None, exclusive_to: int | None = None) -> str:
+        with self._lock:
+            if name not in self._queues:
+                self._queues[name] = _Queue(name, dead_letter_to, exclusive_to)
+            return name
+
+    def new_private_queue(self, owner: int) -> str:
+        return self.declare_queue(f"amq.gen-{next(self._names)}", exclusive_to=owner)
+
+    def declare_exchange(self, name: str) -> None:
+        with self._lock:
+            self._exchanges.setdefault(name, [])
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        with self._lock:
+            self._exchanges.setdefault(exchange, []).append((routing_key, queue))
+
+    def queue_exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._queues
+
+    def delete_queue(self, name: str) -> None:
+        with self._lock:
+            self._queues.pop(name, None)
+            for bindings in self._exchanges.values():
+                bindings[:] = [(k, q) for k, q in bindings if q != name]
+
+    def message_count(self, name: str) -> int:
+        with self._lock:
+            return len(self._queues[name].ready)
+
+    # messages
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> None:
+        with self._lock:
+            if exchange == "":
+                targets = [routing_key] if routing_key in self._queues else []
+            elif exchange not in self._exchanges:
+                raise TransportError(f"NOT_FOUND - no exchange {exchange!r}")
+            else:
+                targets = list(dict.fromkeys(q for k, q in self._exchanges[exchange] if topic_matches(k, routing_key)))
+            if not targets:
+                raise UnroutableError(f"unroutable: no queue for exchange {exchange!r} routing key {routing_key!r}")
+            for name in targets:
+                self._queues[name].ready.append(_Message(bytes(body), dict(headers), exchange, routing_key))
+            self._lock.notify_all()
+
+    def consume(self, queue: str, consumer: _Consumer) -> None:
+        with self._lock:
+            if queue not in self._queues:
+                raise TransportError(f"NOT_FOUND - no queue {queue!r}")
+            self._queues[queue].consumers.append(consumer)
+            self._lock.notify_all()
+
+    def cancel(self, queue: str, consumer: _Consumer) -> None:
+        with self._lock:
+            q = self._queues.get(queue)
+            if q and consumer in q.consumers:
+                q.consumers.remove(consumer)
+            for message in reversed(list(consumer.unacked.values())):
+                message.redelivered = True
+                if q is not None:
+                    q.ready.appendleft(message)
+            consumer.unacked.clear()
+            self._lock.notify_all()
+
+    def settle(self, consumer: _Consumer, tag: int, requeue: bool | None) -> None:
+        """Ack (``requeue=None``) or reject a delivery."""
+        with self._lock:
+            message = consumer.unacked.pop(tag, None)
+            if message is None:
+                return
+            q = self._queues.get(consumer.queue)
+            if requeue is True and q is not None:
+                message.redelivered = True
+                q.ready.appendleft(message)
+            elif requeue is False and q is not None and q.dead_letter_to in self._queues:
+                message.redelivered = False
+                self._queues[q.dead_letter_to].ready.append(message)
+            self._lock.notify_all()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._tasks.append(fn)
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    def _next_work(self) -> Callable[[], None] | None:
+        """Under the lock: a task, or a delivery to make, or None."""
+        if self._tasks:
+            return self._tasks.popleft()
+        for q in self._queues.values():
+            if not q.ready or not q.consumers:
+                continue
+            for k in range(len(q.consumers)):
+                consumer = q.consumers[(q.turn + k) % len(q.consumers)]
+                if len(consumer.unacked) < consumer.prefetch:
+                    q.turn = (q.turn + k + 1) % len(q.consumers)
+                    message = q.ready.popleft()
+                    tag = next(consumer.tags)
+                    consumer.unacked[tag] = message
+                    return lambda c=consumer, t=tag, m=message: c.deliver(t, m)
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                work = self._next_work()
+                while work is None and not self._closed:
+                    self._lock.wait()
+                    work = self._next_work()
+                if work is None:
+                    return
+            try:
+                work()
+            except Exception:
+                log.exception("in-process broker: a callback raised")
+
+
+class _Consumer:
+    def __init__(self, broker: InProcessBroker, queue: str, callback: Callback, prefetch: int) -> None:
+        self.broker, self.queue, self.callback, self.prefetch = broker, queue, callback, prefetch
+        self.unacked: dict[int, _Message] = {}
+        self.tags = itertools.count(1)
+
+    def deliver(self, tag: int, message: _Message) -> None:
+        self.callback(_InProcessDelivery(self, tag, message))
+
+
+class _InProcessDelivery(Delivery):
+    def __init__(self, consumer: _Consumer, tag: int, message: _Message) -> None:
+        self._consumer, self._tag = consumer, tag
+        self.body, self.headers = message.body, message.headers
+        self.exchange, self.routing_key, self.redelivered = message.exchange, message.routing_key, message.redelivered
+
+    def ack(self) -> None:
+        self._consumer.broker.settle(self._consumer, self._tag, None)
+
+    def reject(self, requeue: bool = False) -> None:
+        self._consumer.broker.settle(self._consumer, self._tag, requeue)
+
+
+class _InProcessSubscription(Subscription):
+    def __init__(self, consumer: _Consumer, private: bool) -> None:
+        self._consumer, self._private = consumer, private
+
+    def cancel(self) -> None:
+        self._consumer.broker.cancel(self._consumer.queue, self._consumer)
+        if self._private:
+            self._consumer.broker.delete_queue(self._consumer.queue)
+
+
+class InProcessTransport(Transport):
+    """A connection to an :class:`InProcessBroker` (by default, one shared by
+    the whole process: :func:`embedded_broker`)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, broker: InProcessBroker | None = None) -> None:
+        self.broker = broker or embedded_broker()
+        self._id = next(self._ids)
+        self._subscriptions: list[_InProcessSubscription] = []
+        self._timers: list[threading.Timer] = []
+
+    def __repr__(self) -> str:
+        return f"InProcessTransport(connection {self._id})"
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
+        future: Future[None] = Future()
+        try:
+            self.broker.publish(exchange, routing_key, body, headers)
+            future.set_result(None)
+        except TransportError as e:
+            future.set_exception(e)
+        return future
+
+    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
+        name = queue.name
+        if queue.private:
+            name = self.broker.new_private_queue(self._id)
+            self.broker.declare_exchange(queue.exchange)
+            self.broker.bind(name, queue.exchange, queue.routing_key)
+        assert name is not None
+        consumer = _Consumer(self.broker, name, callback, prefetch)
+        self.broker.consume(name, consumer)
+        subscription = _InProcessSubscription(consumer, queue.private)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self.broker.call_soon(fn)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        timer = threading.Timer(delay, self.broker.call_soon, args=(fn,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
+        dlq = self.broker.declare_queue(f"dlq.{name}")
+        self.broker.declare_queue(name, dead_letter_to=dlq)
+        self.broker.declare_exchange(exchange)
+        self.broker.bind(name, exchange, routing_key or name)
+
+    def declare_queue(self, name: str) -> None:
+        self.broker.declare_queue(name)
+
+    def queue_exists(self, name: str) -> bool:
+        return self.broker.queue_exists(name)
+
+    def message_count(self, name: str) -> int:
+        return self.broker.message_count(name)
+
+    def delete_queue(self, name: str) -> None:
+        self.broker.delete_queue(name)
+
+    def close(self) -> None:
+        """Like a dropped connection: consumers go, their unacked messages return."""
+        for timer in self._timers:
+            timer.cancel()
+        for subscription in self._subscriptions:
+            subscription.cancel()
+        self._subscriptions.clear()
+
+
+_EMBEDDED: InProcessBroker | None = None
+_EMBEDDED_LOCK = threading.Lock()
+
+
+def embedded_broker() -> InProcessBroker:
+    """The process's shared in-process broker, with ``processing_recipe`` and
+    the ``results`` topic exchange already there."""
+    global _EMBEDDED
+    with _EMBEDDED_LOCK:
+        if _EMBEDDED is None:
+            _EMBEDDED = InProcessBroker()
+            _EMBEDDED.declare_queue("processing_recipe")
+            _EMBEDDED.declare_exchange("results")
+        return _EMBEDDED

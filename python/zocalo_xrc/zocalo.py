@@ -1,0 +1,478 @@
+"""Zocalo from Bluesky: ask it to process a collection, receive its X-ray
+centring results (``zocalo-wire.md`` §1 and §3).
+
+:class:`ZocaloTrigger` publishes ``start``/``end`` to ``processing_recipe`` and
+returns once the broker has confirmed them. :class:`ZocaloResults` consumes the
+results queue and hands the caller the results *of the collection it names*:
+others are logged and rejected (never requeued), malformed ones too, and
+results that arrive before anyone asks are held, unacked, until someone does.
+Both have a blocking face for callbacks and plain code and an ``async`` face
+that never blocks an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import getpass
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, TypeVar, Union
+
+from ._native import XrcResults
+from ._results import GridScan2DResult
+from .config import DEFAULT_ENVIRONMENT, ConnectionSettings
+from .messages import ResultMessage, ResultPayloadError, parse_result_message
+from .transport import Delivery, InProcessTransport, QueueSpec, Subscription, Transport, TransportError
+
+log = logging.getLogger("zocalo_xrc.zocalo")
+
+T = TypeVar("T")
+Results = Union[XrcResults, tuple[GridScan2DResult, ...]]
+Connection = Union[Transport, ConnectionSettings, str, None]
+
+PROCESSING_QUEUE = "processing_recipe"
+RECIPE = "mimas"
+
+
+class NoResultsFromZocaloError(TimeoutError):
+    """No answer from Zocalo in time. (An answer of no crystal is an empty
+    result set, not this.)"""
+
+
+def connect(connection: Connection = None, *, environment: str = DEFAULT_ENVIRONMENT) -> Transport:
+    """A transport for ``connection``: a :class:`Transport` as it is; settings,
+    an ``amqp://`` URL, or a zocalo environment name (read from
+    ``$ZOCALO_CONFIG``) give the process's shared RabbitMQ connection; ``None``
+    means ``$ZOCALO_CONFIG``'s ``environment`` when that is set, else the
+    embedded in-process broker."""
+    from .amqp import AmqpTransport
+
+    if isinstance(connection, Transport):
+        return connection
+    if isinstance(connection, ConnectionSettings):
+        return AmqpTransport.shared(connection)
+    if isinstance(connection, str):
+        if connection.startswith(("amqp://", "amqps://")):
+            return AmqpTransport.shared(ConnectionSettings.from_url(connection))
+        return AmqpTransport.shared(ConnectionSettings.from_zocalo_config(connection))
+    if connection is None:
+        if os.environ.get("ZOCALO_CONFIG"):
+            return AmqpTransport.shared(ConnectionSettings.from_zocalo_config(environment))
+        return InProcessTransport()
+    raise TypeError(f"connection: expected a Transport, ConnectionSettings, URL or environment name, got {connection!r}")
+
+
+def wait_for(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
+    """Block until ``future`` is done. On timeout, cancel it if it has not
+    started; if it has, its result is moments away and is returned."""
+    try:
+        return future.result(timeout=timeout)
+    except FutureTimeout:
+        if future.cancel():
+            raise on_timeout() from None
+        return future.result()
+
+
+async def wait_for_async(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
+    """:func:`wait_for` for asyncio: the event loop is never blocked."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: Future[T]) -> None:
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    future.add_done_callback(wake)
+    try:
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+    except asyncio.TimeoutError:
+        if future.cancel():
+            raise on_timeout() from None
+        await done
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    return future.result()
+
+
+def zocalo_headers() -> dict[str, str]:
+    """Who is asking: ``ZOCALO_GO_USER`` / ``ZOCALO_GO_HOSTNAME`` override the
+    login and host names (which a container may not be able to read)."""
+    user = os.environ.get("ZOCALO_GO_USER")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = "unknown"
+    return {"zocalo.go.user": user, "zocalo.go.host": os.environ.get("ZOCALO_GO_HOSTNAME") or socket.gethostname()}
+
+
+@dataclass(frozen=True)
+class ZocaloStartInfo:
+    """One grid's part of a detector file.
+
+    ``message_index`` is 0 for the xy grid and 1 for the xz grid; the second
+    grid's ``start_frame_index`` is the first grid's frame count."""
+
+    ispyb_dcid: int
+    filename: str | None
+    start_frame_index: int
+    number_of_frames: int
+    message_index: int
+
+
+class ZocaloTrigger:
+    """Sends ``start`` and ``end`` for a data collection to Zocalo."""
+
+    def __init__(
+        self,
+        connection: Connection = None,
+        *,
+        environment: str = DEFAULT_ENVIRONMENT,
+        timeout_s: float = 10.0,
+        recipe: str = RECIPE,
+    ) -> None:
+        self._connection, self._environment = connection, environment
+        self._transport: Transport | None = None
+        self.timeout_s, self.recipe = timeout_s, recipe
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = connect(self._connection, environment=self._environment)
+        return self._transport
+
+    def _publish(self, parameters: dict[str, Any]) -> Future[None]:
+        body = json.dumps({"recipes": [self.recipe], "parameters": parameters}).encode()
+        return self.transport.publish("", PROCESSING_QUEUE, body, zocalo_headers())
+
+    def _timeout(self, what: str) -> Callable[[], Exception]:
+        return lambda: TransportError(f"the broker did not confirm {what} within {self.timeout_s} s")
+
+    @staticmethod
+    def _start(info: ZocaloStartInfo) -> dict[str, Any]:
+        return {**asdict(info), "event": "start"}
+
+    @staticmethod
+    def _end(dcid: int) -> dict[str, Any]:
+        return {"event": "end", "ispyb_dcid": dcid}
+
+    def run_start(self, info: ZocaloStartInfo) -> None:
+        """Tell Zocalo a collection has started; returns once the broker has the message."""
+        log.info("Zocalo start for DCID %s", info.ispyb_dcid)
+        wait_for(self._publish(self._start(info)), self.timeout_s, self._timeout(f"start of DCID {info.ispyb_dcid}"))
+
+    def run_end(self, dcid: int) -> None:
+        """Tell Zocalo a collection's data is written: process it."""
+        log.info("Zocalo end for DCID %s", dcid)
+        wait_for(self._publish(self._end(dcid)), self.timeout_s, self._timeout(f"end of DCID {dcid}"))
+
+    async def run_start_async(self, info: ZocaloStartInfo) -> None:
+        log.info("Zocalo start for DCID %s", info.ispyb_dcid)
+        future = self._publish(self._start(info))
+        await wait_for_async(future, self.timeout_s, self._timeout(f"start of DCID {info.ispyb_dcid}"))
+
+    async def run_end_async(self, dcid: int) -> None:
+        log.info("Zocalo end for DCID %s", dcid)
+        await wait_for_async(self._publish(self._end(dcid)), self.timeout_s, self._timeout(f"end of DCID {dcid}"))
+
+
+class Source(enum.Enum):
+    """Which spot finder's results to use."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+    EITHER = "either"  # the first to arrive
+
+
+@dataclass(frozen=True)
+class SourceComparison:
+    """CPU and GPU results of one collection side by side."""
+
+    cpu: Results | None
+    gpu: Results | None
+    agree: bool | None  # None when one of them did not come
+    detail: str
+
+
+def _best_results_agree(a: Results, b: Results) -> tuple[bool, str]:
+    if len(a) == 0 or len(b) == 0:
+        same = len(a) == len(b)
+        return same, "both found no crystal" if same else f"one found {max(len(a), len(b))} crystal(s), the other none"
+    x, y = a[0], b[0]
+    if isinstance(x, GridScan2DResult) or isinstance(y, GridScan2DResult):
+        same = x == y
+    else:
+        same = (
+            x.max_voxel == y.max_voxel
+            and x.bounding_box == y.bounding_box
+            and all(abs(p - q) <= 1e-5 for p, q in zip(x.centre_of_mass, y.centre_of_mass))
+        )
+    return same, "best results agree" if same else f"best results differ: CPU {x} / GPU {y}"
+
+
+def _recipe_header(headers: Any) -> bool:
+    value = headers.get("workflows-recipe") if hasattr(headers, "get") else None
+    return value is True or value == 1 or (isinstance(value, (str, bytes)) and value in ("True", "true", b"True", b"true"))
+
+
+class _Waiter:
+    """One caller waiting for one collection's results (I/O thread state)."""
+
+    def __init__(self, dcids: frozenset[int], dcgid: int | None, owner: ZocaloResults) -> None:
+        self.dcids, self.dcgid, self.owner = dcids, dcgid, owner
+        self.future: Future[tuple[Results, ResultMessage, SourceComparison | None]] = Future()
+        self.received: dict[Source, tuple[Delivery, ResultMessage]] = {}
+        self.order: list[Source] = []
+        self.timer_set = False
+
+    def matches(self, m: ResultMessage) -> bool:
+        matched = False
+        if self.dcgid is not None and m.dcgid is not None:
+            if m.dcgid != self.dcgid:
+                return False
+            matched = True
+        if self.dcids and m.dcid is not None:
+            if m.dcid not in self.dcids:
+                return False
+            matched = True
+        return matched
+
+    def describe(self) -> str:
+        parts = [f"DCID {', '.join(map(str, sorted(self.dcids)))}"] if self.dcids else []
+        if self.dcgid is not None:
+            parts.append(f"DCGID {self.dcgid}")
+        return " / ".join(parts)
+
+
+class ZocaloResults:
+    """Receives X-ray centring results for the collections a caller names.
+
+    It subscribes on the first :meth:`trigger` (or :meth:`subscribe`) to the
+    results queue ``xrc.<beamline>`` (Diamond's durable queue on the
+    ``results`` exchange), or with ``private_queue=True`` to a queue of its
+    own bound to that exchange, which sees every result without taking any
+    from other consumers."""
+
+    def __init__(
+        self,
+        connection: Connection = None,
+        *,
+        environment: str = DEFAULT_ENVIRONMENT,
+        beamline: str = "i03",
+        queue: str | None = None,
+        private_queue: bool = False,
+        sort_key: str = "max_count",
+        timeout_s: float = 180.0,
+        source: Source = Source.CPU,
+        compare_sources: bool = False,
+        compare_wait_s: float = 10.0,
+        prefetch: int = 32,
+    ) -> None:
+        if sort_key not in ("max_count", "total_count", "n_voxels"):
+            raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
+        self._connection, self._environment = connection, environment
+        self._transport: Transport | None = None
+        self.routing_key = f"xrc.{beamline}"
+        self.queue = queue or self.routing_key
+        self.private_queue, self.sort_key, self.timeout_s = private_queue, sort_key, timeout_s
+        self.source, self.compare_sources, self.compare_wait_s = Source(source), compare_sources, compare_wait_s
+        self.prefetch = prefetch
+        self.last_message: ResultMessage | None = None
+        self.last_comparison: SourceComparison | None = None
+        self._subscription: Subscription | None = None
+        self._lock = threading.Lock()
+        self._busy = False
+        # I/O-thread state
+        self._held: list[tuple[Delivery, ResultMessage]] = []
+        self._waiter: _Waiter | None = None
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = connect(self._connection, environment=self._environment)
+        return self._transport
+
+    def subscribe(self) -> None:
+        """Start consuming results (done by the first trigger if not before)."""
+        with self._lock:
+            if self._subscription is None:
+                spec = QueueSpec(None, "results", self.routing_key) if self.private_queue else QueueSpec(self.queue)
+                self._subscription = self.transport.subscribe(spec, self._on_delivery, prefetch=self.prefetch)
+                log.info("subscribed to %s", "a private results queue" if self.private_queue else self.queue)
+
+    def close(self) -> None:
+        """Stop consuming; what was held unacked goes back to the queue."""
+        with self._lock:
+            subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            subscription.cancel()
+
+    def __enter__(self) -> ZocaloResults:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the caller's side -------------------------------------------------------
+
+    def _begin(self, dcids: int | Iterable[int] | None, dcgid: int | None) -> _Waiter:
+        ids = frozenset([dcids] if isinstance(dcids, int) else (dcids or ()))
+        if not ids and dcgid is None:
+            raise ValueError("trigger: name the collection, with dcids= and/or dcgid=")
+        self.subscribe()
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
+            self._busy = True
+        waiter = _Waiter(ids, dcgid, self)
+        self.transport.call_soon(lambda: self._install(waiter))
+        return waiter
+
+    def _finish(self, waiter: _Waiter, outcome: tuple[Results, ResultMessage, SourceComparison | None]) -> Results:
+        results, message, comparison = outcome
+        self.last_message, self.last_comparison = message, comparison
+        return results
+
+    def _give_up(self, waiter: _Waiter, timeout: float) -> Callable[[], Exception]:
+        def error() -> Exception:
+            return NoResultsFromZocaloError(f"no X-ray centring results for {waiter.describe()} within {timeout} s")
+
+        return error
+
+    def _end(self, waiter: _Waiter) -> None:
+        self.transport.call_soon(lambda: self._uninstall(waiter))
+        with self._lock:
+            self._busy = False
+
+    def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None) -> Results:
+        """Wait for the results of the collection with these DCIDs and/or this
+        DCGID; sorted by ``sort_key``, largest first. An empty ``XrcResults``
+        means no crystal; :class:`NoResultsFromZocaloError` means no answer."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        waiter = self._begin(dcids, dcgid)
+        try:
+            return self._finish(waiter, wait_for(waiter.future, timeout, self._give_up(waiter, timeout)))
+        finally:
+            self._end(waiter)
+
+    async def trigger_async(
+        self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None
+    ) -> Results:
+        """:meth:`trigger` for asyncio: the event loop keeps running meanwhile."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        waiter = self._begin(dcids, dcgid)
+        try:
+            outcome = await wait_for_async(waiter.future, timeout, self._give_up(waiter, timeout))
+            return self._finish(waiter, outcome)
+        finally:
+            self._end(waiter)
+
+    # ---- the I/O thread's side ---------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        if not _recipe_header(delivery.headers):
+            log.error("rejecting a message on %s: not a recipe envelope (no workflows-recipe header)", self.queue)
+            delivery.reject(requeue=False)
+            return
+        try:
+            message = parse_result_message(delivery.body)
+        except ResultPayloadError as e:
+            log.error("rejecting a malformed result on %s: %s", self.queue, e)
+            delivery.reject(requeue=False)
+            return
+        if message.dcid is None and message.dcgid is None:
+            log.error("rejecting a result on %s: not a recipe envelope naming a collection", self.queue)
+            delivery.reject(requeue=False)
+            return
+        waiter = self._waiter
+        if waiter is None:
+            self._held.append((delivery, message))
+        elif waiter.matches(message):
+            self._offer(waiter, delivery, message)
+        else:
+            self._discard(delivery, message, f"not for {waiter.describe()}")
+
+    def _discard(self, delivery: Delivery, message: ResultMessage, why: str) -> None:
+        log.warning("rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
+        delivery.reject(requeue=False)
+
+    def _install(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        self._waiter = waiter
+        held, self._held = self._held, []
+        for delivery, message in held:
+            if self._waiter is not waiter:  # done already: keep the rest for later
+                self._held.append((delivery, message))
+            elif waiter.matches(message):
+                self._offer(waiter, delivery, message)
+            else:
+                self._discard(delivery, message, f"stale: waiting for {waiter.describe()}")
+
+    def _uninstall(self, waiter: _Waiter) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+        if not waiter.future.done() or waiter.future.cancelled():
+            self._held.extend(waiter.received.values())  # nobody took them: still unacked
+            waiter.received.clear()
+
+    def _offer(self, waiter: _Waiter, delivery: Delivery, message: ResultMessage) -> None:
+        source = Source.GPU if message.gpu else Source.CPU
+        wanted = self.source in (source, Source.EITHER)
+        if not wanted and not self.compare_sources:
+            log.info("ignoring the %s result for %s", source.name, waiter.describe())
+            delivery.ack()
+            return
+        if source in waiter.received:
+            self._discard(delivery, message, f"a second {source.name} result")
+            return
+        waiter.received[source] = (delivery, message)
+        waiter.order.append(source)
+        primary = self._primary(waiter)
+        if primary is None:
+            return
+        if not self.compare_sources or len(waiter.received) == 2:
+            self._complete(waiter)
+        elif not waiter.timer_set:
+            waiter.timer_set = True
+            self.transport.call_later(self.compare_wait_s, lambda: self._complete(waiter))
+
+    def _primary(self, waiter: _Waiter) -> Source | None:
+        if self.source is Source.EITHER:
+            return waiter.order[0] if waiter.order else None
+        return self.source if self.source in waiter.received else None
+
+    def _sorted(self, message: ResultMessage) -> Results:
+        results = message.results
+        return results.sorted(by=self.sort_key) if isinstance(results, XrcResults) else results
+
+    def _complete(self, waiter: _Waiter) -> None:
+        if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
+            return  # the caller gave up: _uninstall keeps the messages
+        primary = self._primary(waiter)
+        assert primary is not None
+        for delivery, _ in waiter.received.values():
+            delivery.ack()
+        message = waiter.received[primary][1]
+        comparison = None
+        if self.compare_sources:
+            got = {s: self._sorted(m) for s, (_, m) in waiter.received.items()}
+            if len(got) == 2:
+                agree, detail = _best_results_agree(got[Source.CPU], got[Source.GPU])
+                (log.info if agree else log.warning)("CPU and GPU results for %s: %s", waiter.describe(), detail)
+            else:
+                agree, detail = None, f"only {primary.name} results came within {self.compare_wait_s} s"
+                log.warning("%s: %s", waiter.describe(), detail)
+            comparison = SourceComparison(got.get(Source.CPU), got.get(Source.GPU), agree, detail)
+        waiter.received.clear()
+        self._waiter = None
+        log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
+        waiter.future.set_result((self._sorted(message), message, comparison))

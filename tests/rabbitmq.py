@@ -1,0 +1,100 @@
+"""A private RabbitMQ node for the tests: Debian's rabbitmq-server, started on
+free ports of 127.0.0.1 only (AMQP, distribution and epmd), in a directory of
+its own, and stopped when the test session ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available() -> bool:
+    return (BIN / "rabbitmq-server").exists()
+
+
+class RabbitMQ:
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="zocalo-xrc-rabbitmq-"))
+        self.port = free_port()
+        self.node = f"zxrc{os.getpid()}@localhost"
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.base / "enabled_plugins").write_text("[].\n")
+        epmd = free_port()
+        self.env = {
+            **os.environ,
+            "HOME": str(self.base),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(epmd),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.log = open(self.base / "server.out", "wb")
+        self.process = subprocess.Popen(
+            [str(BIN / "rabbitmq-server")], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited: {(self.base / 'server.out').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                self.ctl("await_startup", timeout=60)
+                return
+            except (OSError, subprocess.CalledProcessError):
+                time.sleep(0.5)
+        raise RuntimeError("rabbitmq-server did not start in time")
+
+    def ctl(self, *args: str, timeout: float = 30) -> str:
+        return subprocess.run(
+            [str(BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=True,
+        ).stdout
+
+    def close_all_connections(self) -> None:
+        self.ctl("close_all_connections", "test: the broker drops every connection")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.ctl("stop", timeout=60)
+        except Exception:
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        subprocess.run(["pkill", "-f", "--", f"-sname {self.node}"], check=False)
+        # epmd was started for this node on its own port; make sure it is gone.
+        subprocess.run([str(shutil.which("epmd") or "epmd"), "-port", self.env["ERL_EPMD_PORT"], "-kill"],
+                       env=self.env, capture_output=True, check=False)
+        self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)

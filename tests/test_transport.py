@@ -1,0 +1,139 @@
+"""The transport semantics, tested alike on the in-process broker and RabbitMQ."""
+
+import queue
+import threading
+import time
+
+import pytest
+
+import zocalo_xrc as zx
+from zocalo_xrc.transport import QueueSpec, TransportError, topic_matches
+
+
+def collect(transport, spec, prefetch=32):
+    got = queue.Queue()
+    subscription = transport.subscribe(spec, got.put, prefetch=prefetch)
+    return got, subscription
+
+
+def eventually(check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def test_default_exchange_delivers_and_ack_removes(transport, unique):
+    transport.declare_queue(unique)
+    transport.publish("", unique, b'{"a": 1}', {"k": "v"}).result(10)
+    got, sub = collect(transport, QueueSpec(unique))
+    d = got.get(timeout=10)
+    assert (d.body, d.headers["k"], d.redelivered, d.routing_key) == (b'{"a": 1}', "v", False, unique)
+    d.ack()
+    sub.cancel()
+    assert eventually(lambda: transport.message_count(unique) == 0)
+    transport.delete_queue(unique)
+
+
+def test_publish_to_a_missing_queue_raises(transport, unique):
+    with pytest.raises(zx.UnroutableError, match=f"routing key '{unique}-missing'"):
+        transport.publish("", f"{unique}-missing", b"{}", {}).result(10)
+
+
+def test_topic_routing(transport, unique):
+    transport.declare_results_queue(unique, routing_key=f"xrc.{unique}")
+    transport.publish("results", f"xrc.{unique}", b"1", {}).result(10)
+    with pytest.raises(zx.UnroutableError):
+        transport.publish("results", f"xrc.{unique}.other", b"2", {}).result(10)
+    assert eventually(lambda: transport.message_count(unique) == 1)
+    transport.delete_queue(unique)
+    transport.delete_queue(f"dlq.{unique}")
+
+
+def test_unacked_messages_come_back_redelivered(transport, unique):
+    transport.declare_queue(unique)
+    transport.publish("", unique, b"x", {}).result(10)
+    got, sub = collect(transport, QueueSpec(unique))
+    assert got.get(timeout=10).redelivered is False
+    sub.cancel()  # never acked
+    got2, sub2 = collect(transport, QueueSpec(unique))
+    again = got2.get(timeout=10)
+    assert (again.body, again.redelivered) == (b"x", True)
+    again.ack()
+    sub2.cancel()
+    transport.delete_queue(unique)
+
+
+def test_reject_dead_letters_and_requeue_redelivers(transport, unique):
+    transport.declare_results_queue(unique)
+    for body in (b"bad", b"retry"):
+        transport.publish("results", unique, body, {}).result(10)
+    got, sub = collect(transport, QueueSpec(unique))
+    first = got.get(timeout=10)
+    assert first.body == b"bad"
+    first.reject(requeue=False)
+    second = got.get(timeout=10)
+    second.reject(requeue=True)
+    third = got.get(timeout=10)
+    assert (third.body, third.redelivered) == (b"retry", True)
+    third.ack()
+    sub.cancel()
+    assert eventually(lambda: transport.message_count(f"dlq.{unique}") == 1)
+    assert transport.message_count(unique) == 0
+    transport.delete_queue(unique)
+    transport.delete_queue(f"dlq.{unique}")
+
+
+def test_prefetch_bounds_unacked_deliveries(transport, unique):
+    transport.declare_queue(unique)
+    for i in range(5):
+        transport.publish("", unique, str(i).encode(), {}).result(10)
+    got, sub = collect(transport, QueueSpec(unique), prefetch=2)
+    a, b = got.get(timeout=10), got.get(timeout=10)
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.3)
+    a.ack()
+    c = got.get(timeout=10)
+    assert [m.body for m in (a, b, c)] == [b"0", b"1", b"2"]
+    for m in (b, c):
+        m.ack()
+    sub.cancel()
+    transport.delete_queue(unique)
+
+
+def test_private_queue_sees_a_copy(transport, unique):
+    transport.declare_results_queue(unique)
+    private, psub = collect(transport, QueueSpec(None, "results", unique))
+    transport.publish("results", unique, b"r", {}).result(10)
+    p = private.get(timeout=10)
+    assert p.body == b"r"
+    p.ack()
+    assert eventually(lambda: transport.message_count(unique) == 1)  # the durable queue still has its own
+    psub.cancel()
+    transport.delete_queue(unique)
+    transport.delete_queue(f"dlq.{unique}")
+
+
+def test_subscribing_to_a_missing_queue_raises(transport, unique):
+    with pytest.raises(TransportError, match="NOT_FOUND"):
+        transport.subscribe(QueueSpec(f"{unique}-none"), lambda d: None)
+    assert not transport.queue_exists(f"{unique}-none")
+
+
+def test_timers_run_on_the_transport_thread(transport):
+    ran = queue.Queue()
+    transport.call_later(0.05, lambda: ran.put(threading.current_thread().name))
+    transport.call_soon(lambda: ran.put("soon"))
+    assert ran.get(timeout=5) == "soon"
+    assert ran.get(timeout=5) != threading.current_thread().name
+
+
+@pytest.mark.parametrize(
+    "pattern, key, match",
+    [("xrc.i03", "xrc.i03", True), ("xrc.*", "xrc.i03", True), ("xrc.*", "xrc.i03.x", False), ("#", "a.b", True),
+     ("xrc.#", "xrc", True), ("*.i03", "xrc.i04", False), ("a.#.z", "a.b.c.z", True)],
+)
+def test_topic_patterns(pattern, key, match):
+    assert topic_matches(pattern, key) is match
