@@ -5,6 +5,7 @@ of the session the ratios peer / ours are printed per workload.
 """
 
 import os
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 MEDIANS: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+P99: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
 OURS = "zocalo-xrc"
 
 
@@ -25,15 +27,21 @@ OURS = "zocalo-xrc"
 def record(benchmark, request):
     """Run ``benchmark`` and keep its median for the ratio table."""
 
-    def run(suite, workload, contender, fn, *args, rounds=None, **kwargs):
+    def run(suite, workload, contender, fn, *args, rounds=None, setup=None, **kwargs):
         benchmark.group = f"{suite}: {workload}"
         benchmark.name = contender
         if rounds is None:
             result = benchmark(fn, *args, **kwargs)
         else:
-            result = benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, iterations=1, warmup_rounds=0)
+            if setup is not None:
+                result = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=min(20, rounds // 10))
+            else:
+                result = benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, iterations=1, warmup_rounds=0)
         if benchmark.stats is not None:  # None under --benchmark-disable
-            MEDIANS[(suite, workload)][contender] = benchmark.stats.stats.median
+            stats = benchmark.stats.stats
+            MEDIANS[(suite, workload)][contender] = stats.median
+            if len(stats.data) >= 100:
+                P99[(suite, workload)][contender] = statistics.quantiles(stats.data, n=100)[98]
         return result
 
     return run
@@ -51,3 +59,7 @@ def pytest_terminal_summary(terminalreporter):
         peers = {k: v for k, v in medians.items() if k != OURS}
         parts = [f"{name} {t / ours:,.1f}x" for name, t in sorted(peers.items(), key=lambda kv: kv[1])]
         tr.write_line(f"{suite} | {workload}: ours {ours * 1e3:.3f} ms; " + "; ".join(parts))
+        p99 = P99.get((suite, workload), {})
+        if OURS in p99:
+            others = "; ".join(f"{k} {v * 1e3:.3f} ms ({v / p99[OURS]:,.1f}x)" for k, v in p99.items() if k != OURS)
+            tr.write_line(f"    p99: ours {p99[OURS] * 1e3:.3f} ms; {others}")

@@ -137,3 +137,30 @@ def test_timers_run_on_the_transport_thread(transport):
 )
 def test_topic_patterns(pattern, key, match):
     assert topic_matches(pattern, key) is match
+
+
+def test_publish_to_a_missing_exchange_raises_and_publishing_goes_on(transport, unique):
+    with pytest.raises(TransportError, match="NOT_FOUND"):
+        transport.publish(f"{unique}-no-exchange", "x", b"1", {}).result(10)
+    transport.declare_queue(unique)
+    transport.publish("", unique, b"2", {}).result(10)
+    assert eventually(lambda: transport.message_count(unique) == 1)
+    transport.delete_queue(unique)
+
+
+def test_many_publishes_in_flight(transport, unique):
+    transport.declare_queue(unique)
+    futures = [transport.publish("", unique, str(i).encode(), {}) for i in range(200)]
+    futures.append(transport.publish("", f"{unique}-missing", b"x", {}))
+    for f in futures[:-1]:
+        f.result(10)
+    with pytest.raises(zx.UnroutableError):
+        futures[-1].result(10)
+    assert eventually(lambda: transport.message_count(unique) == 200)
+    got, sub = collect(transport, QueueSpec(unique), prefetch=500)
+    bodies = [got.get(timeout=10) for _ in range(200)]
+    assert [int(d.body) for d in bodies] == list(range(200))  # in order
+    for d in bodies:
+        d.ack()
+    sub.cancel()
+    transport.delete_queue(unique)

@@ -77,6 +77,7 @@ class AmqpTransport(Transport):
         self._sub: Any = None
         self.generation = 0
         self._closing = False
+        self._wake_pending = False
         self._stop = threading.Event()
         self._first: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name=f"{connection_name} AMQP I/O", daemon=True)
@@ -136,8 +137,7 @@ class AmqpTransport(Transport):
 
     def _connect(self) -> None:
         self._conn = pika.BlockingConnection(self._parameters())
-        self._pub = self._conn.channel()
-        self._pub.confirm_delivery()
+        self._pub = _ConfirmingPublisher(self._conn)
         self._sub = self._conn.channel()
         with self._lock:
             self.generation += 1
@@ -148,6 +148,8 @@ class AmqpTransport(Transport):
     def _loop(self) -> None:
         assert self._conn is not None
         while not self._closing:
+            if self._pub.closed:
+                self._pub = _ConfirmingPublisher(self._conn)
             if not self._sub.is_open:
                 log.warning("the consuming channel on %s was closed; reopening it", self.settings.url())
                 self._sub = self._conn.channel()
@@ -162,6 +164,7 @@ class AmqpTransport(Transport):
             self._conn.process_data_events(time_limit=wait)
 
     def _drain(self) -> None:
+        self._wake_pending = False  # before reading: later commands wake us again
         while True:
             try:
                 fn, future = self._commands.get_nowait()
@@ -197,6 +200,8 @@ class AmqpTransport(Transport):
                 log.exception("zocalo-xrc AMQP: a timer on the I/O thread raised")
 
     def _forget_connection(self) -> None:
+        if self._pub is not None:
+            self._pub.fail_all(ConnectionLostError("the connection was lost before the broker confirmed the message"))
         conn, self._conn, self._pub, self._sub = self._conn, None, None, None
         if conn is not None and conn.is_open:
             try:
@@ -237,8 +242,11 @@ class AmqpTransport(Transport):
         return future
 
     def _wake(self) -> None:
+        """Make the I/O thread drain the command queue. One wake-up is enough
+        for any number of commands (and each costs a GIL hand-over)."""
         conn = self._conn
-        if conn is not None:
+        if conn is not None and not self._wake_pending:
+            self._wake_pending = True
             try:
                 conn.add_callback_threadsafe(lambda: None)
             except Exception:
@@ -252,31 +260,20 @@ class AmqpTransport(Transport):
     # ---- Transport -------------------------------------------------------------
 
     def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
-        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers))
+        future: Future[None] = Future()
 
         def send() -> None:
-            try:
-                self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-            except px.UnroutableError:
-                raise UnroutableError(
-                    f"unroutable: no queue for exchange {exchange!r} routing key {routing_key!r}"
-                ) from None
-            except px.NackError:
-                raise PublishRefusedError(f"the broker refused the message for {exchange!r} {routing_key!r}") from None
-            except px.ChannelClosedByBroker as e:
-                self._pub = self._conn.channel()  # type: ignore[union-attr]
-                self._pub.confirm_delivery()
-                raise TransportError(f"publish to {exchange!r} {routing_key!r} refused: {e.reply_code} {e.reply_text}") from None
+            if future.set_running_or_notify_cancel():
+                self._pub.publish(exchange, routing_key, body, headers, future)
 
-        if self.on_io_thread():
-            future: Future[None] = Future()
-            try:
-                send()
-                future.set_result(None)
-            except TransportError as e:
-                future.set_exception(e)
-            return future
-        return self._submit(send)
+        if self._closing:
+            future.set_exception(TransportError("the connection is closed"))
+        elif self.on_io_thread() and self._pub is not None:
+            send()
+        else:
+            self._commands.put((send, None))
+            self._wake()
+        return future
 
     def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
         if not queue.private and queue.name is not None and not self.queue_exists(queue.name):
@@ -354,9 +351,81 @@ class AmqpTransport(Transport):
             return
         self._closing = True
         self._stop.set()
+        self._wake_pending = False
         self._wake()
         if not self.on_io_thread():
             self._thread.join(timeout=10)
+
+
+class _ConfirmingPublisher:
+    """Publisher confirms without waiting: many messages may be in flight, and
+    each one's future is settled by the broker's ack, nack or return.
+
+    pika's BlockingChannel can only wait for one confirm at a time, so this
+    drives the asynchronous channel inside it (``_impl``), whose callbacks run
+    while the I/O thread pumps ``process_data_events``. A ``basic.return``
+    names no delivery tag, so each message carries its tag as ``message_id``."""
+
+    def __init__(self, conn: pika.BlockingConnection) -> None:
+        self._blocking = conn.channel()
+        self._channel = self._blocking._impl
+        self._pending: dict[int, tuple[Future[None], str, str]] = {}
+        self._returned: dict[int, str] = {}
+        self._seq = 0
+        self.closed = False
+        ready: list[bool] = []
+        self._channel.add_on_return_callback(self._on_return)
+        self._channel.add_on_close_callback(self._on_close)
+        self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: ready.append(True))
+        deadline = time.monotonic() + 10
+        while not ready:
+            if time.monotonic() > deadline:
+                raise px.AMQPConnectionError("no Confirm.SelectOk from the broker")
+            conn.process_data_events(time_limit=0.1)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any], future: Future[None]) -> None:
+        if self.closed:
+            future.set_exception(ConnectionLostError("the publishing channel is closed"))
+            return
+        self._seq += 1
+        self._pending[self._seq] = (future, exchange, routing_key)
+        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers), message_id=f"zocalo-xrc-{self._seq}")
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        tag = (properties.message_id or "").rpartition("-")[2]
+        if tag.isdigit():
+            self._returned[int(tag)] = f"{method.reply_code} {method.reply_text}"
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tags = [t for t in self._pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        refused = isinstance(method, pika.spec.Basic.Nack)
+        for tag in tags:
+            entry = self._pending.pop(tag, None)
+            if entry is None:
+                continue
+            future, exchange, routing_key = entry
+            returned = self._returned.pop(tag, None)
+            if returned is not None:
+                future.set_exception(UnroutableError(
+                    f"unroutable: no queue for exchange {exchange!r} routing key {routing_key!r} ({returned})"
+                ))
+            elif refused:
+                future.set_exception(PublishRefusedError(f"the broker refused the message for {exchange!r} {routing_key!r}"))
+            else:
+                future.set_result(None)
+
+    def _on_close(self, channel: Any, reason: Exception) -> None:
+        self.closed = True
+        text = f"{reason.reply_code} {reason.reply_text}" if isinstance(reason, px.ChannelClosed) else str(reason)
+        self.fail_all(TransportError(f"the broker closed the publishing channel: {text}"))
+
+    def fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future, _, _ in pending.values():
+            if not future.done():
+                future.set_exception(error)
 
 
 class _AmqpSubscription(Subscription):

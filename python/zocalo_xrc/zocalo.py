@@ -102,6 +102,30 @@ async def wait_for_async(future: Future[T], timeout: float, on_timeout: Callable
     return future.result()
 
 
+def _gather(futures: list[Future[None]]) -> Future[None]:
+    """One future for many: done when all are, failed when the first one fails."""
+    done: Future[None] = Future()
+    lock = threading.Lock()
+    left = [len(futures)]
+
+    def settle(f: Future[None]) -> None:
+        error = TransportError("cancelled") if f.cancelled() else f.exception()
+        with lock:
+            left[0] -= 1
+            if (error is None and left[0] > 0) or done.running() or done.done():
+                return
+            if not done.set_running_or_notify_cancel():
+                return  # the caller gave up waiting
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    for f in futures:
+        f.add_done_callback(settle)
+    return done
+
+
 def zocalo_headers() -> dict[str, str]:
     """Who is asking: ``ZOCALO_GO_USER`` / ``ZOCALO_GO_HOSTNAME`` override the
     login and host names (which a container may not be able to read)."""
@@ -141,6 +165,7 @@ class ZocaloTrigger:
     ) -> None:
         self._connection, self._environment = connection, environment
         self._transport: Transport | None = None
+        self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
 
     @property
@@ -149,39 +174,48 @@ class ZocaloTrigger:
             self._transport = connect(self._connection, environment=self._environment)
         return self._transport
 
-    def _publish(self, parameters: dict[str, Any]) -> Future[None]:
-        body = json.dumps({"recipes": [self.recipe], "parameters": parameters}).encode()
-        return self.transport.publish("", PROCESSING_QUEUE, body, zocalo_headers())
+    def _send(self, messages: list[dict[str, Any]], what: str) -> Future[None]:
+        """Publish every message at once; one future for all their confirms.
+        (Bodies are made first, so that the publishes follow each other closely
+        enough to share one wake-up of the I/O thread.)"""
+        log.info("Zocalo %s", what)
+        if self._headers is None:
+            self._headers = zocalo_headers()
+        bodies = [json.dumps({"recipes": [self.recipe], "parameters": m}).encode() for m in messages]
+        transport = self.transport
+        return _gather([transport.publish("", PROCESSING_QUEUE, body, self._headers) for body in bodies])
 
     def _timeout(self, what: str) -> Callable[[], Exception]:
         return lambda: TransportError(f"the broker did not confirm {what} within {self.timeout_s} s")
 
     @staticmethod
-    def _start(info: ZocaloStartInfo) -> dict[str, Any]:
-        return {**asdict(info), "event": "start"}
+    def _starts(infos: tuple[ZocaloStartInfo, ...]) -> tuple[list[dict[str, Any]], str]:
+        ids = ", ".join(str(i.ispyb_dcid) for i in infos)
+        return [{**asdict(i), "event": "start"} for i in infos], f"start of DCID {ids}"
 
     @staticmethod
-    def _end(dcid: int) -> dict[str, Any]:
-        return {"event": "end", "ispyb_dcid": dcid}
+    def _ends(dcids: tuple[int, ...]) -> tuple[list[dict[str, Any]], str]:
+        return [{"event": "end", "ispyb_dcid": d} for d in dcids], f"end of DCID {', '.join(map(str, dcids))}"
 
-    def run_start(self, info: ZocaloStartInfo) -> None:
-        """Tell Zocalo a collection has started; returns once the broker has the message."""
-        log.info("Zocalo start for DCID %s", info.ispyb_dcid)
-        wait_for(self._publish(self._start(info)), self.timeout_s, self._timeout(f"start of DCID {info.ispyb_dcid}"))
+    def run_start(self, info: ZocaloStartInfo, *more: ZocaloStartInfo) -> None:
+        """Tell Zocalo a collection has started (give both grids of a 3D scan
+        at once to have their messages in flight together); returns once the
+        broker has confirmed every message."""
+        messages, what = self._starts((info, *more))
+        wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
 
-    def run_end(self, dcid: int) -> None:
+    def run_end(self, dcid: int, *more: int) -> None:
         """Tell Zocalo a collection's data is written: process it."""
-        log.info("Zocalo end for DCID %s", dcid)
-        wait_for(self._publish(self._end(dcid)), self.timeout_s, self._timeout(f"end of DCID {dcid}"))
+        messages, what = self._ends((dcid, *more))
+        wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
 
-    async def run_start_async(self, info: ZocaloStartInfo) -> None:
-        log.info("Zocalo start for DCID %s", info.ispyb_dcid)
-        future = self._publish(self._start(info))
-        await wait_for_async(future, self.timeout_s, self._timeout(f"start of DCID {info.ispyb_dcid}"))
+    async def run_start_async(self, info: ZocaloStartInfo, *more: ZocaloStartInfo) -> None:
+        messages, what = self._starts((info, *more))
+        await wait_for_async(self._send(messages, what), self.timeout_s, self._timeout(what))
 
-    async def run_end_async(self, dcid: int) -> None:
-        log.info("Zocalo end for DCID %s", dcid)
-        await wait_for_async(self._publish(self._end(dcid)), self.timeout_s, self._timeout(f"end of DCID {dcid}"))
+    async def run_end_async(self, dcid: int, *more: int) -> None:
+        messages, what = self._ends((dcid, *more))
+        await wait_for_async(self._send(messages, what), self.timeout_s, self._timeout(what))
 
 
 class Source(enum.Enum):
@@ -290,7 +324,8 @@ class ZocaloResults:
         self._subscription: Subscription | None = None
         self._lock = threading.Lock()
         self._busy = False
-        # I/O-thread state
+        # Shared with the I/O thread, under _state: who waits, and what came early.
+        self._state = threading.Lock()
         self._held: list[tuple[Delivery, ResultMessage]] = []
         self._waiter: _Waiter | None = None
 
@@ -333,6 +368,13 @@ class ZocaloResults:
                 raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
             self._busy = True
         waiter = _Waiter(ids, dcgid, self)
+        # With nothing held, install here: waiting then costs no hand-over to
+        # the I/O thread. Results that came early are the I/O thread's to take,
+        # in order, before anything newer.
+        with self._state:
+            if not self._held:
+                self._waiter = waiter
+                return waiter
         self.transport.call_soon(lambda: self._install(waiter))
         return waiter
 
@@ -348,7 +390,8 @@ class ZocaloResults:
         return error
 
     def _end(self, waiter: _Waiter) -> None:
-        self.transport.call_soon(lambda: self._uninstall(waiter))
+        if not (waiter.future.done() and not waiter.future.cancelled()):
+            self.transport.call_soon(lambda: self._uninstall(waiter))
         with self._lock:
             self._busy = False
 
@@ -392,10 +435,12 @@ class ZocaloResults:
             log.error("rejecting a result on %s: not a recipe envelope naming a collection", self.queue)
             delivery.reject(requeue=False)
             return
-        waiter = self._waiter
-        if waiter is None:
-            self._held.append((delivery, message))
-        elif waiter.matches(message):
+        with self._state:
+            waiter = self._waiter
+            if waiter is None:
+                self._held.append((delivery, message))
+                return
+        if waiter.matches(message):
             self._offer(waiter, delivery, message)
         else:
             self._discard(delivery, message, f"not for {waiter.describe()}")
@@ -405,24 +450,29 @@ class ZocaloResults:
         delivery.reject(requeue=False)
 
     def _install(self, waiter: _Waiter) -> None:
+        """On the I/O thread: take what came early, in order, then wait."""
         if waiter.future.done():
             return
-        self._waiter = waiter
-        held, self._held = self._held, []
-        for delivery, message in held:
+        with self._state:
+            self._waiter = waiter
+            held, self._held = self._held, []
+        for i, (delivery, message) in enumerate(held):
             if self._waiter is not waiter:  # done already: keep the rest for later
-                self._held.append((delivery, message))
-            elif waiter.matches(message):
+                with self._state:
+                    self._held[:0] = held[i:]
+                return
+            if waiter.matches(message):
                 self._offer(waiter, delivery, message)
             else:
                 self._discard(delivery, message, f"stale: waiting for {waiter.describe()}")
 
     def _uninstall(self, waiter: _Waiter) -> None:
-        if self._waiter is waiter:
-            self._waiter = None
-        if not waiter.future.done() or waiter.future.cancelled():
-            self._held.extend(waiter.received.values())  # nobody took them: still unacked
-            waiter.received.clear()
+        with self._state:
+            if self._waiter is waiter:
+                self._waiter = None
+            if not waiter.future.done() or waiter.future.cancelled():
+                self._held.extend(waiter.received.values())  # nobody took them: still unacked
+                waiter.received.clear()
 
     def _offer(self, waiter: _Waiter, delivery: Delivery, message: ResultMessage) -> None:
         source = Source.GPU if message.gpu else Source.CPU
@@ -473,6 +523,7 @@ class ZocaloResults:
                 log.warning("%s: %s", waiter.describe(), detail)
             comparison = SourceComparison(got.get(Source.CPU), got.get(Source.GPU), agree, detail)
         waiter.received.clear()
-        self._waiter = None
+        with self._state:
+            self._waiter = None
         log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
         waiter.future.set_result((self._sorted(message), message, comparison))
