@@ -342,12 +342,8 @@ impl<'a> Parser<'a> {
     /// One pass: digits are checked and summed together.
     #[inline]
     pub fn int(&mut self) -> Result<i64> {
-        self.skip_ws();
+        let (start, mut i, negative) = self.number_start();
         let b = self.bytes;
-        let start = self.pos;
-        let mut i = start;
-        let negative = b.get(i) == Some(&b'-');
-        i += negative as usize;
         let mut magnitude: u64 = 0;
         match b.get(i) {
             Some(b'0') => i += 1,
@@ -376,6 +372,16 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// Skip white space; return where the number starts, where its digits
+    /// start, and whether it is negative.
+    #[inline(always)]
+    fn number_start(&mut self) -> (usize, usize, bool) {
+        self.skip_ws();
+        let start = self.pos;
+        let negative = self.bytes.get(start) == Some(&b'-');
+        (start, start + negative as usize, negative)
+    }
+
     /// The general path for what `int` cannot take: the number's own error.
     #[cold]
     fn slow_int(&mut self, start: usize) -> Result<i64> {
@@ -388,45 +394,21 @@ impl<'a> Parser<'a> {
     /// power of ten is at most 22, the standard library otherwise.
     #[inline]
     pub fn float(&mut self) -> Result<f64> {
-        self.skip_ws();
+        let (start, mut i, negative) = self.number_start();
         let b = self.bytes;
-        let start = self.pos;
-        let mut i = start;
-        let negative = b.get(i) == Some(&b'-');
-        i += negative as usize;
         let mut mantissa: u64 = 0;
         let mut digits = 0u32;
         let mut exp10: i64 = 0;
         match b.get(i) {
             Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => {
-                while let Some(v) = eight_digits(&b[i..]) {
-                    mantissa = mantissa.wrapping_mul(100_000_000).wrapping_add(v);
-                    digits += 8;
-                    i += 8;
-                }
-                while let Some(&d @ b'0'..=b'9') = b.get(i) {
-                    mantissa = mantissa.wrapping_mul(10).wrapping_add((d - b'0') as u64);
-                    digits += 1;
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = accumulate_digits(b, i, &mut mantissa, &mut digits),
             _ if negative => return self.slow_float(start),
             _ => return Err(self.expected("a number")),
         }
         if b.get(i) == Some(&b'.') {
             i += 1;
             let first = i;
-            while let Some(v) = eight_digits(&b[i..]) {
-                mantissa = mantissa.wrapping_mul(100_000_000).wrapping_add(v);
-                digits += 8;
-                i += 8;
-            }
-            while let Some(&d @ b'0'..=b'9') = b.get(i) {
-                mantissa = mantissa.wrapping_mul(10).wrapping_add((d - b'0') as u64);
-                digits += 1;
-                i += 1;
-            }
+            i = accumulate_digits(b, i, &mut mantissa, &mut digits);
             if i == first {
                 return self.slow_float(start);
             }
@@ -747,6 +729,24 @@ impl<'a> Parser<'a> {
             }
         }
     }
+}
+
+/// Add the decimal digits at `bytes[i..]` to `mantissa` (wrapping; `digits`
+/// counts them, so that the caller knows when it has overflowed); returns
+/// where they end.
+#[inline(always)]
+fn accumulate_digits(bytes: &[u8], mut i: usize, mantissa: &mut u64, digits: &mut u32) -> usize {
+    while let Some(v) = eight_digits(&bytes[i..]) {
+        *mantissa = mantissa.wrapping_mul(100_000_000).wrapping_add(v);
+        *digits += 8;
+        i += 8;
+    }
+    while let Some(&d @ b'0'..=b'9') = bytes.get(i) {
+        *mantissa = mantissa.wrapping_mul(10).wrapping_add((d - b'0') as u64);
+        *digits += 1;
+        i += 1;
+    }
+    i
 }
 
 /// The value of 8 ASCII digits at the start of `bytes`, if there are 8 and
