@@ -293,3 +293,19 @@ def test_the_broker_drops_the_connection_mid_wait(amqp, rabbit, unique, caplog):
         # Publishing works again on the same (reconnected) transport.
         publish_result(amqp, name, [], dcid=61)
         assert len(zocalo.trigger(dcids=61)) == 0
+
+
+def test_trigger_raises_when_the_broker_does_not_confirm_in_time(amqp, rabbit):
+    """A broker in a memory alarm blocks publishers: no confirm, so a timeout."""
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    amqp.declare_queue("processing_recipe")
+    rabbit.ctl("set_vm_memory_high_watermark", "0")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(zx.TransportError, match="did not confirm end of DCID 70 within 0.5 s"):
+            zx.ZocaloTrigger(amqp, timeout_s=0.5).run_end(70)
+        assert time.monotonic() - t0 < 3
+    finally:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+    zx.ZocaloTrigger(amqp, timeout_s=10).run_end(71)  # and once the alarm clears, it works again

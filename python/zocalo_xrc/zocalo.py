@@ -200,7 +200,8 @@ class ZocaloTrigger:
     def run_start(self, info: ZocaloStartInfo, *more: ZocaloStartInfo) -> None:
         """Tell Zocalo a collection has started (give both grids of a 3D scan
         at once to have their messages in flight together); returns once the
-        broker has confirmed every message."""
+        broker has confirmed every message, or raises ``TransportError`` after
+        ``timeout_s`` (a message the broker took late may still arrive)."""
         messages, what = self._starts((info, *more))
         wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
 
