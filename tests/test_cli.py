@@ -60,3 +60,28 @@ def test_bad_files_give_a_message_not_a_traceback(tmp_path):
     assert out.returncode == 1 and "exactly two grids" in out.stderr
     out = run("centre", tmp_path / "missing.json")
     assert out.returncode == 2 and "No such file" in out.stderr
+
+
+def table_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("  ")]
+
+
+def test_demo_runs_the_whole_loop_in_process():
+    out = run("demo", EXAMPLES / "scan3d.json")
+    assert out.returncode == 0, out.stderr
+    assert "through an in-process broker" in out.stdout
+    assert table_lines(out.stdout) == table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
+    assert "best crystal, relative to the first box (mm)" in out.stdout
+
+
+def test_demo_on_rabbitmq(rabbit):
+    out = run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url, "--beamline", "demo")
+    assert out.returncode == 0, out.stderr
+    assert table_lines(out.stdout) == table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
+
+
+def test_demo_with_a_bad_broker_says_so_without_the_password(rabbit):
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    out = run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url.replace("guest:guest", "guest:hunter2"))
+    assert out.returncode == 1 and "cannot connect" in out.stderr and "hunter2" not in out.stderr + out.stdout

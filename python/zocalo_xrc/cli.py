@@ -155,7 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     centre.add_argument("file", type=Path, help="JSON: a 2D case (counts, gridinfo) or a 3D case (grids)")
     centre.add_argument("--json", action="store_true", help="print the result in Diamond's wire shape")
     centre.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the grids with the results marked")
+    demo = commands.add_parser(
+        "demo", help="trigger Zocalo for a 3D scan and wait for its results (an in-process broker unless --broker)"
+    )
+    demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
+    demo.add_argument("--broker", metavar="URL|ENVIRONMENT", help="an amqp:// URL or a zocalo environment")
+    demo.add_argument("--beamline", default="i03")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args)
 
     try:
         case = load_case(args.file)
@@ -176,6 +184,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         plot(result, grids, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .transport import TransportError
+
+    try:
+        results, scans = demo.run(args.file, args.broker, args.beamline)
+    except (OSError, ValueError, TransportError, TimeoutError) as e:
+        print(f"zocalo-xrc demo: {e}", file=sys.stderr)
+        return 1
+    where = f"RabbitMQ ({args.broker})" if args.broker else "an in-process broker"
+    print(f"Triggered Zocalo for DCIDs {scans[0].dcid} and {scans[1].dcid} through {where}; its results:")
+    xy, xz = scans
+    print(format_3d(results, (xy.grid.steps_x, xy.grid.steps_y, xz.grid.steps_y)))
+    if len(results):
+        position = demo.geometry(scans).to_motor(results[0])
+        print("best crystal, relative to the first box (mm): x = {:.4f}, y = {:.4f}, z = {:.4f}".format(*position.centre_mm))
     return 0
 
 
