@@ -309,3 +309,17 @@ def test_trigger_raises_when_the_broker_does_not_confirm_in_time(amqp, rabbit):
     finally:
         rabbit.ctl("set_vm_memory_high_watermark", "0.4")
     zx.ZocaloTrigger(amqp, timeout_s=10).run_end(71)  # and once the alarm clears, it works again
+
+
+def test_closing_after_the_connection_is_harmless(rabbit, unique):
+    from zocalo_xrc.amqp import AmqpTransport
+
+    t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
+    name = f"xrc.{unique}"
+    t.declare_results_queue(name)
+    zocalo = zx.ZocaloResults(t, queue=name)
+    zocalo.subscribe()
+    t.close()
+    zocalo.close()
+    with pytest.raises(zx.TransportError, match="closed"):
+        t.publish("", name, b"x", {}).result(5)

@@ -484,7 +484,8 @@ class _AmqpSubscription(Subscription):
 
         if not self.cancelled:
             self.cancelled = True
-            self.transport._call(run)
+            if not self.transport._closing:  # a closed connection consumes nothing
+                self.transport._call(run)
 
 
 class _AmqpDelivery(Delivery):
