@@ -21,8 +21,6 @@ pub struct Runs {
     row_start: Vec<u32>,
     pub start: Vec<u32>,
     pub end: Vec<u32>,
-    /// The row `x * ny + y` of each run.
-    pub row: Vec<u32>,
 }
 
 impl Runs {
@@ -44,13 +42,6 @@ impl Runs {
 
     pub fn is_empty(&self) -> bool {
         self.start.is_empty()
-    }
-
-    /// `(x, y)` of run `i`.
-    #[inline]
-    pub fn xy(&self, i: usize) -> (usize, usize) {
-        let r = self.row[i] as usize;
-        (r / self.ny, r % self.ny)
     }
 
     /// Every row that has runs: `(x, y, runs)`, in raster order.
@@ -144,13 +135,12 @@ impl RunsBuilder {
             self.runs.row_start.push(self.runs.start.len() as u32);
         }
         debug_assert!(
-            self.runs.row.last() != Some(&(row as u32))
+            self.runs.start.len() as u32 == self.runs.row_start[row]
                 || (*self.runs.end.last().unwrap() as usize) < start,
             "runs in a row must be ascending and apart"
         );
         self.runs.start.push(start as u32);
         self.runs.end.push(end as u32);
-        self.runs.row.push(row as u32);
     }
 
     /// Add to row `(x, y)` the maximal runs of `z = offset + k` where
@@ -259,10 +249,11 @@ mod tests {
         let runs = b.finish();
         let labels = runs.label();
         let mut out = vec![vec![vec![0; nz]; ny]; nx];
-        for i in 0..runs.len() {
-            let (x, y) = runs.xy(i);
-            for z in runs.start[i]..runs.end[i] {
-                out[x][y][z as usize] = labels.of_run[i] + 1;
+        for (x, y, range) in runs.rows() {
+            for i in range {
+                for z in runs.start[i]..runs.end[i] {
+                    out[x][y][z as usize] = labels.of_run[i] + 1;
+                }
             }
         }
         out
