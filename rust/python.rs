@@ -238,6 +238,19 @@ fn from_result(obj: &Bound<'_, PyAny>) -> PyResult<Xrc3d> {
     })
 }
 
+/// Rows from an iterable of `XrcResult`s; a bad one is named `results[i]`.
+fn rows_from<'py>(items: impl IntoIterator<Item = PyResult<Bound<'py, PyAny>>>) -> PyResult<Vec<Xrc3d>> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let item = item?;
+            from_result(&item)
+                .map_err(|e| PyTypeError::new_err(format!("results[{i}]: expected an XrcResult ({e})")))
+        })
+        .collect()
+}
+
 /// The key a results set can be sorted by.
 fn sort_key(by: &str) -> PyResult<fn(&Xrc3d) -> f64> {
     Ok(match by {
@@ -284,15 +297,10 @@ impl XrcResults {
     #[new]
     #[pyo3(signature = (results = None))]
     fn new(results: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let mut rows = Vec::new();
-        if let Some(results) = results {
-            for (i, item) in results.try_iter()?.enumerate() {
-                let item = item?;
-                rows.push(from_result(&item).map_err(|e| {
-                    PyTypeError::new_err(format!("results[{i}]: expected an XrcResult ({e})"))
-                })?);
-            }
-        }
+        let rows = match results {
+            Some(results) => rows_from(results.try_iter()?)?,
+            None => Vec::new(),
+        };
         Ok(XrcResults { rows })
     }
 
@@ -589,15 +597,15 @@ fn build_result_message<'py>(
         Results::TwoD(vec![from_result_2d(results)?])
     } else {
         let items: Vec<Bound<'py, PyAny>> = results.try_iter()?.collect::<PyResult<_>>()?;
-        let all_2d = !items.is_empty()
-            && items.iter().map(|i| i.is_instance(result_2d_type(py)?)).collect::<PyResult<Vec<_>>>()?.into_iter().all(|b| b);
+        let result_2d = result_2d_type(py)?;
+        let mut all_2d = !items.is_empty();
+        for item in &items {
+            all_2d &= item.is_instance(result_2d)?;
+        }
         if all_2d {
             Results::TwoD(items.iter().map(from_result_2d).collect::<PyResult<_>>()?)
         } else {
-            let rows = items.iter().enumerate().map(|(i, item)| {
-                from_result(item).map_err(|e| PyTypeError::new_err(format!("results[{i}]: expected an XrcResult ({e})")))
-            });
-            Results::ThreeD(rows.collect::<PyResult<_>>()?)
+            Results::ThreeD(rows_from(items.into_iter().map(Ok))?)
         }
     };
     let to = Addressee { dcid, dcgid, gpu, beamline, environment_id };
