@@ -87,3 +87,13 @@ class GridScan2DResult(_WireShape):
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def region_bounds(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """The best region's box bounds, half-open like a 3D bounding box:
+        ``((min x, min y), (max x + 1, max y + 1))``; None without a region."""
+        if not self.best_region:
+            return None
+        ys = [c[0] for c in self.best_region]
+        xs = [c[1] for c in self.best_region]
+        return (min(xs), min(ys)), (max(xs) + 1, max(ys) + 1)

@@ -45,19 +45,24 @@ def _pin(case: dict[str, Any], grid: GridInfo) -> dict[str, Any]:
     }
 
 
+def scans_of(case: dict[str, Any]) -> list[GridScan]:
+    """The two grids of a 3D case, lower DCID (xy) first."""
+    grids = case.get("grids")
+    if not isinstance(grids, list) or len(grids) != 2:
+        raise CaseError("a 3D case needs exactly two grids")
+    scans = []
+    for k, g in enumerate(grids):
+        try:
+            scans.append(GridScan(int(g["dcid"]), g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
+        except (KeyError, TypeError) as e:
+            raise CaseError(f"grids[{k}]: needs dcid, counts and gridinfo ({e!r})") from None
+    return sorted(scans, key=lambda s: s.dcid)
+
+
 def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[tuple[str, Any]]]:
     """Centre a case; return the result and the grids ``(label, A[x][y])`` for display."""
     if "grids" in case:
-        grids = case["grids"]
-        if not isinstance(grids, list) or len(grids) != 2:
-            raise CaseError("a 3D case needs exactly two grids")
-        scans = []
-        for k, g in enumerate(grids):
-            try:
-                scans.append(GridScan(int(g["dcid"]), g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
-            except (KeyError, TypeError) as e:
-                raise CaseError(f"grids[{k}]: needs dcid, counts and gridinfo ({e!r})") from None
-        scans.sort(key=lambda s: s.dcid)
+        scans = scans_of(case)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
         results = centre_3d_scans(*scans, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
@@ -128,11 +133,9 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
         ax.set_xlabel("x (boxes)")
         ax.set_ylabel("y (boxes)" if k == 0 else "z (boxes)")
         if isinstance(result, GridScan2DResult):
-            if result.ok:
-                ys = [c[0] for c in result.best_region]
-                xs = [c[1] for c in result.best_region]
-                ax.add_patch(Rectangle((min(xs) - 0.5, min(ys) - 0.5), max(xs) - min(xs) + 1,
-                                       max(ys) - min(ys) + 1, fill=False, edgecolor="red", lw=1.5))
+            if result.ok and result.region_bounds:
+                (x0, y0), (x1, y1) = result.region_bounds
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
                 ax.plot(result.centre_x_box - 0.5, result.centre_y_box - 0.5, "rx", ms=10)
             continue
         for rank, r in enumerate(result, 1):

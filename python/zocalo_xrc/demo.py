@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .centring import GridScan, centre_3d_scans
+from .cli import load_case, scans_of
 from .geometry import GridGeometry
-from .grid import GridInfo
 from .messages import build_result_message
 from .transport import Delivery, QueueSpec, Transport
 from .zocalo import PROCESSING_QUEUE, ZocaloResults, ZocaloStartInfo, ZocaloTrigger, connect
@@ -52,11 +52,8 @@ class ScanResponder:
 
 def run(case_path: Path, broker: str | None = None, beamline: str = "i03", dcgid: int = 1) -> tuple[Any, list[GridScan]]:
     """Run the demo on a 3D case file; return the results and the scans."""
-    case = json.loads(case_path.read_text())
-    scans = sorted(
-        (GridScan(int(g["dcid"]), g["counts"], GridInfo.from_ispyb(g["gridinfo"])) for g in case["grids"]),
-        key=lambda s: s.dcid,
-    )
+    case = load_case(case_path)
+    scans = scans_of(case)
     transport = connect(broker)
     transport.declare_queue(PROCESSING_QUEUE)
     transport.declare_results_queue(f"xrc.{beamline}")

@@ -80,12 +80,10 @@ class GridGeometry:
         if isinstance(result, GridScan2DResult):
             if self.z_steps is not None:
                 raise ValueError("a 2D result needs a GridGeometry without z")
-            if not result.ok or result.centre_of_mass is None or not result.best_region:
+            bounds = result.region_bounds
+            if not result.ok or result.centre_of_mass is None or bounds is None:
                 raise ValueError(f"a 2D result with status {result.status!r} has no position")
-            ys = [c[0] for c in result.best_region]
-            xs = [c[1] for c in result.best_region]
             centre = tuple(c - 0.5 for c in result.centre_of_mass)
-            lower = (min(xs) - 0.5, min(ys) - 0.5)
-            upper = (max(xs) + 0.5, max(ys) + 0.5)
+            lower, upper = (tuple(c - 0.5 for c in corner) for corner in bounds)
             return MotorPosition(self.boxes_to_mm(centre), (self.boxes_to_mm(lower), self.boxes_to_mm(upper)))
         raise TypeError(f"to_motor: expected an XrcResult or a GridScan2DResult, got {type(result).__name__}")
