@@ -151,7 +151,21 @@ class ZocaloStartInfo:
     message_index: int
 
 
-class ZocaloTrigger:
+class _UsesBroker:
+    """The connection both faces make on first use (see :func:`connect`)."""
+
+    def __init__(self, connection: Connection, environment: str) -> None:
+        self._connection, self._environment = connection, environment
+        self._transport: Transport | None = None
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = connect(self._connection, environment=self._environment)
+        return self._transport
+
+
+class ZocaloTrigger(_UsesBroker):
     """Sends ``start`` and ``end`` for a data collection to Zocalo."""
 
     def __init__(
@@ -162,16 +176,9 @@ class ZocaloTrigger:
         timeout_s: float = 10.0,
         recipe: str = RECIPE,
     ) -> None:
-        self._connection, self._environment = connection, environment
-        self._transport: Transport | None = None
+        super().__init__(connection, environment)
         self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
-
-    @property
-    def transport(self) -> Transport:
-        if self._transport is None:
-            self._transport = connect(self._connection, environment=self._environment)
-        return self._transport
 
     def _send(self, messages: list[dict[str, Any]], what: str) -> Future[None]:
         """Publish every message at once; one future for all their confirms.
@@ -260,8 +267,8 @@ def _recipe_header(headers: Any) -> bool:
 class _Waiter:
     """One caller waiting for one collection's results (I/O thread state)."""
 
-    def __init__(self, dcids: frozenset[int], dcgid: int | None, owner: ZocaloResults) -> None:
-        self.dcids, self.dcgid, self.owner = dcids, dcgid, owner
+    def __init__(self, dcids: frozenset[int], dcgid: int | None) -> None:
+        self.dcids, self.dcgid = dcids, dcgid
         self.future: Future[tuple[Results, ResultMessage, SourceComparison | None]] = Future()
         self.received: dict[Source, tuple[Delivery, ResultMessage]] = {}
         self.order: list[Source] = []
@@ -286,7 +293,7 @@ class _Waiter:
         return " / ".join(parts)
 
 
-class ZocaloResults:
+class ZocaloResults(_UsesBroker):
     """Receives X-ray centring results for the collections a caller names.
 
     It subscribes on the first :meth:`trigger` (or :meth:`subscribe`) to the
@@ -312,8 +319,7 @@ class ZocaloResults:
     ) -> None:
         if sort_key not in ("max_count", "total_count", "n_voxels"):
             raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
-        self._connection, self._environment = connection, environment
-        self._transport: Transport | None = None
+        super().__init__(connection, environment)
         self.routing_key = f"xrc.{beamline}"
         self.queue = queue or self.routing_key
         self.private_queue, self.sort_key, self.timeout_s = private_queue, sort_key, timeout_s
@@ -328,12 +334,6 @@ class ZocaloResults:
         self._state = threading.Lock()
         self._held: list[tuple[Delivery, ResultMessage]] = []
         self._waiter: _Waiter | None = None
-
-    @property
-    def transport(self) -> Transport:
-        if self._transport is None:
-            self._transport = connect(self._connection, environment=self._environment)
-        return self._transport
 
     def subscribe(self) -> None:
         """Start consuming results (done by the first trigger if not before)."""
@@ -367,7 +367,7 @@ class ZocaloResults:
             if self._busy:
                 raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
             self._busy = True
-        waiter = _Waiter(ids, dcgid, self)
+        waiter = _Waiter(ids, dcgid)
         # With nothing held, install here: waiting then costs no hand-over to
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
@@ -378,7 +378,7 @@ class ZocaloResults:
         self.transport.call_soon(lambda: self._install(waiter))
         return waiter
 
-    def _finish(self, waiter: _Waiter, outcome: tuple[Results, ResultMessage, SourceComparison | None]) -> Results:
+    def _finish(self, outcome: tuple[Results, ResultMessage, SourceComparison | None]) -> Results:
         results, message, comparison = outcome
         self.last_message, self.last_comparison = message, comparison
         return results
@@ -402,7 +402,7 @@ class ZocaloResults:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         waiter = self._begin(dcids, dcgid)
         try:
-            return self._finish(waiter, wait_for(waiter.future, timeout, self._give_up(waiter, timeout)))
+            return self._finish(wait_for(waiter.future, timeout, self._give_up(waiter, timeout)))
         finally:
             self._end(waiter)
 
@@ -414,7 +414,7 @@ class ZocaloResults:
         waiter = self._begin(dcids, dcgid)
         try:
             outcome = await wait_for_async(waiter.future, timeout, self._give_up(waiter, timeout))
-            return self._finish(waiter, outcome)
+            return self._finish(outcome)
         finally:
             self._end(waiter)
 
@@ -512,9 +512,9 @@ class ZocaloResults:
         for delivery, _ in waiter.received.values():
             delivery.ack()
         message = waiter.received[primary][1]
+        got = {s: self._sorted(m) for s, (_, m) in waiter.received.items()}  # each sorted once
         comparison = None
         if self.compare_sources:
-            got = {s: self._sorted(m) for s, (_, m) in waiter.received.items()}
             if len(got) == 2:
                 agree, detail = _best_results_agree(got[Source.CPU], got[Source.GPU])
                 (log.info if agree else log.warning)("CPU and GPU results for %s: %s", waiter.describe(), detail)
@@ -526,4 +526,4 @@ class ZocaloResults:
         with self._state:
             self._waiter = None
         log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
-        waiter.future.set_result((self._sorted(message), message, comparison))
+        waiter.future.set_result((got[primary], message, comparison))
