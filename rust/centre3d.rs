@@ -208,15 +208,15 @@ fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs
     }
     let positive = positive.finish();
     let regions = positive.label();
-    let run_max = |x: usize, i: usize| {
-        let b = &xz.row(x)[positive.start[i] as usize..positive.end[i] as usize];
-        b.iter().copied().max().unwrap_or(0)
-    };
+    // The largest xz value of each run, once: for its region's maximum and its cut-off.
+    let mut run_max = vec![0i64; positive.len()];
     let mut region_max = vec![0i64; regions.count()];
     for (x, y, range) in positive.rows() {
         for i in range {
+            let b = &xz.row(x)[positive.start[i] as usize..positive.end[i] as usize];
+            run_max[i] = b.iter().copied().max().unwrap_or(0);
             let m = &mut region_max[regions.of_run[i] as usize];
-            *m = (*m).max(xy.get(x, y) * run_max(x, i));
+            *m = (*m).max(xy.get(x, y) * run_max[i]);
         }
     }
     let mut kept = Runs::builder(nx, ny);
@@ -226,7 +226,7 @@ fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs
         for i in range {
             let region = regions.of_run[i];
             let t = threshold * region_max[region as usize] as f64;
-            if let Some(b_min) = least_passing(a, t, run_max(x, i)) {
+            if let Some(b_min) = least_passing(a, t, run_max[i]) {
                 let (s, e) = (positive.start[i] as usize, positive.end[i] as usize);
                 let added = kept.push_at_least(x, y, &xz.row(x)[s..e], s, b_min);
                 region_of_run.extend(std::iter::repeat_n(region, added));
