@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-import spec
+import vectors
 import zocalo_xrc as zx
 
 
 def cases(kind):
-    return [pytest.param(c, id=c["name"]) for c in spec.vectors()[kind]]
+    return [pytest.param(c, id=c["name"]) for c in vectors.vectors()[kind]]
 
 
 def options(case):
