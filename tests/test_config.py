@@ -1,6 +1,7 @@
 """Connection settings: zocalo YAML, amqp URLs, and passwords kept out of sight."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -39,44 +40,169 @@ def write(path, text):
     return path
 
 
-def test_zocalo_yaml_with_plugin_in_a_separate_file(tmp_path, monkeypatch):
-    write(tmp_path / "secrets.yml", f"plugin: pika\nusername: gda\npassword: {SECRET}\n")
-    write(tmp_path / "zocalo.yml", """
+def zocalo_reads(path, environment, monkeypatch):
+    """What zocalo itself makes of a configuration: the settings its pika
+    plugin gives workflows' PikaTransport once the environment is active."""
+    import zocalo.configuration
+    from workflows.transport.pika_transport import PikaTransport
+
+    monkeypatch.setattr(PikaTransport, "defaults", {})
+    config = zocalo.configuration.from_file(str(path))
+    config.activate_environment(environment)
+    d = PikaTransport.defaults
+    return (d["--rabbit-host"], int(d["--rabbit-port"]), d["--rabbit-user"], d["--rabbit-pass"], d["--rabbit-vhost"])
+
+
+def ours(path, environment):
+    s = zx.ConnectionSettings.from_zocalo_config(environment, path)
+    return (s.host, s.port, s.username, s.password.reveal(), s.vhost)
+
+
+# The four layouts zocalo accepts, as Diamond's deployments write them.
+LAYOUTS = {
+    "list": ("dev_bluesky", """
 version: 1
-rabbit-host: {plugin: pika, host: 127.0.0.1, port: 5672, vhost: zocalo}
-rabbit-credentials: secrets.yml
-graylog: {plugin: graylog, host: log.example}
+rabbit-test: {plugin: pika, host: 127.0.0.1, port: 5672, username: guest, password: s3cr3t-Pa55, vhost: /}
+storage: {plugin: storage, zocalo.default.queue: processing_recipe}
 environments:
-  dev_bluesky: [rabbit-host, rabbit-credentials, graylog]
-  bluesky: [rabbit-host]
+  dev_bluesky: [storage, rabbit-test]
+"""),
+    # Hyperion's production ConfigMap: the environment names its groups, the
+    # credentials live in a file of their own (an absolute path there).
+    "mapping": ("bluesky", """
+version: 1
+rabbitmq: {secrets}
+default-transport:
+  plugin: transport
+  default: PikaTransport
+environments:
+  bluesky:
+    plugins:
+      - default-transport
+      - rabbitmq
+"""),
+    "alias": ("default", """
+version: 1
+rmq-dev: {plugin: pika, host: dev-rabbit.example, port: 5672, username: dev, password: s3cr3t-Pa55, vhost: dev}
+rmq-live: {plugin: pika, host: rabbit.example, port: "5673", username: gda, password: s3cr3t-Pa55, vhost: zocalo}
+environments:
+  default: bluesky
+  bluesky: dev_bluesky
+  dev_bluesky: [rmq-live, rmq-dev]
+"""),
+    "file": ("dev_bluesky", """
+version: 1.0
+rabbitmq: secrets/rabbitmq-credentials.yml
+environments:
+  dev_bluesky:
+    zz-late: [rabbitmq]
+    plugins: rabbitmq
+"""),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_reads_as_zocalo_reads_it(layout, tmp_path, monkeypatch):
+    environment, text = LAYOUTS[layout]
+    secrets = write_secrets(tmp_path)
+    main = write(tmp_path / "zocalo.yml", text.replace("{secrets}", str(secrets)))
+    assert ours(main, environment) == zocalo_reads(main, environment, monkeypatch)
+    assert ours(main, environment)[3] == SECRET
+
+
+def write_secrets(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    return write(tmp_path / "secrets" / "rabbitmq-credentials.yml",
+                 f"plugin: pika\nhost: 127.0.0.2\nport: 5674\nusername: hyperion\npassword: {SECRET}\nvhost: i03\n")
+
+
+def test_the_last_pika_block_counts_and_groups_come_in_zocalo_order(tmp_path, monkeypatch):
+    write_secrets(tmp_path)
+    main = write(tmp_path / "z.yml", f"""
+version: 1
+a: {{plugin: pika, host: a.example, port: 1, username: a, password: {SECRET}, vhost: a}}
+b: {{plugin: pika, host: b.example, port: 2, username: b, password: {SECRET}, vhost: b}}
+c: secrets/rabbitmq-credentials.yml
+environments:
+  e: {{plugins: [a], beta: [c, b], alpha: b}}
 """)
-    monkeypatch.setenv("ZOCALO_CONFIG", str(tmp_path / "zocalo.yml"))
-    s = zx.ConnectionSettings.from_zocalo_config("dev_bluesky")
-    assert (s.host, s.port, s.vhost, s.username, s.password.reveal()) == ("127.0.0.1", 5672, "zocalo", "gda", SECRET)
-    assert zx.ConnectionSettings.from_zocalo_config("bluesky").username == "guest"
+    # groups alpha, beta, then plugins: b, c, a; a comes last and wins
+    assert ours(main, "e") == zocalo_reads(main, "e", monkeypatch) == ("a.example", 1, "a", SECRET, "a")
+
+
+def test_default_environment_is_dodals(tmp_path, monkeypatch):
+    main = write(tmp_path / "z.yml", f"""
+version: 1
+live: {{plugin: pika, host: live.example, port: 5672, username: u, password: {SECRET}, vhost: /}}
+test: {{plugin: pika, host: test.example, port: 5672, username: u, password: {SECRET}, vhost: /}}
+environments: {{bluesky: [live], dev_bluesky: [test]}}
+""")
+    monkeypatch.setenv("ZOCALO_CONFIG", str(main))
+    monkeypatch.delenv("DODAL_TEST_MODE", raising=False)
+    assert zx.ConnectionSettings.from_zocalo_config().host == "live.example"
+    assert "live.example" in zx.ZocaloTrigger().broker
+    monkeypatch.setenv("DODAL_TEST_MODE", "true")
+    assert zx.ConnectionSettings.from_zocalo_config().host == "test.example"
+    assert "test.example" in zx.ZocaloResults().broker
 
 
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("environments: {x: [a]}\n", "no environment 'dev_bluesky' (known: x)"),
-        ("environments: {dev_bluesky: [a]}\n", "names 'a', which is not defined"),
-        ("a: {plugin: graylog}\nenvironments: {dev_bluesky: [a]}\n", "has no pika plugin block"),
-        ("a: missing.yml\nenvironments: {dev_bluesky: [a]}\n", "cannot read zocalo configuration"),
+        ("environments: {x: [a]}\n", "no 'version: 1'"),
+        ("version: 2\nenvironments: {x: [a]}\n", "version 2; only version 1"),
+        ("version: 1\nenvironments: {x: [a]}\n", "no environment 'dev_bluesky' (known: x)"),
+        ("version: 1\nenvironments: {dev_bluesky: [a]}\n", "names 'a', which is not defined"),
+        ("version: 1\na: {plugin: graylog}\nenvironments: {dev_bluesky: [a]}\n", "has no pika plugin block"),
+        ("version: 1\na: missing.yml\nenvironments: {dev_bluesky: [a]}\n", "cannot read zocalo configuration"),
+        ("version: 1\na: {host: h}\nenvironments: {dev_bluesky: [a]}\n", "lacks the mandatory 'plugin' key"),
+        ("version: 1\nenvironments: {dev_bluesky: other}\n", "aliases undefined environment 'other'"),
+        ("version: 1\nenvironments: {dev_bluesky: x, x: dev_bluesky}\n", "alias each other in a loop"),
+        ("version: 1\nenvironments: {dev_bluesky: 3}\n", "is not a list, a mapping or an alias"),
+        ("version: 1\nenvironments: {dev_bluesky: {plugins: {a: 1}}}\n", "is not a name or a list of names"),
         ("[1, 2", "not valid YAML"),
         ("- 1\n", "expected a mapping"),
-        (f"a: {{plugin: pika, port: x, password: {SECRET}}}\nenvironments: {{dev_bluesky: [a]}}\n", "bad pika settings"),
+        (f"version: 1\na: {{plugin: pika, host: h, port: 1, password: {SECRET}}}\nenvironments: {{dev_bluesky: [a]}}\n",
+         "pika block 'a' lacks username, vhost"),
+        (f"version: 1\na: {{plugin: pika, host: h, port: x, username: u, password: {SECRET}, vhost: /}}\n"
+         f"environments: {{dev_bluesky: [a]}}\n", "bad pika settings"),
+        (f"version: 1\na: {{plugin: pika, host: 'h1,h2', port: 1, username: u, password: {SECRET}, vhost: /}}\n"
+         f"environments: {{dev_bluesky: [a]}}\n", "several hosts"),
     ],
 )
 def test_bad_zocalo_yaml(tmp_path, text, words):
     with pytest.raises(zx.ConfigurationError) as e:
-        zx.ConnectionSettings.from_zocalo_config(path=write(tmp_path / "z.yml", text))
+        zx.ConnectionSettings.from_zocalo_config("dev_bluesky", path=write(tmp_path / "z.yml", text))
     assert words in str(e.value) and SECRET not in str(e.value)
 
 
-def test_no_config_means_the_embedded_broker(monkeypatch):
+def test_no_configuration_is_an_error_at_construction_not_a_silent_broker(monkeypatch):
     monkeypatch.delenv("ZOCALO_CONFIG", raising=False)
-    assert isinstance(zx.ZocaloTrigger().transport, zx.InProcessTransport)
+    monkeypatch.delenv("DODAL_TEST_MODE", raising=False)
+    for make in (zx.ZocaloTrigger, zx.ZocaloResults, zx.ZocaloResults2D):
+        with pytest.raises(zx.ConfigurationError, match="no zocalo configuration for environment 'bluesky': set ZOCALO_CONFIG"):
+            make()
+    with pytest.raises(zx.ConfigurationError, match="'nowhere'"):
+        zx.ZocaloTrigger("nowhere")
+
+
+def test_an_unknown_environment_is_an_error_at_construction(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOCALO_CONFIG", str(write(tmp_path / "z.yml", "version: 1\nenvironments: {x: []}\n")))
+    with pytest.raises(zx.ConfigurationError, match="no environment 'dev_bluseky' \\(known: x\\)"):
+        zx.ZocaloResults("dev_bluseky")
+
+
+def test_the_in_process_broker_only_when_asked_for(monkeypatch):
+    monkeypatch.delenv("ZOCALO_CONFIG", raising=False)
+    trigger = zx.ZocaloTrigger("in-process")
+    assert isinstance(trigger.transport, zx.InProcessTransport) and trigger.broker == "the in-process broker"
+    assert zx.ZocaloTrigger(zx.IN_PROCESS).transport.broker is trigger.transport.broker
+
+
+def test_the_shipped_example_configuration(monkeypatch):
+    example = Path(__file__).resolve().parent.parent / "docs" / "zocalo-config.example.yml"
+    for environment in ("dev_bluesky", "bluesky", "default"):
+        assert ours(example, environment) == zocalo_reads(example, environment, monkeypatch)
 
 
 def test_wrong_password_is_a_clear_error_without_the_password(rabbit, caplog):
@@ -101,11 +227,12 @@ def test_unreachable_broker(caplog):
 
 def test_environment_names_and_urls_resolve_to_one_shared_connection(rabbit, tmp_path, monkeypatch):
     settings = zx.ConnectionSettings.from_url(rabbit.url)
-    write(tmp_path / "z.yml", f"r: {{plugin: pika, host: 127.0.0.1, port: {settings.port}, username: guest, "
+    write(tmp_path / "z.yml", f"version: 1\nr: {{plugin: pika, host: 127.0.0.1, port: {settings.port}, username: guest, "
                               f"password: guest, vhost: /}}\nenvironments: {{dev_bluesky: [r]}}\n")
     monkeypatch.setenv("ZOCALO_CONFIG", str(tmp_path / "z.yml"))
     by_env = zx.ZocaloTrigger("dev_bluesky").transport
     by_url = zx.ZocaloResults(rabbit.url).transport
+    monkeypatch.setenv("DODAL_TEST_MODE", "true")
     by_default = zx.ZocaloTrigger().transport
     assert by_env is by_url is by_default
     assert isinstance(by_env, AmqpTransport) and SECRET not in repr(by_env)

@@ -2,6 +2,7 @@
 wire compatibility with the real workflows package and faults on RabbitMQ."""
 
 import asyncio
+import dataclasses
 import json
 import queue
 import threading
@@ -93,7 +94,88 @@ def test_trigger_to_a_missing_queue_raises(transport):
         zx.ZocaloTrigger(transport).run_end(5)
 
 
+def test_an_empty_hostname_is_sent_empty_an_empty_user_is_not(transport, processing, monkeypatch):
+    """As dodal: ZOCALO_GO_HOSTNAME="" is an empty host; ZOCALO_GO_USER="" means the login name."""
+    import getpass
+
+    monkeypatch.setenv("ZOCALO_GO_HOSTNAME", "")
+    monkeypatch.setenv("ZOCALO_GO_USER", "")
+    zx.ZocaloTrigger(transport).run_end(3)
+    m = processing.get(timeout=10)
+    assert m.headers == {"zocalo.go.user": getpass.getuser(), "zocalo.go.host": ""}
+    m.ack()
+
+
+@dataclasses.dataclass
+class DodalStartInfo:
+    """dls-dodal 3.0.5's ZocaloStartInfo, field for field (a plain, mutable dataclass)."""
+
+    ispyb_dcid: int
+    filename: str | None
+    start_frame_index: int
+    number_of_frames: int
+    message_index: int
+
+
+def test_start_infos_as_mx_bluesky_and_dodal_make_them(transport, processing):
+    """mx-bluesky's callback makes start infos with no filename and sets it
+    once the detector's file is known; dodal's own start infos work too."""
+    ours = zx.ZocaloStartInfo(11, None, 0, 100, 0)
+    ours.filename = "ins_10_31"
+    dodals = DodalStartInfo(12, None, 100, 100, 1)
+    dodals.filename = "ins_10_31"
+    zx.ZocaloTrigger(transport).run_start(ours, dodals)
+    bodies = sorted((processing.get(timeout=10) for _ in range(2)), key=lambda m: json.loads(m.body)["parameters"]["ispyb_dcid"])
+    for m, info in zip(bodies, (ours, dodals)):
+        # byte for byte what dodal sends: asdict(info) plus the event
+        assert m.body == json.dumps({"recipes": ["mimas"], "parameters": {**dataclasses.asdict(info), "event": "start"}}).encode()
+        m.ack()
+
+
 # ---- ZocaloResults ------------------------------------------------------------
+
+def test_the_results_queue_exists_wherever_results_are_expected(transport, unique):
+    """Subscribing declares xrc.<beamline> as Diamond's deployment does when
+    it is missing, so that a result published before anyone waits is kept."""
+    name = f"xrc.{unique}"
+    assert not transport.queue_exists(name)
+    with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as zocalo:
+        zocalo.subscribe()
+        assert transport.queue_exists(name) and transport.queue_exists(f"dlq.{name}")
+        publish_result(transport, name, [ROW], dcid=21)
+        assert list(zocalo.trigger(dcids=21)) == [ROW]
+    with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as again:  # an existing queue is used as it is
+        again.subscribe()
+    transport.delete_queue(name)
+    transport.delete_queue(f"dlq.{name}")
+
+
+def r2d(counts):
+    gi = zx.GridInfo.from_ispyb({"steps_x": 5, "steps_y": 6, "dx_mm": 0.02, "dy_mm": 0.02, "micronsPerPixelX": 0.44,
+                                 "micronsPerPixelY": 0.44, "snapshot_offsetXPixel": 339.273,
+                                 "snapshot_offsetYPixel": 236.727, "snaked": True, "orientation": "vertical"})
+    return zx.centre_2d(counts, gi, sample_id=3)
+
+
+def test_2d_results(transport, results_queue):
+    want = r2d([0, 0, 6, 54, 38, 0, 5, 41, 44, 5] + [0] * 20)
+    with zx.ZocaloResults2D(transport, queue=results_queue, beamline=results_queue[4:], timeout_s=10) as zocalo:
+        zocalo.subscribe()
+        transport.publish("results", results_queue, zx.build_result_message(want, dcid=31), RECIPE_HEADER).result(10)
+        assert zocalo.trigger(dcids=31) == (want,)
+
+
+def test_results_of_the_other_kind_fail_at_once(transport, results_queue):
+    with results_for(transport, results_queue, timeout_s=600) as zocalo:
+        zocalo.subscribe()
+        transport.publish("results", results_queue, zx.build_result_message(r2d([0] * 30), dcid=32), RECIPE_HEADER).result(10)
+        t0 = time.monotonic()
+        with pytest.raises(zx.ResultPayloadError, match="sent 2d results for DCID 32; ZocaloResults takes 3d results"):
+            zocalo.trigger(dcids=32)
+        assert time.monotonic() - t0 < 300  # not the 600 s deadline
+    assert eventually(lambda: transport.message_count(f"dlq.{results_queue}") == 1)
+
+
 
 def test_results_for_the_collection_asked_for(transport, results_queue):
     publish_result(transport, results_queue, [ROW], dcid=7, dcgid=70)  # stale: sits in the queue already

@@ -5,6 +5,8 @@ Python faces.
 """
 
 from collections.abc import Sequence as _Sequence
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
 
 from ._native import XrcResults
 from ._results import GridScan2DResult, XrcResult
@@ -23,17 +25,26 @@ from .grid import GridInfo, reshape_grid
 from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
 from .transport import InProcessTransport, Transport, TransportError, UnroutableError
 from .zocalo import (
+    IN_PROCESS,
     NoResultsFromZocaloError,
     Source,
     SourceComparison,
     ZocaloResults,
+    ZocaloResults2D,
     ZocaloStartInfo,
     ZocaloTrigger,
 )
 
+try:
+    __version__ = _version("zocalo-xrc")
+except _NotInstalled:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 _Sequence.register(XrcResults)
 
 __all__ = [
+    "IN_PROCESS",
+    "__version__",
     "ConfigurationError",
     "ConnectionSettings",
     "InProcessTransport",
@@ -44,6 +55,7 @@ __all__ = [
     "TransportError",
     "UnroutableError",
     "ZocaloResults",
+    "ZocaloResults2D",
     "ZocaloStartInfo",
     "ZocaloTrigger",
     "MULTIPIN_THRESHOLD",

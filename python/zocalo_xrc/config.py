@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
-#: The zocalo environment Diamond's Bluesky code uses for testing.
-DEFAULT_ENVIRONMENT = "dev_bluesky"
+#: The zocalo environments Diamond's Bluesky code uses: in production, and in
+#: test mode (``DODAL_TEST_MODE=true``).
+PRODUCTION_ENVIRONMENT = "bluesky"
+TEST_ENVIRONMENT = "dev_bluesky"
+
+
+def default_environment() -> str:
+    """The environment dodal uses: ``dev_bluesky`` when ``DODAL_TEST_MODE``
+    is ``true``, else ``bluesky``."""
+    return TEST_ENVIRONMENT if os.environ.get("DODAL_TEST_MODE") == "true" else PRODUCTION_ENVIRONMENT
 
 
 class ConfigurationError(ValueError):
@@ -93,51 +101,109 @@ class ConnectionSettings:
         )
 
     @classmethod
-    def from_zocalo_config(cls, environment: str = DEFAULT_ENVIRONMENT, path: str | os.PathLike | None = None) -> ConnectionSettings:
-        """The ``pika`` plugin settings of ``environment`` in a zocalo YAML file
-        (``path``, else ``$ZOCALO_CONFIG``). A plugin given as a string is the
-        path of a separate YAML file holding that plugin's settings (relative
-        paths are relative to the main file). Several pika blocks in one
-        environment are merged in order."""
-        import yaml
-
+    def from_zocalo_config(cls, environment: str | None = None, path: str | os.PathLike[str] | None = None) -> ConnectionSettings:
+        """The ``pika`` plugin settings of ``environment`` (default:
+        :func:`default_environment`) in a zocalo YAML file (``path``, else
+        ``$ZOCALO_CONFIG``), read as ``zocalo.configuration`` reads it (see
+        :func:`zocalo_environment_blocks`): of the pika blocks the environment
+        names, the last one counts."""
+        environment = environment or default_environment()
         if path is None:
             path = os.environ.get("ZOCALO_CONFIG")
             if not path:
-                raise ConfigurationError("no zocalo configuration: set ZOCALO_CONFIG or give a path")
+                raise ConfigurationError(
+                    f"no zocalo configuration for environment {environment!r}: set ZOCALO_CONFIG to a zocalo "
+                    "YAML file, or give an amqp:// URL, or 'in-process' for a broker inside this process"
+                )
         main = Path(path)
-        config = _load_yaml(yaml, main)
-        environments = config.get("environments")
-        if not isinstance(environments, Mapping) or environment not in environments:
-            known = sorted(environments) if isinstance(environments, Mapping) else []
-            raise ConfigurationError(f"{main}: no environment {environment!r} (known: {', '.join(known) or 'none'})")
-        blocks = environments[environment]
-        if isinstance(blocks, str):
-            blocks = [blocks]
-        settings: dict[str, Any] = {}
-        for name in blocks:
-            if name not in config:
-                raise ConfigurationError(f"{main}: environment {environment!r} names {name!r}, which is not defined")
-            block = config[name]
-            if isinstance(block, str):
-                block = _load_yaml(yaml, (main.parent / block) if not Path(block).is_absolute() else Path(block))
-            if not isinstance(block, Mapping):
-                raise ConfigurationError(f"{main}: {name!r} must be a mapping or a file path")
+        pika = None
+        for name, block in zocalo_environment_blocks(main, environment):
             if block.get("plugin") == "pika":
-                settings.update({k: v for k, v in block.items() if k != "plugin"})
-        if not settings:
+                pika = (name, block)
+        if pika is None:
             raise ConfigurationError(f"{main}: environment {environment!r} has no pika plugin block")
+        name, block = pika
+        missing = [k for k in ("host", "port", "username", "password", "vhost") if k not in block]
+        if missing:
+            raise ConfigurationError(f"{main}: pika block {name!r} lacks {', '.join(missing)}")
+        host, port = str(block["host"]), str(block["port"])
+        if "," in host or "," in port:
+            raise ConfigurationError(f"{main}: pika block {name!r} names several hosts or ports; zocalo-xrc connects to one")
         try:
-            return cls(
-                host=str(settings.get("host", "localhost")),
-                port=int(settings.get("port", 5672)),
-                username=str(settings.get("username", "guest")),
-                password=Secret(str(settings.get("password", "guest"))),
-                vhost=str(settings.get("vhost", "/")),
-                tls=bool(settings.get("tls", False)),
-            )
+            return cls(host=host, port=int(port), username=str(block["username"]),
+                       password=Secret(str(block["password"])), vhost=str(block["vhost"]))
         except (TypeError, ValueError) as e:
-            raise ConfigurationError(f"{main}: bad pika settings in {environment!r}: {e}") from None
+            raise ConfigurationError(f"{main}: bad pika settings in block {name!r}: {e}") from None
+
+
+def zocalo_environment_blocks(path: str | os.PathLike[str], environment: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The plugin blocks an environment of a zocalo YAML file activates, in
+    zocalo's order, as ``(name, settings)``. The file is read as
+    ``zocalo.configuration`` 1.x reads it:
+
+    * ``version: 1`` is required;
+    * an environment is a list of block names; or a mapping of groups, each a
+      name or a list of names, taken in alphabetical order of group except
+      ``plugins``, which comes last; or a string naming another environment
+      (an alias; chains are followed, loops are an error). A name appearing
+      twice counts once, where it first appears;
+    * a block is a mapping with a ``plugin`` key, or the path of a YAML file
+      holding one (relative to the directory of the main file, ``~``
+      expanded)."""
+    import yaml
+
+    main = Path(path)
+    config = _load_yaml(yaml, main)
+    if "version" not in config:
+        raise ConfigurationError(f"{main}: not a zocalo configuration (no 'version: 1')")
+    if config["version"] != 1 or isinstance(config["version"], bool):
+        raise ConfigurationError(f"{main}: zocalo configuration version {config['version']!r}; only version 1 is understood")
+    if "include" in config:
+        raise ConfigurationError(f"{main}: 'include' is not supported (zocalo does not support it either)")
+    environments = config.get("environments", {})
+    if not isinstance(environments, Mapping):
+        raise ConfigurationError(f"{main}: 'environments' must be a mapping")
+    names = _environment_block_names(main, environments, environment)
+    blocks = []
+    for name in names:
+        if name in ("version", "environments", "include") or name not in config:
+            raise ConfigurationError(f"{main}: environment {environment!r} names {name!r}, which is not defined")
+        block = config[name]
+        if isinstance(block, str):
+            file = Path(block).expanduser()
+            block = _load_yaml(yaml, file if file.is_absolute() else main.parent / file)
+        if not isinstance(block, Mapping) or not block.get("plugin"):
+            raise ConfigurationError(f"{main}: block {name!r} lacks the mandatory 'plugin' key")
+        blocks.append((str(name), block))
+    return blocks
+
+
+def _environment_block_names(main: Path, environments: Mapping[str, Any], environment: str) -> list[str]:
+    seen = [environment]
+    value = environments.get(environment)
+    while isinstance(value, str):  # an alias
+        if value not in environments:
+            raise ConfigurationError(f"{main}: environment {seen[-1]!r} aliases undefined environment {value!r}")
+        if value in seen:
+            raise ConfigurationError(f"{main}: environments {' -> '.join(map(repr, seen + [value]))} alias each other in a loop")
+        seen.append(value)
+        value = environments[value]
+    if environment not in environments:
+        known = ", ".join(sorted(map(str, environments))) or "none"
+        raise ConfigurationError(f"{main}: no environment {environment!r} (known: {known})")
+    if isinstance(value, list):
+        value = {"plugins": value}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{main}: environment {seen[-1]!r} is not a list, a mapping or an alias")
+    groups = []
+    for group in sorted(value, key=lambda g: (g == "plugins", str(g))):
+        names = value[group]
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list):
+            raise ConfigurationError(f"{main}: environment {seen[-1]!r} group {group!r} is not a name or a list of names")
+        groups.extend(names)
+    return list(dict.fromkeys(groups))
 
 
 def _load_yaml(yaml: Any, path: Path) -> Mapping[str, Any]:

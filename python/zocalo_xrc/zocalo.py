@@ -22,20 +22,20 @@ import socket
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, Protocol, Self, TypeVar, Union
 
 from ._native import XrcResults
 from ._results import GridScan2DResult
-from .config import DEFAULT_ENVIRONMENT, ConnectionSettings
+from .config import ConnectionSettings, default_environment
 from .messages import ResultMessage, ResultPayloadError, parse_result_message
 from .transport import Delivery, InProcessTransport, QueueSpec, Subscription, Transport, TransportError
 
 log = logging.getLogger("zocalo_xrc.zocalo")
 
 T = TypeVar("T")
-Results = Union[XrcResults, tuple[GridScan2DResult, ...]]
 Connection = Union[Transport, ConnectionSettings, str, None]
+R = TypeVar("R", XrcResults, tuple[GridScan2DResult, ...])
 
 PROCESSING_QUEUE = "processing_recipe"
 RECIPE = "mimas"
@@ -46,27 +46,44 @@ class NoResultsFromZocaloError(TimeoutError):
     result set, not this.)"""
 
 
-def connect(connection: Connection = None, *, environment: str = DEFAULT_ENVIRONMENT) -> Transport:
-    """A transport for ``connection``: a :class:`Transport` as it is; settings,
-    an ``amqp://`` URL, or a zocalo environment name (read from
-    ``$ZOCALO_CONFIG``) give the process's shared RabbitMQ connection; ``None``
-    means ``$ZOCALO_CONFIG``'s ``environment`` when that is set, else the
-    embedded in-process broker."""
+IN_PROCESS = "in-process"
+
+
+def resolve(connection: Connection) -> Transport | ConnectionSettings:
+    """Where ``connection`` leads, read now so that a bad configuration is an
+    error at construction (the connection itself is made on first use):
+
+    * a :class:`Transport` as it is; :class:`ConnectionSettings` as they are;
+    * ``"in-process"``: the embedded in-process broker, only when asked for;
+    * an ``amqp://`` or ``amqps://`` URL;
+    * a zocalo environment name, read from the YAML file ``$ZOCALO_CONFIG``;
+    * ``None``: the default environment (:func:`default_environment`).
+
+    There is no silent fallback: without ``$ZOCALO_CONFIG`` an environment is
+    a :class:`ConfigurationError`, never the in-process broker."""
+    if isinstance(connection, (Transport, ConnectionSettings)):
+        return connection
+    if connection is None:
+        connection = default_environment()
+    if not isinstance(connection, str):
+        raise TypeError(
+            f"connection: expected a zocalo environment name, an amqp:// URL, {IN_PROCESS!r}, "
+            f"ConnectionSettings or a Transport, got {type(connection).__name__}"
+        )
+    if connection == IN_PROCESS:
+        return InProcessTransport()
+    if connection.startswith(("amqp://", "amqps://")):
+        return ConnectionSettings.from_url(connection)
+    return ConnectionSettings.from_zocalo_config(connection)
+
+
+def connect(connection: Connection | ConnectionSettings) -> Transport:
+    """A transport for ``connection`` (see :func:`resolve`): settings give the
+    process's shared RabbitMQ connection to that broker."""
     from .amqp import AmqpTransport
 
-    if isinstance(connection, Transport):
-        return connection
-    if isinstance(connection, ConnectionSettings):
-        return AmqpTransport.shared(connection)
-    if isinstance(connection, str):
-        if connection.startswith(("amqp://", "amqps://")):
-            return AmqpTransport.shared(ConnectionSettings.from_url(connection))
-        return AmqpTransport.shared(ConnectionSettings.from_zocalo_config(connection))
-    if connection is None:
-        if os.environ.get("ZOCALO_CONFIG"):
-            return AmqpTransport.shared(ConnectionSettings.from_zocalo_config(environment))
-        return InProcessTransport()
-    raise TypeError(f"connection: expected a Transport, ConnectionSettings, URL or environment name, got {connection!r}")
+    where = resolve(connection)
+    return AmqpTransport.shared(where) if isinstance(where, ConnectionSettings) else where
 
 
 def wait_for(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
@@ -127,22 +144,25 @@ def _gather(futures: list[Future[None]]) -> Future[None]:
 
 def zocalo_headers() -> dict[str, str]:
     """Who is asking: ``ZOCALO_GO_USER`` / ``ZOCALO_GO_HOSTNAME`` override the
-    login and host names (which a container may not be able to read)."""
+    login and host names (which a container may not be able to read). As in
+    dodal, an empty user is not taken, an empty host is."""
     user = os.environ.get("ZOCALO_GO_USER")
     if not user:
         try:
             user = getpass.getuser()
         except Exception:
             user = "unknown"
-    return {"zocalo.go.user": user, "zocalo.go.host": os.environ.get("ZOCALO_GO_HOSTNAME") or socket.gethostname()}
+    host = os.environ.get("ZOCALO_GO_HOSTNAME")
+    return {"zocalo.go.user": user, "zocalo.go.host": socket.gethostname() if host is None else host}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ZocaloStartInfo:
     """One grid's part of a detector file.
 
     ``message_index`` is 0 for the xy grid and 1 for the xz grid; the second
-    grid's ``start_frame_index`` is the first grid's frame count."""
+    grid's ``start_frame_index`` is the first grid's frame count. Mutable, as
+    dodal's is: mx-bluesky's callback sets ``filename`` once it knows it."""
 
     ispyb_dcid: int
     filename: str | None
@@ -151,18 +171,47 @@ class ZocaloStartInfo:
     message_index: int
 
 
-class _UsesBroker:
-    """The connection both faces make on first use (see :func:`connect`)."""
+class StartInfo(Protocol):
+    """Anything shaped like a start info: ours, or dodal's ``ZocaloStartInfo``."""
 
-    def __init__(self, connection: Connection, environment: str) -> None:
-        self._connection, self._environment = connection, environment
+    @property
+    def ispyb_dcid(self) -> int: ...
+    @property
+    def filename(self) -> str | None: ...
+    @property
+    def start_frame_index(self) -> int: ...
+    @property
+    def number_of_frames(self) -> int: ...
+    @property
+    def message_index(self) -> int: ...
+
+
+#: The start message's parameters, in the order dodal sends them.
+START_FIELDS = ("ispyb_dcid", "filename", "start_frame_index", "number_of_frames", "message_index")
+
+
+class _UsesBroker:
+    """Where both faces connect: resolved at construction (a bad configuration
+    fails there), connected on first use (see :func:`resolve`)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._where = resolve(connection)
         self._transport: Transport | None = None
 
     @property
     def transport(self) -> Transport:
         if self._transport is None:
-            self._transport = connect(self._connection, environment=self._environment)
+            self._transport = connect(self._where)
         return self._transport
+
+    @property
+    def broker(self) -> str:
+        """Where messages go, for people: the in-process broker, or RabbitMQ's
+        URL without the password."""
+        where = self._where
+        if isinstance(where, ConnectionSettings):
+            return f"RabbitMQ at {where.url()}"
+        return "the in-process broker" if isinstance(where, InProcessTransport) else repr(where)
 
 
 class ZocaloTrigger(_UsesBroker):
@@ -172,11 +221,10 @@ class ZocaloTrigger(_UsesBroker):
         self,
         connection: Connection = None,
         *,
-        environment: str = DEFAULT_ENVIRONMENT,
         timeout_s: float = 10.0,
         recipe: str = RECIPE,
     ) -> None:
-        super().__init__(connection, environment)
+        super().__init__(connection)
         self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
 
@@ -195,15 +243,15 @@ class ZocaloTrigger(_UsesBroker):
         return lambda: TransportError(f"the broker did not confirm {what} within {self.timeout_s} s")
 
     @staticmethod
-    def _starts(infos: tuple[ZocaloStartInfo, ...]) -> tuple[list[dict[str, Any]], str]:
+    def _starts(infos: tuple[StartInfo, ...]) -> tuple[list[dict[str, Any]], str]:
         ids = ", ".join(str(i.ispyb_dcid) for i in infos)
-        return [{**asdict(i), "event": "start"} for i in infos], f"start of DCID {ids}"
+        return [{**{f: getattr(i, f) for f in START_FIELDS}, "event": "start"} for i in infos], f"start of DCID {ids}"
 
     @staticmethod
     def _ends(dcids: tuple[int, ...]) -> tuple[list[dict[str, Any]], str]:
         return [{"event": "end", "ispyb_dcid": d} for d in dcids], f"end of DCID {', '.join(map(str, dcids))}"
 
-    def run_start(self, info: ZocaloStartInfo, *more: ZocaloStartInfo) -> None:
+    def run_start(self, info: StartInfo, *more: StartInfo) -> None:
         """Tell Zocalo a collection has started (give both grids of a 3D scan
         at once to have their messages in flight together); returns once the
         broker has confirmed every message, or raises ``TransportError`` after
@@ -216,7 +264,7 @@ class ZocaloTrigger(_UsesBroker):
         messages, what = self._ends((dcid, *more))
         wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
 
-    async def run_start_async(self, info: ZocaloStartInfo, *more: ZocaloStartInfo) -> None:
+    async def run_start_async(self, info: StartInfo, *more: StartInfo) -> None:
         messages, what = self._starts((info, *more))
         await wait_for_async(self._send(messages, what), self.timeout_s, self._timeout(what))
 
@@ -234,16 +282,16 @@ class Source(enum.Enum):
 
 
 @dataclass(frozen=True)
-class SourceComparison:
+class SourceComparison(Generic[R]):
     """CPU and GPU results of one collection side by side."""
 
-    cpu: Results | None
-    gpu: Results | None
+    cpu: R | None
+    gpu: R | None
     agree: bool | None  # None when one of them did not come
     detail: str
 
 
-def _best_results_agree(a: Results, b: Results) -> tuple[bool, str]:
+def _best_results_agree(a: XrcResults | tuple[GridScan2DResult, ...], b: XrcResults | tuple[GridScan2DResult, ...]) -> tuple[bool, str]:
     if len(a) == 0 or len(b) == 0:
         same = len(a) == len(b)
         return same, "both found no crystal" if same else f"one found {max(len(a), len(b))} crystal(s), the other none"
@@ -264,12 +312,12 @@ def _recipe_header(headers: Any) -> bool:
     return value is True or value == 1 or (isinstance(value, (str, bytes)) and value in ("True", "true", b"True", b"true"))
 
 
-class _Waiter:
+class _Waiter(Generic[R]):
     """One caller waiting for one collection's results (I/O thread state)."""
 
     def __init__(self, dcids: frozenset[int], dcgid: int | None) -> None:
         self.dcids, self.dcgid = dcids, dcgid
-        self.future: Future[tuple[Results, ResultMessage, SourceComparison | None]] = Future()
+        self.future: Future[tuple[R, ResultMessage, SourceComparison[R] | None]] = Future()
         self.received: dict[Source, tuple[Delivery, ResultMessage]] = {}
         self.order: list[Source] = []
         self.timer_set = False
@@ -293,20 +341,23 @@ class _Waiter:
         return " / ".join(parts)
 
 
-class ZocaloResults(_UsesBroker):
+class _Receiver(_UsesBroker, Generic[R]):
     """Receives X-ray centring results for the collections a caller names.
 
     It subscribes on the first :meth:`trigger` (or :meth:`subscribe`) to the
     results queue ``xrc.<beamline>`` (Diamond's durable queue on the
-    ``results`` exchange), or with ``private_queue=True`` to a queue of its
-    own bound to that exchange, which sees every result without taking any
-    from other consumers."""
+    ``results`` exchange, declared as Diamond declares it where it is
+    missing), or with ``private_queue=True`` to a queue of its own bound to
+    that exchange, which sees every result without taking any from other
+    consumers."""
+
+    #: The wire ``type`` of the results this receiver hands over.
+    result_type: ClassVar[Literal["2d", "3d"]]
 
     def __init__(
         self,
         connection: Connection = None,
         *,
-        environment: str = DEFAULT_ENVIRONMENT,
         beamline: str = "i03",
         queue: str | None = None,
         private_queue: bool = False,
@@ -319,28 +370,34 @@ class ZocaloResults(_UsesBroker):
     ) -> None:
         if sort_key not in ("max_count", "total_count", "n_voxels"):
             raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
-        super().__init__(connection, environment)
+        super().__init__(connection)
         self.routing_key = f"xrc.{beamline}"
         self.queue = queue or self.routing_key
         self.private_queue, self.sort_key, self.timeout_s = private_queue, sort_key, timeout_s
         self.source, self.compare_sources, self.compare_wait_s = Source(source), compare_sources, compare_wait_s
         self.prefetch = prefetch
         self.last_message: ResultMessage | None = None
-        self.last_comparison: SourceComparison | None = None
+        self.last_comparison: SourceComparison[R] | None = None
         self._subscription: Subscription | None = None
         self._lock = threading.Lock()
         self._busy = False
         # Shared with the I/O thread, under _state: who waits, and what came early.
         self._state = threading.Lock()
         self._held: list[tuple[Delivery, ResultMessage]] = []
-        self._waiter: _Waiter | None = None
+        self._waiter: _Waiter[R] | None = None
 
     def subscribe(self) -> None:
         """Start consuming results (done by the first trigger if not before)."""
         with self._lock:
             if self._subscription is None:
-                spec = QueueSpec(None, "results", self.routing_key) if self.private_queue else QueueSpec(self.queue)
-                self._subscription = self.transport.subscribe(spec, self._on_delivery, prefetch=self.prefetch)
+                transport = self.transport
+                if self.private_queue:
+                    spec = QueueSpec(None, "results", self.routing_key)
+                else:
+                    if not transport.queue_exists(self.queue):
+                        transport.declare_results_queue(self.queue, routing_key=self.routing_key)
+                    spec = QueueSpec(self.queue)
+                self._subscription = transport.subscribe(spec, self._on_delivery, prefetch=self.prefetch)
                 log.info("subscribed to %s", "a private results queue" if self.private_queue else self.queue)
 
     def close(self) -> None:
@@ -350,7 +407,7 @@ class ZocaloResults(_UsesBroker):
         if subscription is not None:
             subscription.cancel()
 
-    def __enter__(self) -> ZocaloResults:
+    def __enter__(self: Self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -358,7 +415,7 @@ class ZocaloResults(_UsesBroker):
 
     # ---- the caller's side -------------------------------------------------------
 
-    def _begin(self, dcids: int | Iterable[int] | None, dcgid: int | None) -> _Waiter:
+    def _begin(self, dcids: int | Iterable[int] | None, dcgid: int | None) -> _Waiter[R]:
         ids = frozenset([dcids] if isinstance(dcids, int) else (dcids or ()))
         if not ids and dcgid is None:
             raise ValueError("trigger: name the collection, with dcids= and/or dcgid=")
@@ -367,7 +424,7 @@ class ZocaloResults(_UsesBroker):
             if self._busy:
                 raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
             self._busy = True
-        waiter = _Waiter(ids, dcgid)
+        waiter: _Waiter[R] = _Waiter(ids, dcgid)
         # With nothing held, install here: waiting then costs no hand-over to
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
@@ -378,24 +435,24 @@ class ZocaloResults(_UsesBroker):
         self.transport.call_soon(lambda: self._install(waiter))
         return waiter
 
-    def _finish(self, outcome: tuple[Results, ResultMessage, SourceComparison | None]) -> Results:
+    def _finish(self, outcome: tuple[R, ResultMessage, SourceComparison[R] | None]) -> R:
         results, message, comparison = outcome
         self.last_message, self.last_comparison = message, comparison
         return results
 
-    def _give_up(self, waiter: _Waiter, timeout: float) -> Callable[[], Exception]:
+    def _give_up(self, waiter: _Waiter[R], timeout: float) -> Callable[[], Exception]:
         def error() -> Exception:
             return NoResultsFromZocaloError(f"no X-ray centring results for {waiter.describe()} within {timeout} s")
 
         return error
 
-    def _end(self, waiter: _Waiter) -> None:
+    def _end(self, waiter: _Waiter[R]) -> None:
         if not (waiter.future.done() and not waiter.future.cancelled()):
             self.transport.call_soon(lambda: self._uninstall(waiter))
         with self._lock:
             self._busy = False
 
-    def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None) -> Results:
+    def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None) -> R:
         """Wait for the results of the collection with these DCIDs and/or this
         DCGID; sorted by ``sort_key``, largest first. An empty ``XrcResults``
         means no crystal; :class:`NoResultsFromZocaloError` means no answer."""
@@ -408,7 +465,7 @@ class ZocaloResults(_UsesBroker):
 
     async def trigger_async(
         self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None
-    ) -> Results:
+    ) -> R:
         """:meth:`trigger` for asyncio: the event loop keeps running meanwhile."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         waiter = self._begin(dcids, dcgid)
@@ -449,7 +506,7 @@ class ZocaloResults(_UsesBroker):
         log.warning("rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
         delivery.reject(requeue=False)
 
-    def _install(self, waiter: _Waiter) -> None:
+    def _install(self, waiter: _Waiter[R]) -> None:
         """On the I/O thread: take what came early, in order, then wait."""
         if waiter.future.done():
             return
@@ -466,7 +523,7 @@ class ZocaloResults(_UsesBroker):
             else:
                 self._discard(delivery, message, f"stale: waiting for {waiter.describe()}")
 
-    def _uninstall(self, waiter: _Waiter) -> None:
+    def _uninstall(self, waiter: _Waiter[R]) -> None:
         with self._state:
             if self._waiter is waiter:
                 self._waiter = None
@@ -474,7 +531,13 @@ class ZocaloResults(_UsesBroker):
                 self._held.extend(waiter.received.values())  # nobody took them: still unacked
                 waiter.received.clear()
 
-    def _offer(self, waiter: _Waiter, delivery: Delivery, message: ResultMessage) -> None:
+    def _offer(self, waiter: _Waiter[R], delivery: Delivery, message: ResultMessage) -> None:
+        if message.type != self.result_type:
+            what = f"Zocalo sent {message.type} results for {waiter.describe()}; {type(self).__name__} takes {self.result_type} results"
+            log.error("rejecting a result: %s", what)
+            delivery.reject(requeue=False)
+            self._fail(waiter, ResultPayloadError(what))
+            return
         source = Source.GPU if message.gpu else Source.CPU
         wanted = self.source in (source, Source.EITHER)
         if not wanted and not self.compare_sources:
@@ -495,16 +558,26 @@ class ZocaloResults(_UsesBroker):
             waiter.timer_set = True
             self.transport.call_later(self.compare_wait_s, lambda: self._complete(waiter))
 
-    def _primary(self, waiter: _Waiter) -> Source | None:
+    def _primary(self, waiter: _Waiter[R]) -> Source | None:
         if self.source is Source.EITHER:
             return waiter.order[0] if waiter.order else None
         return self.source if self.source in waiter.received else None
 
-    def _sorted(self, message: ResultMessage) -> Results:
-        results = message.results
-        return results.sorted(by=self.sort_key) if isinstance(results, XrcResults) else results
+    def _sorted(self, message: ResultMessage) -> R:
+        """The message's results as this receiver hands them over."""
+        raise NotImplementedError
 
-    def _complete(self, waiter: _Waiter) -> None:
+    def _fail(self, waiter: _Waiter[R], error: Exception) -> None:
+        """Tell the caller at once; what it had received stays unacked, held."""
+        if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
+            return
+        with self._state:
+            self._waiter = None
+            self._held.extend(waiter.received.values())
+        waiter.received.clear()
+        waiter.future.set_exception(error)
+
+    def _complete(self, waiter: _Waiter[R]) -> None:
         if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
             return  # the caller gave up: _uninstall keeps the messages
         primary = self._primary(waiter)
@@ -527,3 +600,33 @@ class ZocaloResults(_UsesBroker):
             self._waiter = None
         log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
         waiter.future.set_result((got[primary], message, comparison))
+
+
+class ZocaloResults(_Receiver[XrcResults]):
+    """Receives the 3D X-ray centring results (``"type": "3d"``) of the
+    collections a caller names, as :class:`XrcResults` sorted by ``sort_key``,
+    largest first. A 2D result for the collection is an error at once
+    (:class:`ResultPayloadError`); use :class:`ZocaloResults2D` for 2D scans.
+
+    ``connection``: a zocalo environment name (default: ``bluesky``, or
+    ``dev_bluesky`` with ``DODAL_TEST_MODE=true``), an ``amqp://`` URL,
+    ``"in-process"``, :class:`ConnectionSettings` or a :class:`Transport`."""
+
+    result_type = "3d"
+
+    def _sorted(self, message: ResultMessage) -> XrcResults:
+        results = message.results
+        assert isinstance(results, XrcResults)
+        return results.sorted(by=self.sort_key)
+
+
+class ZocaloResults2D(_Receiver[tuple[GridScan2DResult, ...]]):
+    """Receives 2D X-ray centring results (``"type": "2d"``): a tuple of one
+    :class:`GridScan2DResult` per message. Otherwise as :class:`ZocaloResults`."""
+
+    result_type = "2d"
+
+    def _sorted(self, message: ResultMessage) -> tuple[GridScan2DResult, ...]:
+        results = message.results
+        assert isinstance(results, tuple)
+        return results
