@@ -1,8 +1,14 @@
-"""The zocalo-xrc command line on the shipped examples."""
+"""The zocalo-xrc command line on the shipped examples: output, plots, errors
+(one line, an exit code per kind), the demo on both brokers."""
 
+import importlib.metadata
 import json
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,77 +17,224 @@ import zocalo_xrc as zx
 from zocalo_xrc import cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SECRET = "hunter2"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "zocalo_xrc.cli", *map(str, args)], capture_output=True, text=True)
+def run(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "zocalo_xrc", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
-def test_3d_example_table_and_json():
-    out = run("centre", EXAMPLES / "scan3d.json")
-    assert out.returncode == 0, out.stderr
-    assert "3D X-ray centring: 20 x 12 x 10 boxes, 2 result(s)" in out.stdout
-    case = json.loads((EXAMPLES / "scan3d.json").read_text())
+def one_line_error(out, code, *words):
+    """The command failed with ``code`` and said why in one line, no traceback."""
+    assert out.returncode == code, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and SECRET not in out.stderr + out.stdout
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def case_3d(path=EXAMPLES / "scan3d.json"):
+    case = json.loads(path.read_text())
     scans = [zx.GridScan(g["dcid"], g["counts"], zx.GridInfo.from_ispyb(g["gridinfo"])) for g in case["grids"]]
+    return case, scans
+
+
+def test_version_and_python_m():
+    assert zx.__version__ == importlib.metadata.version("zocalo-xrc")
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"zocalo-xrc {zx.__version__}"
+    assert subprocess.run(["zocalo-xrc", "--version"], capture_output=True, text=True).stdout == out.stdout
+
+
+def test_help_names_defaults_what_broker_accepts_and_exit_codes():
+    top = run("--help").stdout
+    assert "exit codes:" in top and "130" in top
+    demo = run("demo", "--help").stdout
+    for words in ("in-process", "amqp://", "ZOCALO_CONFIG", "(default: in-process)", "(default: 30.0)", "(default: i03)"):
+        assert words in " ".join(demo.split()), words
+    centre = " ".join(run("centre", "--help").stdout.split())
+    assert '"type": "2d"|"3d"' in centre and "mm" in centre
+
+
+def test_3d_json_is_the_payload_and_parses_back():
+    case, scans = case_3d()
     want = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])
     out = run("centre", EXAMPLES / "scan3d.json", "--json")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == want.to_json()
+    message = zx.parse_result_message(out.stdout)
+    assert (message.type, message.status) == ("3d", "success")
+    assert list(message.results) == list(want)
+    assert json.loads(out.stdout)["results"] == json.loads(want.to_json())
 
 
-def test_2d_example(tmp_path):
+def test_2d_json_is_the_payload_and_parses_back():
     out = run("centre", EXAMPLES / "scan2d.json", "--json")
     assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
     case = json.loads((EXAMPLES / "scan2d.json").read_text())
-    assert got == zx.centre_2d(case["counts"], zx.GridInfo.from_ispyb(case["gridinfo"]), sample_id=case["sample_id"]).to_dict()
-    assert got["status"] == "ok"
+    want = zx.centre_2d(case["counts"], zx.GridInfo.from_ispyb(case["gridinfo"]), sample_id=case["sample_id"])
+    message = zx.parse_result_message(out.stdout)
+    assert (message.type, message.status, message.results) == ("2d", "success", (want,))
+    assert want.status == "ok"
+
+
+def test_tables():
+    out = run("centre", EXAMPLES / "scan3d.json")
+    assert out.returncode == 0 and "3D X-ray centring: 20 x 12 x 10 boxes, 2 result(s)" in out.stdout
     out = run("centre", EXAMPLES / "scan2d.json")
     assert "status ok" in out.stdout and "best image:" in out.stdout
 
 
+def svg_text(path):
+    return path.read_text()
+
+
 @pytest.mark.parametrize("name", ["scan2d.json", "scan3d.json"])
-def test_plot_writes_a_png(tmp_path, name):
-    png = tmp_path / "out.png"
+def test_plot_in_mm_with_a_legend_and_the_best_centre(tmp_path, name, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays text
+    png, svg = tmp_path / "out.png", tmp_path / "out.svg"
     assert cli.main(["centre", str(EXAMPLES / name), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["centre", str(EXAMPLES / name), "--plot", str(svg)]) == 0
+    text = svg_text(svg)
+    for words in ("x (mm from the first box)", "centre of mass", "bounding box", "#1: max count", "best (#1): centre x = "):
+        assert words in text, words
+    assert ("z (mm from the first box)" in text) == (name == "scan3d.json")
+    if name == "scan3d.json":  # the best centre, in mm, as geometry_of and to_motor give it
+        case, scans = case_3d()
+        best = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])[0]
+        x, y, z = cli.geometry_of([s.grid for s in scans]).to_motor(best).centre_mm
+        assert f"x = {x:.4f}, y = {y:.4f}, z = {z:.4f} mm" in text
+        assert "#2: max count" in text
 
 
-def test_bad_files_give_a_message_not_a_traceback(tmp_path):
+def test_plot_in_boxes_where_the_geometry_is_unknown(tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")
+    result, grids, _ = cli.run_case(json.loads((EXAMPLES / "scan3d.json").read_text()))
+    cli.plot(result, grids, tmp_path / "boxes.svg", geometry=None)
+    text = svg_text(tmp_path / "boxes.svg")
+    assert "x (boxes)" in text and "z (boxes)" in text and "(mm" not in text
+
+
+def test_bad_plot_paths_are_one_line_before_any_work(tmp_path):
+    one_line_error(run("centre", EXAMPLES / "scan2d.json", "--plot", tmp_path / "out.xyz"), cli.EXIT_USAGE,
+                   "unknown image format '.xyz'", ".png")
+    one_line_error(run("centre", EXAMPLES / "scan2d.json", "--plot", tmp_path / "nowhere" / "out.png"), cli.EXIT_FILE,
+                   "no such directory")
+    (tmp_path / "dir.png").mkdir()
+    one_line_error(run("centre", EXAMPLES / "scan2d.json", "--plot", tmp_path / "dir.png"), cli.EXIT_FILE, "--plot")
+
+
+def test_bad_files_are_one_line_and_one_exit_code(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    out = run("centre", bad)
-    assert out.returncode == 1 and "not valid JSON" in out.stderr and "Traceback" not in out.stderr
+    one_line_error(run("centre", bad), cli.EXIT_FILE, "not valid JSON")
     bad.write_text(json.dumps({"counts": [1, 2, 3], "gridinfo": {"steps_x": 2}}))
-    out = run("centre", bad)
-    assert out.returncode == 1 and "missing key 'steps_y'" in out.stderr
+    one_line_error(run("centre", bad), cli.EXIT_FILE, "missing key 'steps_y'")
     bad.write_text(json.dumps({"grids": [1]}))
-    out = run("centre", bad)
-    assert out.returncode == 1 and "exactly two grids" in out.stderr
-    out = run("centre", tmp_path / "missing.json")
-    assert out.returncode == 2 and "No such file" in out.stderr
+    one_line_error(run("centre", bad), cli.EXIT_FILE, "exactly two grids")
+    one_line_error(run("demo", bad), cli.EXIT_FILE, "exactly two grids")
+    one_line_error(run("centre", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
+    one_line_error(run("demo", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
+    assert run("centre").returncode == cli.EXIT_USAGE
 
 
 def table_lines(stdout):
     return [line for line in stdout.splitlines() if line.startswith("  ")]
 
 
-def test_demo_runs_the_whole_loop_in_process():
-    out = run("demo", EXAMPLES / "scan3d.json")
+def test_demo_runs_the_whole_loop_in_process_even_with_a_zocalo_config(tmp_path):
+    config = tmp_path / "z.yml"
+    config.write_text(f"version: 1\nr: {{plugin: pika, host: 127.0.0.1, port: 1, username: u, password: {SECRET}, "
+                      "vhost: /}\nenvironments: {bluesky: [r]}\n")
+    out = run("demo", EXAMPLES / "scan3d.json", "-v", env={**__import__("os").environ, "ZOCALO_CONFIG": str(config)})
     assert out.returncode == 0, out.stderr
-    assert "through an in-process broker" in out.stdout
+    assert "through the in-process broker" in out.stdout
     assert table_lines(out.stdout) == table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
     assert "best crystal, relative to the first box (mm)" in out.stdout
+    assert "INFO zocalo_xrc.demo: results" in out.stderr  # -v: the log at INFO
 
 
-def test_demo_on_rabbitmq(rabbit):
-    out = run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url, "--beamline", "demo")
+def test_demo_on_rabbitmq_names_it_without_the_password(rabbit):
+    url = rabbit.url
+    out = run("demo", EXAMPLES / "scan3d.json", "--broker", url, "--beamline", "demo", "--log-level", "debug")
     assert out.returncode == 0, out.stderr
+    settings = zx.ConnectionSettings.from_url(url)
+    assert f"through RabbitMQ at {settings.url()}" in out.stdout
+    password = settings.password.reveal()
+    assert f":{password}@" not in out.stdout + out.stderr
     assert table_lines(out.stdout) == table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
 
 
-def test_demo_with_a_bad_broker_says_so_without_the_password(rabbit):
+def test_demo_with_a_bad_password_says_so_in_one_line(rabbit):
     if rabbit.close_all_connections is None:
         pytest.skip("external broker")
-    out = run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url.replace("guest:guest", "guest:hunter2"))
-    assert out.returncode == 1 and "cannot connect" in out.stderr and "hunter2" not in out.stderr + out.stdout
+    out = run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url.replace("guest:guest", f"guest:{SECRET}"))
+    one_line_error(out, cli.EXIT_BROKER, "cannot connect")
+
+
+def test_demo_with_a_bad_configuration_says_so_in_one_line(tmp_path):
+    env = {**__import__("os").environ, "ZOCALO_CONFIG": str(tmp_path / "missing.yml")}
+    one_line_error(run("demo", EXAMPLES / "scan3d.json", "--broker", "dev_bluesky", env=env), cli.EXIT_BROKER,
+                   "cannot read zocalo configuration")
+
+
+def test_a_failure_on_zocalos_side_is_reported_at_once(tmp_path):
+    case = json.loads((EXAMPLES / "scan3d.json").read_text())
+    xz = case["grids"][1]
+    xz["gridinfo"]["steps_x"] -= 1
+    xz["counts"] = xz["counts"][: int(xz["gridinfo"]["steps_x"] * xz["gridinfo"]["steps_y"])]
+    bad = tmp_path / "disagree.json"
+    bad.write_text(json.dumps(case))
+    # a 10-minute wait for results, and the subprocess has 2 minutes: only an
+    # answer that does not wait for the deadline passes
+    out = run("demo", bad, "--timeout", "600", timeout=120)
+    one_line_error(out, cli.EXIT_ZOCALO, "Zocalo could not process the collection", "must share x")
+    assert "waiting for" not in out.stderr
+
+
+@pytest.fixture
+def silent_broker():
+    """A TCP port that accepts connections and never says a word."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"amqp://guest:{SECRET}@127.0.0.1:{server.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for c in held:
+        c.close()
+    server.close()
+
+
+def test_a_silent_broker_is_one_line(silent_broker):
+    one_line_error(run("demo", EXAMPLES / "scan3d.json", "--broker", silent_broker, "--timeout", "3"),
+                   cli.EXIT_BROKER, "cannot connect to amqp://guest@127.0.0.1")
+
+
+def test_ctrl_c_is_one_line(silent_broker):
+    p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "demo", str(EXAMPLES / "scan3d.json"), "--broker",
+                          silent_broker], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    assert "Triggering Zocalo" in p.stdout.readline()  # it is waiting for the broker now
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    one_line_error(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), cli.EXIT_INTERRUPTED, "interrupted")

@@ -122,7 +122,7 @@ class AmqpTransport(Transport):
                     log.warning("reconnected to %s", self.settings.url())
                 backoff = 0.1
                 self._loop()
-            except _CONNECTION_ERRORS + (px.AMQPChannelError,) as e:
+            except Exception as e:  # any failure of a connection: try again (the thread never dies)
                 reason = self._describe(e)
                 self._forget_connection()
                 if not self._first.done():

@@ -1,25 +1,64 @@
 """``zocalo-xrc``: X-ray centring from the command line.
 
     zocalo-xrc centre scan.json [--json] [--plot out.png]
+    zocalo-xrc demo scan3d.json [--broker in-process|URL|ENVIRONMENT] [--timeout S]
 
 A 2D case is ``{"counts": [...], "gridinfo": {...}}``; a 3D case is
 ``{"grids": [{"dcid": ..., "counts": [...], "gridinfo": {...}}, {...}]}``.
 Either may add ``sample_id``, ``loop_type`` and ``multipin_sample_ids``; a 3D
 case may add ``threshold`` and ``threshold_absolute``.
+
+Every error is one line on stderr and an exit code that says its kind
+(:data:`EXIT_CODES`); there is no traceback unless ``--log-level DEBUG``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
+from . import __version__
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
+from .config import ConfigurationError
+from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
+from .transport import TransportError
+
+log = logging.getLogger("zocalo_xrc.cli")
+
+EXIT_OK = 0
+EXIT_FILE = 1  # a file cannot be read or written, or does not hold a case
+EXIT_USAGE = 2  # the command line itself (argparse's own code)
+EXIT_BROKER = 3  # the configuration, or the broker: cannot connect, refused, unroutable
+EXIT_ZOCALO = 4  # Zocalo failed, or did not answer in time
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    done
+  {EXIT_FILE}    a file cannot be read or written, or does not hold a valid case
+  {EXIT_USAGE}    the command line is wrong
+  {EXIT_BROKER}    the broker configuration is wrong, or the broker cannot be reached
+  {EXIT_ZOCALO}    Zocalo failed, or sent no results in time
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+BROKER_HELP = (
+    "where Zocalo is: 'in-process' (a broker inside this process, Zocalo's side simulated in it), "
+    "an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from the YAML "
+    "file $ZOCALO_CONFIG (default: %(default)s)"
+)
+
+
+class CliError(Exception):
+    """An error for the command line: one line and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CaseError(ValueError):
@@ -59,18 +98,38 @@ def scans_of(case: dict[str, Any]) -> list[GridScan]:
     return sorted(scans, key=lambda s: s.dcid)
 
 
-def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[tuple[str, Any]]]:
-    """Centre a case; return the result and the grids ``(label, A[x][y])`` for display."""
+def geometry_of(grids: Sequence[GridInfo]) -> GridGeometry:
+    """The grid in mm relative to the centre of its first box (a case file
+    holds no motor start positions): x and y from the xy grid, z from the xz
+    grid's second axis when there is one."""
+    xy = grids[0]
+    if len(grids) == 1:
+        return GridGeometry(0.0, xy.dx_mm, xy.steps_x, 0.0, xy.dy_mm, xy.steps_y)
+    xz = grids[1]
+    return GridGeometry(0.0, xy.dx_mm, xy.steps_x, 0.0, xy.dy_mm, xy.steps_y, 0.0, xz.dy_mm, xz.steps_y)
+
+
+def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[tuple[str, Any]], GridGeometry]:
+    """Centre a case; return the result, the grids ``(label, A[x][y])`` for
+    display and the grid's geometry in mm."""
     if "grids" in case:
         scans = scans_of(case)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
         results = centre_3d_scans(*scans, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
                  for i, s in enumerate(scans)]
-        return results, shown
+        return results, shown, geometry_of([s.grid for s in scans])
     grid = GridInfo.from_ispyb(case["gridinfo"])
     result = centre_2d(case["counts"], grid, **_pin(case, grid))
-    return result, [("xy", reshape_grid(case["counts"], grid))]
+    return result, [("xy", reshape_grid(case["counts"], grid))], geometry_of([grid])
+
+
+def result_payload(result: GridScan2DResult | XrcResults) -> str:
+    """The payload Zocalo's centring step sends (``results``, ``status``,
+    ``type``), as JSON; :func:`zocalo_xrc.parse_result_message` reads it back."""
+    if isinstance(result, XrcResults):
+        return json.dumps({"results": result.to_dicts(), "status": "success", "type": "3d"})
+    return json.dumps({"results": [result.to_dict()], "status": "success", "type": "2d"})
 
 
 def format_2d(r: GridScan2DResult) -> str:
@@ -82,7 +141,7 @@ def format_2d(r: GridScan2DResult) -> str:
             f"  centre (snapshot px):  x = {r.centre_x:.2f}, y = {r.centre_y:.2f}",
             f"  best image:            #{r.best_image} with {r.reflections_in_best_image} spots",
             f"  best region:           {r.n_voxels} boxes, total count {r.total_count:g}, "
-            f"max voxel {tuple(r.max_voxel)}",
+            f"max voxel {tuple(r.max_voxel or ())}",
             f"  sample id:             {r.sample_id}",
         ]
     return "\n".join(lines)
@@ -114,99 +173,217 @@ def format_3d(results: XrcResults, shape: tuple[int, int, int]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], out: Path) -> None:
-    """Heat maps of the grid(s), centres marked, bounding boxes drawn."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'zocalo-xrc[plot]'") from None
+        raise CliError("--plot needs matplotlib: pip install 'zocalo-xrc[plot]'", EXIT_USAGE) from None
+    return plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(6 * len(grids), 4.5), squeeze=False)
-    for k, (ax, (label, grid)) in enumerate(zip(axes[0], grids)):
-        image = ax.imshow(grid.T, origin="upper", cmap="viridis", interpolation="nearest")
-        fig.colorbar(image, ax=ax, label="spots")
+
+def check_plot_path(out: Path) -> None:
+    """Refuse an output path matplotlib cannot write before any work is done."""
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise CliError(f"--plot {out}: unknown image format {out.suffix or '(none)'!r}; use one of "
+                       f"{', '.join('.' + f for f in sorted(formats))}", EXIT_USAGE)
+    if not out.parent.is_dir():
+        raise CliError(f"--plot {out}: no such directory {out.parent}", EXIT_FILE)
+
+
+def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], out: Path,
+         geometry: GridGeometry | None = None) -> None:
+    """Heat maps of the grid(s) with each result's centre of mass and bounding
+    box, ranked, and the best centre written on the figure: in mm (relative
+    to the centre of the first box) when ``geometry`` is known, else in boxes."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    results = list(result) if isinstance(result, XrcResults) else ([result] if result.ok else [])
+    unit = "mm" if geometry is not None else "boxes"
+    if geometry is None:  # one box per unit, box k centred on k
+        shape = [grids[0][1].shape[0], grids[0][1].shape[1]] + ([grids[1][1].shape[1]] if len(grids) > 1 else [])
+        geometry = GridGeometry(*(v for n in shape for v in (0.0, 1.0, n)))  # type: ignore[arg-type]
+    axes_of = geometry._axes()
+    positions = [geometry.to_motor(r) for r in results]
+    colours = ("red", "orange", "magenta", "white", "cyan")  # visible on viridis
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 6.0), squeeze=False)
+    for k, (ax, (label, counts)) in enumerate(zip(axes[0], grids)):
+        j = 1 + k  # y for the xy grid, z for the xz grid
+        (xname, x0, dx, nx), (vname, v0, dv, nv) = axes_of[0], axes_of[j]
+        extent = (x0 - 0.5 * dx, x0 + (nx - 0.5) * dx, v0 + (nv - 0.5) * dv, v0 - 0.5 * dv)
+        image = ax.imshow(counts.T, origin="upper", cmap="viridis", interpolation="nearest", extent=extent, aspect="equal")
+        fig.colorbar(image, ax=ax, label="spots per image", shrink=0.8)
         ax.set_title(label)
-        ax.set_xlabel("x (boxes)")
-        ax.set_ylabel("y (boxes)" if k == 0 else "z (boxes)")
-        if isinstance(result, GridScan2DResult):
-            if result.ok and result.region_bounds:
-                (x0, y0), (x1, y1) = result.region_bounds
-                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
-                ax.plot(result.centre_x_box - 0.5, result.centre_y_box - 0.5, "rx", ms=10)
-            continue
-        for rank, r in enumerate(result, 1):
-            lo, hi = r.bounding_box
-            j = 1 + k  # y for the xy grid, z for the xz grid
-            ax.add_patch(Rectangle((lo[0] - 0.5, lo[j] - 0.5), hi[0] - lo[0], hi[j] - lo[j],
-                                   fill=False, edgecolor="red" if rank == 1 else "orange", lw=1.5))
-            ax.plot(r.centre_of_mass[0] - 0.5, r.centre_of_mass[j] - 0.5, "x",
-                    color="red" if rank == 1 else "orange", ms=10)
-            ax.annotate(str(rank), (hi[0] - 0.5, lo[j] - 0.5), color="white", fontsize=8)
+        where = " from the first box" if unit == "mm" else ""
+        ax.set_xlabel(f"{xname} ({unit}{where})")
+        ax.set_ylabel(f"{vname} ({unit}{where})")
+        handles: list[Any] = []
+        for rank, (r, p) in enumerate(zip(results, positions), 1):
+            colour = colours[(rank - 1) % len(colours)]
+            (lo, hi), c = p.bounding_box_mm, p.centre_mm
+            ax.add_patch(Rectangle((lo[0], lo[j]), hi[0] - lo[0], hi[j] - lo[j], fill=False, edgecolor=colour, lw=1.5))
+            ax.plot(c[0], c[j], "x", color=colour, ms=10, mew=2)
+            ax.annotate(f"#{rank}", (hi[0], lo[j]), color="white", fontsize=8, ha="left", va="bottom")
+            handles.append(Line2D([], [], color=colour, lw=1.5, label=f"#{rank}: max count {r.max_count:g}"))
+        if results:
+            handles += [Line2D([], [], color="black", marker="x", ls="", label="centre of mass"),
+                        Patch(fill=False, edgecolor="black", label="bounding box")]
+        else:
+            handles.append(Patch(color="none", label="no crystal found"))
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8,
+                  facecolor="lightgrey")
+    fig.suptitle(_best_caption(results, positions, unit, [a[0] for a in axes_of]), fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _best_caption(results: list[Any], positions: list[Any], unit: str, names: list[str]) -> str:
+    if not results:
+        return "no crystal found"
+    r, centre = results[0], positions[0].centre_mm
+    where = ", ".join(f"{n} = {v:.4f}" if unit == "mm" else f"{n} = {v:.2f}" for n, v in zip(names, centre))
+    return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="zocalo-xrc", description="X-ray centring for MX grid scans",
+                                     epilog=EXIT_CODES, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"zocalo-xrc {__version__}")
+    _logging_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    centre = commands.add_parser("centre", help="centre a 2D or 3D grid scan from a JSON file",
+                                 description="Centre a 2D or 3D grid scan from a JSON case file and print the result.",
+                                 epilog=EXIT_CODES, formatter_class=formatter)
+    centre.add_argument("file", type=Path, help="JSON: a 2D case (counts, gridinfo) or a 3D case (grids)")
+    centre.add_argument("--json", action="store_true",
+                        help="print the results payload as Zocalo's centring step sends it "
+                             "({\"results\": [...], \"status\": \"success\", \"type\": \"2d\"|\"3d\"}) instead of a table")
+    centre.add_argument("--plot", type=Path, metavar="OUT.png",
+                        help="also draw the grids with the results marked, in mm from the first box "
+                             "(any format matplotlib writes: .png, .pdf, .svg, ...; needs the [plot] extra)")
+    _logging_options(centre, top=False)
+    demo = commands.add_parser(
+        "demo", help="trigger Zocalo for a 3D scan and wait for its results",
+        description="Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray "
+                    "centring results. Zocalo's side is simulated in this process: it centres the file's counts "
+                    "and publishes the result as Diamond's service does.",
+        epilog=EXIT_CODES, formatter_class=formatter)
+    demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
+    demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
+    demo.add_argument("--beamline", default="i03", help="results come on xrc.BEAMLINE (default: %(default)s)")
+    demo.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="how long to wait for the broker's confirms and for Zocalo's results (default: %(default)s)")
+    _logging_options(demo, top=False)
+    return parser
+
+
+def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v and --log-level, before or after the command (the command's copy
+    leaves the top's value alone unless given)."""
+    unset = None if top else argparse.SUPPRESS
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="log more: -v for INFO, -vv for DEBUG (default: warnings only)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, default=unset,
+                        help="the log level, instead of -v (default: WARNING)")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO" if args.verbose == 1 else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # pika logs every failed connection attempt as ERROR with tracebacks; the
+    # command says what went wrong in one line, so pika speaks only at DEBUG.
+    logging.getLogger("pika").setLevel(level if level == "DEBUG" else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zocalo-xrc", description="X-ray centring for MX grid scans")
-    commands = parser.add_subparsers(dest="command", required=True)
-    centre = commands.add_parser("centre", help="centre a 2D or 3D grid scan from a JSON file")
-    centre.add_argument("file", type=Path, help="JSON: a 2D case (counts, gridinfo) or a 3D case (grids)")
-    centre.add_argument("--json", action="store_true", help="print the result in Diamond's wire shape")
-    centre.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the grids with the results marked")
-    demo = commands.add_parser(
-        "demo", help="trigger Zocalo for a 3D scan and wait for its results (an in-process broker unless --broker)"
-    )
-    demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
-    demo.add_argument("--broker", metavar="URL|ENVIRONMENT", help="an amqp:// URL or a zocalo environment")
-    demo.add_argument("--beamline", default="i03")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return run_demo(args)
-
+    args = _parser().parse_args(argv)
+    _configure_logging(args)
     try:
-        case = load_case(args.file)
-        result, grids = run_case(case)
-    except OSError as e:
-        print(f"zocalo-xrc: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"zocalo-xrc: {e}", file=sys.stderr)
-        return 1
+        return run_demo(args) if args.command == "demo" else run_centre(args)
+    except CliError as e:
+        return _fail(args, str(e), e.code)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    log.debug("exit %d", code, exc_info=True)
+    print(f"zocalo-xrc {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def _input_error(e: Exception) -> NoReturn:
+    """A file or its content is wrong."""
+    if isinstance(e, OSError):
+        raise CliError(f"{e.filename}: {e.strerror}" if e.filename else str(e), EXIT_FILE) from e
+    raise CliError(str(e), EXIT_FILE) from e
+
+
+def run_centre(args: argparse.Namespace) -> int:
+    if args.plot:
+        check_plot_path(args.plot)
+    try:
+        result, grids, geometry = run_case(load_case(args.file))
+    except (OSError, ValueError) as e:
+        _input_error(e)
     if args.json:
-        print(result.to_json() if isinstance(result, XrcResults) else json.dumps(result.to_dict()))
+        print(result_payload(result))
     elif isinstance(result, XrcResults):
         (nx, ny), nz = grids[0][1].shape, grids[1][1].shape[1]
         print(format_3d(result, (nx, ny, nz)))
     else:
         print(format_2d(result))
     if args.plot:
-        plot(result, grids, args.plot)
+        try:
+            plot(result, grids, args.plot, geometry)
+        except (OSError, ValueError) as e:
+            raise CliError(f"--plot {args.plot}: {getattr(e, 'strerror', None) or e}", EXIT_FILE) from e
         print(f"plot written to {args.plot}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
-    from .transport import TransportError
+    from .zocalo import NoResultsFromZocaloError
 
     try:
-        results, scans = demo.run(args.file, args.broker, args.beamline)
-    except (OSError, ValueError, TransportError, TimeoutError) as e:
-        print(f"zocalo-xrc demo: {e}", file=sys.stderr)
-        return 1
-    where = f"RabbitMQ ({args.broker})" if args.broker else "an in-process broker"
-    print(f"Triggered Zocalo for DCIDs {scans[0].dcid} and {scans[1].dcid} through {where}; its results:")
+        case = load_case(args.file)
+        scans = scans_of(case)
+    except (OSError, ValueError) as e:
+        _input_error(e)
+    try:
+        run = demo.Demo(case, scans, args.broker, beamline=args.beamline, name=args.file.stem)
+    except ConfigurationError as e:
+        raise CliError(str(e), EXIT_BROKER) from e
+    print(f"Triggering Zocalo for DCIDs {scans[0].dcid} and {scans[1].dcid} through {run.broker}", flush=True)
+    try:
+        results = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr))
+    except demo.ZocaloFailed as e:
+        raise CliError(str(e), EXIT_ZOCALO) from e
+    except NoResultsFromZocaloError as e:
+        raise CliError(str(e), EXIT_ZOCALO) from e
+    except (TransportError, ConfigurationError, TimeoutError) as e:
+        raise CliError(str(e) or type(e).__name__, EXIT_BROKER) from e
+    print("Zocalo's results:")
     xy, xz = scans
     print(format_3d(results, (xy.grid.steps_x, xy.grid.steps_y, xz.grid.steps_y)))
     if len(results):
-        position = demo.geometry(scans).to_motor(results[0])
+        position = geometry_of([xy.grid, xz.grid]).to_motor(results[0])
         print("best crystal, relative to the first box (mm): x = {:.4f}, y = {:.4f}, z = {:.4f}".format(*position.centre_mm))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
