@@ -36,6 +36,7 @@ log = logging.getLogger("zocalo_xrc.zocalo")
 T = TypeVar("T")
 Connection = Union[Transport, ConnectionSettings, str, None]
 R = TypeVar("R", XrcResults, tuple[GridScan2DResult, ...])
+SortKey = Literal["max_count", "total_count", "n_voxels"]
 
 PROCESSING_QUEUE = "processing_recipe"
 RECIPE = "mimas"
@@ -361,7 +362,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         beamline: str = "i03",
         queue: str | None = None,
         private_queue: bool = False,
-        sort_key: str = "max_count",
+        sort_key: SortKey = "max_count",
         timeout_s: float = 180.0,
         source: Source = Source.CPU,
         compare_sources: bool = False,
