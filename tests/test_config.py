@@ -146,31 +146,54 @@ environments: {{bluesky: [live], dev_bluesky: [test]}}
     assert "test.example" in zx.ZocaloResults().broker
 
 
+PIKA = f"{{plugin: pika, host: h, port: 1, username: u, password: {SECRET}, vhost: /}}"
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
         ("environments: {x: [a]}\n", "no 'version: 1'"),
         ("version: 2\nenvironments: {x: [a]}\n", "version 2; only version 1"),
-        ("version: 1\nenvironments: {x: [a]}\n", "no environment 'dev_bluesky' (known: x)"),
+        (f"version: 1\na: {PIKA}\nenvironments: {{x: [a]}}\n", "no environment 'dev_bluesky' (known: x)"),
         ("version: 1\nenvironments: {dev_bluesky: [a]}\n", "names 'a', which is not defined"),
+        (f"version: 1\na: {PIKA}\nenvironments: {{dev_bluesky: [a], other: [b]}}\n", "'other' names 'b', which is not"),
         ("version: 1\na: {plugin: graylog}\nenvironments: {dev_bluesky: [a]}\n", "has no pika plugin block"),
         ("version: 1\na: missing.yml\nenvironments: {dev_bluesky: [a]}\n", "cannot read zocalo configuration"),
-        ("version: 1\na: {host: h}\nenvironments: {dev_bluesky: [a]}\n", "lacks the mandatory 'plugin' key"),
+        (f"version: 1\na: {PIKA}\nb: {{host: h}}\nenvironments: {{dev_bluesky: [a]}}\n", "'b' lacks the mandatory 'plugin'"),
         ("version: 1\nenvironments: {dev_bluesky: other}\n", "aliases undefined environment 'other'"),
+        (f"version: 1\na: {PIKA}\nenvironments: {{dev_bluesky: [a], x: nope}}\n", "'x' aliases undefined environment"),
         ("version: 1\nenvironments: {dev_bluesky: x, x: dev_bluesky}\n", "alias each other in a loop"),
         ("version: 1\nenvironments: {dev_bluesky: 3}\n", "is not a list, a mapping or an alias"),
         ("version: 1\nenvironments: {dev_bluesky: {plugins: {a: 1}}}\n", "is not a name or a list of names"),
-        ("[1, 2", "not valid YAML"),
-        ("- 1\n", "expected a mapping"),
         (f"version: 1\na: {{plugin: pika, host: h, port: 1, password: {SECRET}}}\nenvironments: {{dev_bluesky: [a]}}\n",
          "pika block 'a' lacks username, vhost"),
+        (f"version: 1\na: {PIKA}\nb: {{plugin: pika, host: h, port: 1, username: u, password: {SECRET}}}\n"
+         "environments: {dev_bluesky: [a]}\n", "pika block 'b' lacks vhost"),
+        ("version: 1\na: {plugin: pika, host: h, port: 1, username: u, password: 1234, vhost: /}\n"
+         "environments: {dev_bluesky: [a]}\n", "password must be a string"),
+    ],
+)
+def test_bad_zocalo_yaml_is_refused_as_zocalo_refuses_it(tmp_path, text, words, monkeypatch):
+    path = write(tmp_path / "z.yml", text)
+    with pytest.raises(zx.ConfigurationError) as e:
+        zx.ConnectionSettings.from_zocalo_config("dev_bluesky", path=path)
+    assert words in str(e.value) and SECRET not in str(e.value)
+    with pytest.raises(Exception):  # zocalo too: reading, activating, or no pika settings at all
+        assert zocalo_reads(path, "dev_bluesky", monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[1, 2", "not valid YAML"),
+        ("- 1\n", "expected a mapping"),
         (f"version: 1\na: {{plugin: pika, host: h, port: x, username: u, password: {SECRET}, vhost: /}}\n"
          f"environments: {{dev_bluesky: [a]}}\n", "bad pika settings"),
         (f"version: 1\na: {{plugin: pika, host: 'h1,h2', port: 1, username: u, password: {SECRET}, vhost: /}}\n"
          f"environments: {{dev_bluesky: [a]}}\n", "several hosts"),
     ],
 )
-def test_bad_zocalo_yaml(tmp_path, text, words):
+def test_what_zocalo_xrc_cannot_use(tmp_path, text, words):
     with pytest.raises(zx.ConfigurationError) as e:
         zx.ConnectionSettings.from_zocalo_config("dev_bluesky", path=write(tmp_path / "z.yml", text))
     assert words in str(e.value) and SECRET not in str(e.value)
@@ -237,3 +260,47 @@ def test_environment_names_and_urls_resolve_to_one_shared_connection(rabbit, tmp
     assert by_env is by_url is by_default
     assert isinstance(by_env, AmqpTransport) and SECRET not in repr(by_env)
     by_env.close()
+
+
+def test_passwords_with_url_characters_parse():
+    for password in ("pa/ss", "p#ss", "p?ss", "p@ss:word", "p%40ss"):
+        s = zx.ConnectionSettings.from_url(f"amqp://gda:{password}@rabbit.example:5673/zocalo")
+        assert (s.host, s.port, s.username, s.vhost) == ("rabbit.example", 5673, "gda", "zocalo")
+        assert s.password.reveal() == password.replace("%40", "@")
+    assert zx.ConnectionSettings.from_url(f"AMQPS://gda:{SECRET}@h/").tls
+
+
+def secret_free_traceback(make):
+    """``make()`` fails with a ConfigurationError that shows no password,
+    not even in the locals of its traceback's frames."""
+    import traceback
+
+    with pytest.raises(zx.ConfigurationError) as e:
+        make()
+    text = "".join(traceback.TracebackException.from_exception(e.value, capture_locals=True).format())
+    assert SECRET not in text and SECRET not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("url", [
+    "AMQP:/u:{}@h", "amqp:/u:{}@h/", "amqp//u:{}@h", "http://u:{}@h/", "amqp://u:{}@h:notaport/", "amqp://u:{}@h:99999/",
+])
+def test_a_mistyped_url_never_shows_its_password(url, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOCALO_CONFIG", str(write(tmp_path / "z.yml", "version: 1\nenvironments: {}\n")))
+    for make in (zx.ZocaloTrigger, zx.ZocaloResults, zx.ConnectionSettings.from_url):
+        message = secret_free_traceback(lambda: make(url.format("s3cr3t-" + "Pa55")))
+        assert "********" in message
+
+
+def test_object_state_holds_no_password():
+    trigger = zx.ZocaloTrigger(f"amqp://gda:{SECRET}@rabbit.example/zocalo")
+    for text in (repr(vars(trigger)), repr(trigger.broker), str(vars(zx.ZocaloResults(f"amqp://gda:{SECRET}@h/")))):
+        assert SECRET not in text
+
+
+def test_a_wrong_password_does_not_ride_on_a_good_connection(rabbit):
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    good = zx.ZocaloTrigger(rabbit.url).transport
+    with pytest.raises(zx.TransportError, match="ACCESS_REFUSED|Authentication"):
+        assert zx.ZocaloTrigger(rabbit.url.replace("guest:guest", f"guest:{SECRET}")).transport is not good

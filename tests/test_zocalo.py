@@ -139,15 +139,17 @@ def test_the_results_queue_exists_wherever_results_are_expected(transport, uniqu
     it is missing, so that a result published before anyone waits is kept."""
     name = f"xrc.{unique}"
     assert not transport.queue_exists(name)
-    with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as zocalo:
-        zocalo.subscribe()
-        assert transport.queue_exists(name) and transport.queue_exists(f"dlq.{name}")
-        publish_result(transport, name, [ROW], dcid=21)
-        assert list(zocalo.trigger(dcids=21)) == [ROW]
-    with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as again:  # an existing queue is used as it is
-        again.subscribe()
-    transport.delete_queue(name)
-    transport.delete_queue(f"dlq.{name}")
+    try:
+        with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as zocalo:
+            zocalo.subscribe()
+            assert transport.queue_exists(name) and transport.queue_exists(f"dlq.{name}")
+            publish_result(transport, name, [ROW], dcid=21)
+            assert list(zocalo.trigger(dcids=21)) == [ROW]
+        with zx.ZocaloResults(transport, beamline=unique, timeout_s=10) as again:  # an existing queue is used as it is
+            again.subscribe()
+    finally:
+        transport.delete_queue(name)
+        transport.delete_queue(f"dlq.{name}")
 
 
 def r2d(counts):
@@ -166,14 +168,32 @@ def test_2d_results(transport, results_queue):
 
 
 def test_results_of_the_other_kind_fail_at_once(transport, results_queue):
-    with results_for(transport, results_queue, timeout_s=600) as zocalo:
+    with results_for(transport, results_queue, timeout_s=30) as zocalo:
         zocalo.subscribe()
-        transport.publish("results", results_queue, zx.build_result_message(r2d([0] * 30), dcid=32), RECIPE_HEADER).result(10)
+        publish_2d = lambda dcid, gpu: transport.publish(  # noqa: E731
+            "results", results_queue, zx.build_result_message(r2d([0] * 30), dcid=dcid, gpu=gpu), RECIPE_HEADER).result(10)
+        publish_2d(32, False)
         t0 = time.monotonic()
         with pytest.raises(zx.ResultPayloadError, match="sent 2d results for DCID 32; ZocaloResults takes 3d results"):
             zocalo.trigger(dcids=32)
-        assert time.monotonic() - t0 < 300  # not the 600 s deadline
-    assert eventually(lambda: transport.message_count(f"dlq.{results_queue}") == 1)
+        assert time.monotonic() - t0 < 5  # not the 30 s deadline
+        assert eventually(lambda: transport.message_count(f"dlq.{results_queue}") == 1)
+        # a result of a source the caller does not want is ignored, whatever its kind
+        publish_2d(33, True)
+        publish_result(transport, results_queue, [ROW], dcid=33)
+        assert list(zocalo.trigger(dcids=33)) == [ROW]
+
+
+def test_a_retry_at_once_after_a_timeout_gets_what_came_meanwhile(transport, results_queue):
+    """A CPU result came while the caller waited for the GPU one to compare;
+    the caller gave up; a retry straight away still gets the CPU result."""
+    with results_for(transport, results_queue, timeout_s=10, compare_sources=True, compare_wait_s=0.5) as zocalo:
+        zocalo.subscribe()
+        threading.Timer(0.05, publish_result, (transport, results_queue, [ROW], 34)).start()
+        with pytest.raises(zx.NoResultsFromZocaloError):
+            zocalo.trigger(dcids=34, timeout_s=0.3)  # gets the CPU result, waits for GPU, gives up
+        assert list(zocalo.trigger(dcids=34, timeout_s=10)) == [ROW]
+        assert zocalo.last_comparison is not None and zocalo.last_comparison.agree is None
 
 
 

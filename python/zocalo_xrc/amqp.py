@@ -49,7 +49,8 @@ class AmqpTransport(Transport):
     @classmethod
     def shared(cls, settings: ConnectionSettings) -> AmqpTransport:
         """The process's connection to this broker, made on first use."""
-        key = (settings.host, settings.port, settings.username, settings.vhost, settings.tls)
+        # the password too: a wrong one must not ride on a connection made with the right one
+        key = (settings.host, settings.port, settings.username, settings.password, settings.vhost, settings.tls)
         with cls._shared_lock:
             transport = cls._shared.get(key)
             if transport is None or transport._closing:
@@ -342,6 +343,9 @@ class AmqpTransport(Transport):
 
     def message_count(self, name: str) -> int:
         return self._admin(lambda ch: ch.queue_declare(name, passive=True).method.message_count)
+
+    def consumer_count(self, name: str) -> int:
+        return self._admin(lambda ch: ch.queue_declare(name, passive=True).method.consumer_count)
 
     def delete_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_delete(name))

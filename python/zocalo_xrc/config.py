@@ -7,6 +7,7 @@ line or an exception.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,10 @@ from urllib.parse import quote, unquote, urlsplit
 #: test mode (``DODAL_TEST_MODE=true``).
 PRODUCTION_ENVIRONMENT = "bluesky"
 TEST_ENVIRONMENT = "dev_bluesky"
+
+
+#: What a pika plugin block must give.
+PIKA_KEYS = ("host", "port", "username", "password", "vhost")
 
 
 def default_environment() -> str:
@@ -80,25 +85,45 @@ class ConnectionSettings:
 
     @classmethod
     def from_url(cls, url: str) -> ConnectionSettings:
-        """``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS); the
-        vhost is URL-encoded (``%2F`` is ``/``), an empty one is ``/``."""
+        """``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS; the
+        scheme in any case). The vhost is URL-encoded (``%2F`` is ``/``), an
+        empty one is ``/``. User and password may be URL-encoded; a password
+        may also hold ``/``, ``#``, ``?`` or ``@`` as they are (everything up
+        to the last ``@`` is user and password). No error shows the password."""
+        parsed = cls._parse_url(url)
+        if isinstance(parsed, str):  # raised here, with no frame below holding the URL
+            del url
+            raise ConfigurationError(parsed)
+        return parsed
+
+    @classmethod
+    def _parse_url(cls, url: str) -> ConnectionSettings | str:
+        """The settings, or what is wrong (the password redacted)."""
+        m = re.fullmatch(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?:(?P<userinfo>.*)@)?(?P<rest>[^@]*)", url, re.S)
+        if m is None:
+            return f"not an amqp URL: {redact(url)}"
+        scheme = m["scheme"].lower()
+        if scheme not in ("amqp", "amqps"):
+            return f"expected an amqp:// or amqps:// URL, got {redact(url)}"
+        user, _, password = (m["userinfo"] or "").partition(":")
+        hostport, _, vhost = m["rest"].partition("/")
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(f"//{hostport}")
             port = parts.port
-        except ValueError as e:
-            raise ConfigurationError(f"not an amqp URL: {_without_password(url)} ({e})") from None
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"expected an amqp:// or amqps:// URL, got {_without_password(url)}")
-        tls = parts.scheme == "amqps"
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        return cls(
-            host=parts.hostname or "localhost",
-            port=port or (5671 if tls else 5672),
-            username=unquote(parts.username) if parts.username else "guest",
-            password=Secret(unquote(parts.password) if parts.password else "guest"),
-            vhost=unquote(path) if path else "/",
-            tls=tls,
-        )
+        except ValueError:
+            return f"not an amqp URL: {redact(url)} (bad host or port {hostport!r})"
+        tls = scheme == "amqps"
+        try:
+            return cls(
+                host=parts.hostname or "localhost",
+                port=port or (5671 if tls else 5672),
+                username=unquote(user) if user else "guest",
+                password=Secret(unquote(password) if password else "guest"),
+                vhost=unquote(vhost) if vhost else "/",
+                tls=tls,
+            )
+        except ConfigurationError as e:
+            return f"{redact(url)}: {e}"
 
     @classmethod
     def from_zocalo_config(cls, environment: str | None = None, path: str | os.PathLike[str] | None = None) -> ConnectionSettings:
@@ -107,7 +132,7 @@ class ConnectionSettings:
         ``$ZOCALO_CONFIG``), read as ``zocalo.configuration`` reads it (see
         :func:`zocalo_environment_blocks`): of the pika blocks the environment
         names, the last one counts."""
-        environment = environment or default_environment()
+        environment = default_environment() if environment is None else environment
         if path is None:
             path = os.environ.get("ZOCALO_CONFIG")
             if not path:
@@ -123,7 +148,7 @@ class ConnectionSettings:
         if pika is None:
             raise ConfigurationError(f"{main}: environment {environment!r} has no pika plugin block")
         name, block = pika
-        missing = [k for k in ("host", "port", "username", "password", "vhost") if k not in block]
+        missing = [k for k in PIKA_KEYS if k not in block]
         if missing:
             raise ConfigurationError(f"{main}: pika block {name!r} lacks {', '.join(missing)}")
         host, port = str(block["host"]), str(block["port"])
@@ -163,24 +188,42 @@ def zocalo_environment_blocks(path: str | os.PathLike[str], environment: str) ->
     environments = config.get("environments", {})
     if not isinstance(environments, Mapping):
         raise ConfigurationError(f"{main}: 'environments' must be a mapping")
-    names = _environment_block_names(main, environments, environment)
+    # The whole file is checked, as zocalo checks it when it reads it: every
+    # block (a file-path block when its environment is used) and every environment.
+    for name, block in config.items():
+        if name not in ("version", "environments") and not isinstance(block, str):
+            _check_block(main, str(name), block)
+    resolved = {str(env): _environment_block_names(main, config, environments, env) for env in environments}
+    if environment not in resolved:
+        known = ", ".join(sorted(resolved)) or "none"
+        raise ConfigurationError(f"{main}: no environment {redact(environment)!r} (known: {known})")
     blocks = []
-    for name in names:
-        if name in ("version", "environments", "include") or name not in config:
-            raise ConfigurationError(f"{main}: environment {environment!r} names {name!r}, which is not defined")
+    for name in resolved[environment]:
         block = config[name]
         if isinstance(block, str):
             file = Path(block).expanduser()
             block = _load_yaml(yaml, file if file.is_absolute() else main.parent / file)
-        if not isinstance(block, Mapping) or not block.get("plugin"):
-            raise ConfigurationError(f"{main}: block {name!r} lacks the mandatory 'plugin' key")
+            if not isinstance(block, Mapping) or not block.get("plugin"):
+                raise ConfigurationError(f"{main}: the file of block {name!r} lacks the mandatory 'plugin' key")
         blocks.append((str(name), block))
     return blocks
 
 
-def _environment_block_names(main: Path, environments: Mapping[str, Any], environment: str) -> list[str]:
+def _check_block(main: Path, name: str, block: Any) -> None:
+    if not isinstance(block, Mapping) or not block.get("plugin"):
+        raise ConfigurationError(f"{main}: block {name!r} lacks the mandatory 'plugin' key")
+    if block["plugin"] == "pika":  # workflows' schema for it: five keys, four of them strings
+        missing = [k for k in PIKA_KEYS if k not in block]
+        if missing:
+            raise ConfigurationError(f"{main}: pika block {name!r} lacks {', '.join(missing)}")
+        for key in ("host", "username", "password", "vhost"):
+            if not isinstance(block[key], str):
+                raise ConfigurationError(f"{main}: pika block {name!r}: {key} must be a string (quote it)")
+
+
+def _environment_block_names(main: Path, config: Mapping[str, Any], environments: Mapping[str, Any], environment: str) -> list[str]:
     seen = [environment]
-    value = environments.get(environment)
+    value = environments[environment]
     while isinstance(value, str):  # an alias
         if value not in environments:
             raise ConfigurationError(f"{main}: environment {seen[-1]!r} aliases undefined environment {value!r}")
@@ -188,9 +231,6 @@ def _environment_block_names(main: Path, environments: Mapping[str, Any], enviro
             raise ConfigurationError(f"{main}: environments {' -> '.join(map(repr, seen + [value]))} alias each other in a loop")
         seen.append(value)
         value = environments[value]
-    if environment not in environments:
-        known = ", ".join(sorted(map(str, environments))) or "none"
-        raise ConfigurationError(f"{main}: no environment {environment!r} (known: {known})")
     if isinstance(value, list):
         value = {"plugins": value}
     if not isinstance(value, Mapping):
@@ -203,7 +243,11 @@ def _environment_block_names(main: Path, environments: Mapping[str, Any], enviro
         if not isinstance(names, list):
             raise ConfigurationError(f"{main}: environment {seen[-1]!r} group {group!r} is not a name or a list of names")
         groups.extend(names)
-    return list(dict.fromkeys(groups))
+    names = list(dict.fromkeys(groups))
+    for name in names:
+        if name in ("version", "environments", "include") or name not in config:
+            raise ConfigurationError(f"{main}: environment {environment!r} names {name!r}, which is not defined")
+    return names
 
 
 def _load_yaml(yaml: Any, path: Path) -> Mapping[str, Any]:
@@ -218,12 +262,19 @@ def _load_yaml(yaml: Any, path: Path) -> Mapping[str, Any]:
     return data
 
 
-def _without_password(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":********@")
-        return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return "<unparseable URL>"
+def looks_like_url(text: str) -> bool:
+    """A string meant as a broker URL, however mistyped (``AMQP://``,
+    ``amqp:/``, ``user:pass@host``): never to be taken for an environment name."""
+    return "://" in text or "@" in text or text.lower().startswith("amqp")
+
+
+def redact(text: str) -> str:
+    """``text`` with any password of an URL in it replaced by ``********``:
+    everything between the user's ``:`` and the last ``@``, or, where the
+    text is not shaped like an URL, everything before the last ``@``."""
+    if "@" not in text:
+        return text
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*)(:.*)?@([^@]*)", text, re.S)
+    if m is not None:
+        return f"{m[1]}{':********' if m[2] else ''}@{m[3]}"
+    return "********@" + text.rsplit("@", 1)[1]

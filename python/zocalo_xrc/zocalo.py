@@ -1,5 +1,5 @@
 """Zocalo from Bluesky: ask it to process a collection, receive its X-ray
-centring results (``zocalo-wire.md`` §1 and §3).
+centring results (``docs/wire-format.md`` §1 and §3).
 
 :class:`ZocaloTrigger` publishes ``start``/``end`` to ``processing_recipe`` and
 returns once the broker has confirmed them. :class:`ZocaloResults` consumes the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import getpass
+import itertools
 import json
 import logging
 import os
@@ -23,20 +24,22 @@ import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, Protocol, Self, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Iterable, Literal, NamedTuple, Protocol, Self, TypeVar, Union
 
 from ._native import XrcResults
 from ._results import GridScan2DResult
-from .config import ConnectionSettings, default_environment
+from .config import ConfigurationError, ConnectionSettings, default_environment, looks_like_url
 from .messages import ResultMessage, ResultPayloadError, parse_result_message
 from .transport import Delivery, InProcessTransport, QueueSpec, Subscription, Transport, TransportError
+
+if TYPE_CHECKING:
+    from ._native import SortKey
 
 log = logging.getLogger("zocalo_xrc.zocalo")
 
 T = TypeVar("T")
 Connection = Union[Transport, ConnectionSettings, str, None]
 R = TypeVar("R", XrcResults, tuple[GridScan2DResult, ...])
-SortKey = Literal["max_count", "total_count", "n_voxels"]
 
 PROCESSING_QUEUE = "processing_recipe"
 RECIPE = "mimas"
@@ -73,9 +76,15 @@ def resolve(connection: Connection) -> Transport | ConnectionSettings:
         )
     if connection == IN_PROCESS:
         return InProcessTransport()
-    if connection.startswith(("amqp://", "amqps://")):
-        return ConnectionSettings.from_url(connection)
-    return ConnectionSettings.from_zocalo_config(connection)
+    if not connection:
+        raise ConfigurationError("connection: an empty string names no broker (leave it out for the default environment)")
+    try:
+        if looks_like_url(connection):
+            return ConnectionSettings.from_url(connection)
+        return ConnectionSettings.from_zocalo_config(connection)
+    except ConfigurationError:
+        del connection  # a URL's password: not even in a traceback's locals
+        raise
 
 
 def connect(connection: Connection | ConnectionSettings) -> Transport:
@@ -196,7 +205,11 @@ class _UsesBroker:
     fails there), connected on first use (see :func:`resolve`)."""
 
     def __init__(self, connection: Connection) -> None:
-        self._where = resolve(connection)
+        try:
+            self._where = resolve(connection)
+        except ConfigurationError:
+            del connection  # a URL's password: not even in a traceback's locals
+            raise
         self._transport: Transport | None = None
 
     @property
@@ -225,7 +238,11 @@ class ZocaloTrigger(_UsesBroker):
         timeout_s: float = 10.0,
         recipe: str = RECIPE,
     ) -> None:
-        super().__init__(connection)
+        try:
+            super().__init__(connection)
+        except ConfigurationError:
+            del connection  # a URL's password: not even in a traceback's locals
+            raise
         self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
 
@@ -313,13 +330,21 @@ def _recipe_header(headers: Any) -> bool:
     return value is True or value == 1 or (isinstance(value, (str, bytes)) and value in ("True", "true", b"True", b"true"))
 
 
+class _Arrival(NamedTuple):
+    """A result held or offered: its place in the order of arrival, unacked."""
+
+    seq: int
+    delivery: Delivery
+    message: ResultMessage
+
+
 class _Waiter(Generic[R]):
     """One caller waiting for one collection's results (I/O thread state)."""
 
     def __init__(self, dcids: frozenset[int], dcgid: int | None) -> None:
         self.dcids, self.dcgid = dcids, dcgid
         self.future: Future[tuple[R, ResultMessage, SourceComparison[R] | None]] = Future()
-        self.received: dict[Source, tuple[Delivery, ResultMessage]] = {}
+        self.received: dict[Source, _Arrival] = {}
         self.order: list[Source] = []
         self.timer_set = False
 
@@ -371,7 +396,11 @@ class _Receiver(_UsesBroker, Generic[R]):
     ) -> None:
         if sort_key not in ("max_count", "total_count", "n_voxels"):
             raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
-        super().__init__(connection)
+        try:
+            super().__init__(connection)
+        except ConfigurationError:
+            del connection  # a URL's password: not even in a traceback's locals
+            raise
         self.routing_key = f"xrc.{beamline}"
         self.queue = queue or self.routing_key
         self.private_queue, self.sort_key, self.timeout_s = private_queue, sort_key, timeout_s
@@ -384,7 +413,8 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._busy = False
         # Shared with the I/O thread, under _state: who waits, and what came early.
         self._state = threading.Lock()
-        self._held: list[tuple[Delivery, ResultMessage]] = []
+        self._held: list[_Arrival] = []  # in order of arrival
+        self._arrivals = itertools.count()
         self._waiter: _Waiter[R] | None = None
 
     def subscribe(self) -> None:
@@ -430,7 +460,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
         with self._state:
-            if not self._held:
+            if self._waiter is None and not self._held:  # else an earlier waiter's uninstall comes first
                 self._waiter = waiter
                 return waiter
         self.transport.call_soon(lambda: self._install(waiter))
@@ -493,19 +523,27 @@ class _Receiver(_UsesBroker, Generic[R]):
             log.error("rejecting a result on %s: not a recipe envelope naming a collection", self.queue)
             delivery.reject(requeue=False)
             return
+        arrival = _Arrival(next(self._arrivals), delivery, message)
         with self._state:
             waiter = self._waiter
             if waiter is None:
-                self._held.append((delivery, message))
+                self._held.append(arrival)
                 return
         if waiter.matches(message):
-            self._offer(waiter, delivery, message)
+            self._offer(waiter, arrival)
         else:
-            self._discard(delivery, message, f"not for {waiter.describe()}")
+            self._discard(arrival, f"not for {waiter.describe()}")
 
-    def _discard(self, delivery: Delivery, message: ResultMessage, why: str) -> None:
+    def _put_back(self, arrivals: Iterable[_Arrival]) -> None:
+        """Hold these again (still unacked), in order of arrival."""
+        with self._state:
+            self._held.extend(arrivals)
+            self._held.sort(key=lambda a: a.seq)
+
+    def _discard(self, arrival: _Arrival, why: str) -> None:
+        message = arrival.message
         log.warning("rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
-        delivery.reject(requeue=False)
+        arrival.delivery.reject(requeue=False)
 
     def _install(self, waiter: _Waiter[R]) -> None:
         """On the I/O thread: take what came early, in order, then wait."""
@@ -514,41 +552,42 @@ class _Receiver(_UsesBroker, Generic[R]):
         with self._state:
             self._waiter = waiter
             held, self._held = self._held, []
-        for i, (delivery, message) in enumerate(held):
+        for i, arrival in enumerate(held):
             if self._waiter is not waiter:  # done already: keep the rest for later
-                with self._state:
-                    self._held[:0] = held[i:]
+                self._put_back(held[i:])
                 return
-            if waiter.matches(message):
-                self._offer(waiter, delivery, message)
+            if waiter.matches(arrival.message):
+                self._offer(waiter, arrival)
             else:
-                self._discard(delivery, message, f"stale: waiting for {waiter.describe()}")
+                self._discard(arrival, f"stale: waiting for {waiter.describe()}")
 
     def _uninstall(self, waiter: _Waiter[R]) -> None:
         with self._state:
             if self._waiter is waiter:
                 self._waiter = None
-            if not waiter.future.done() or waiter.future.cancelled():
-                self._held.extend(waiter.received.values())  # nobody took them: still unacked
-                waiter.received.clear()
+        if not waiter.future.done() or waiter.future.cancelled():
+            self._put_back(waiter.received.values())  # nobody took them: still unacked
+            waiter.received.clear()
 
-    def _offer(self, waiter: _Waiter[R], delivery: Delivery, message: ResultMessage) -> None:
-        if message.type != self.result_type:
-            what = f"Zocalo sent {message.type} results for {waiter.describe()}; {type(self).__name__} takes {self.result_type} results"
-            log.error("rejecting a result: %s", what)
-            delivery.reject(requeue=False)
-            self._fail(waiter, ResultPayloadError(what))
-            return
+    def _offer(self, waiter: _Waiter[R], arrival: _Arrival) -> None:
+        message = arrival.message
         source = Source.GPU if message.gpu else Source.CPU
         wanted = self.source in (source, Source.EITHER)
         if not wanted and not self.compare_sources:
             log.info("ignoring the %s result for %s", source.name, waiter.describe())
-            delivery.ack()
+            arrival.delivery.ack()
+            return
+        if message.type != self.result_type:
+            what = (f"Zocalo sent {message.type} results for {waiter.describe()}; "
+                    f"{type(self).__name__} takes {self.result_type} results")
+            log.error("rejecting a result: %s", what)
+            arrival.delivery.reject(requeue=False)
+            self._fail(waiter, ResultPayloadError(what))
             return
         if source in waiter.received:
-            self._discard(delivery, message, f"a second {source.name} result")
+            self._discard(arrival, f"a second {source.name} result")
             return
-        waiter.received[source] = (delivery, message)
+        waiter.received[source] = arrival
         waiter.order.append(source)
         primary = self._primary(waiter)
         if primary is None:
@@ -574,7 +613,7 @@ class _Receiver(_UsesBroker, Generic[R]):
             return
         with self._state:
             self._waiter = None
-            self._held.extend(waiter.received.values())
+        self._put_back(waiter.received.values())
         waiter.received.clear()
         waiter.future.set_exception(error)
 
@@ -583,10 +622,10 @@ class _Receiver(_UsesBroker, Generic[R]):
             return  # the caller gave up: _uninstall keeps the messages
         primary = self._primary(waiter)
         assert primary is not None
-        for delivery, _ in waiter.received.values():
-            delivery.ack()
-        message = waiter.received[primary][1]
-        got = {s: self._sorted(m) for s, (_, m) in waiter.received.items()}  # each sorted once
+        for arrival in waiter.received.values():
+            arrival.delivery.ack()
+        message = waiter.received[primary].message
+        got = {s: self._sorted(a.message) for s, a in waiter.received.items()}  # each sorted once
         comparison = None
         if self.compare_sources:
             if len(got) == 2:
