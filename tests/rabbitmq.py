@@ -77,6 +77,12 @@ class RabbitMQ:
             timeout=timeout, check=True,
         ).stdout
 
+    def add_user(self, user: str, password: str) -> None:
+        """A user with every permission on the default vhost (once per session)."""
+        if user not in self.ctl("list_users", "--quiet"):
+            self.ctl("add_user", user, password)
+            self.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "test: the broker drops every connection")
 

@@ -162,13 +162,16 @@ def test_demo_runs_the_whole_loop_in_process_even_with_a_zocalo_config(tmp_path)
 
 
 def test_demo_on_rabbitmq_names_it_without_the_password(rabbit):
-    url = rabbit.url
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    user, password = "demo-user", "Distinctive-Pa55word"
+    rabbit.add_user(user, password)
+    settings = zx.ConnectionSettings.from_url(rabbit.url)
+    url = f"amqp://{user}:{password}@{settings.host}:{settings.port}/%2F"
     out = run("demo", EXAMPLES / "scan3d.json", "--broker", url, "--beamline", "demo", "--log-level", "debug")
     assert out.returncode == 0, out.stderr
-    settings = zx.ConnectionSettings.from_url(url)
-    assert f"through RabbitMQ at {settings.url()}" in out.stdout
-    password = settings.password.reveal()
-    assert f":{password}@" not in out.stdout + out.stderr
+    assert f"through RabbitMQ at amqp://{user}@{settings.host}:{settings.port}/%2F" in out.stdout
+    assert password not in out.stdout + out.stderr
     assert table_lines(out.stdout) == table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
 
 
@@ -238,3 +241,46 @@ def test_ctrl_c_is_one_line(silent_broker):
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
     one_line_error(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), cli.EXIT_INTERRUPTED, "interrupted")
+
+
+def test_output_that_cannot_be_written_is_one_line():
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "zocalo_xrc", "centre", str(EXAMPLES / "scan3d.json")],
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    one_line_error(subprocess.CompletedProcess(out.args, out.returncode, "", out.stderr), cli.EXIT_FILE,
+                   "cannot write the output: No space left on device")
+
+
+def test_a_reader_that_goes_away_is_no_error_message():
+    p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "centre", str(EXAMPLES / "scan3d.json"), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before it writes
+    assert p.wait(timeout=60) in (cli.EXIT_OK, cli.EXIT_FILE)
+    assert p.stderr.read() == b""
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--timeout", "nan"], cli.EXIT_USAGE, "expected a positive number of seconds"),
+    (["--timeout", "-1"], cli.EXIT_USAGE, "expected a positive number of seconds"),
+    (["--broker", ""], cli.EXIT_BROKER, "an empty string names no broker"),
+    (["--broker", f"AMQP:/gda:{SECRET}@h"], cli.EXIT_BROKER, "not an amqp URL: ********@h"),
+])
+def test_bad_demo_options(args, code, words):
+    out = run("demo", EXAMPLES / "scan3d.json", *args)
+    assert out.returncode == code and words in out.stderr and "Traceback" not in out.stderr and SECRET not in out.stderr
+
+
+def test_the_demo_does_not_compete_with_a_real_zocalo(rabbit):
+    from zocalo_xrc.amqp import AmqpTransport
+    from zocalo_xrc.transport import QueueSpec
+
+    zocalo = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url), connection_name="a real Zocalo")
+    zocalo.declare_queue("processing_recipe")
+    listening = zocalo.subscribe(QueueSpec("processing_recipe"), lambda d: d.reject(requeue=True))
+    try:
+        one_line_error(run("demo", EXAMPLES / "scan3d.json", "--broker", rabbit.url), cli.EXIT_BROKER,
+                       "processing_recipe already has 1 consumer(s)")
+    finally:
+        listening.cancel()
+        zocalo.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -25,7 +26,7 @@ from . import __version__
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
-from .config import ConfigurationError
+from .config import ConfigurationError, redact
 from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
 from .transport import TransportError
@@ -37,6 +38,7 @@ EXIT_FILE = 1  # a file cannot be read or written, or does not hold a case
 EXIT_USAGE = 2  # the command line itself (argparse's own code)
 EXIT_BROKER = 3  # the configuration, or the broker: cannot connect, refused, unroutable
 EXIT_ZOCALO = 4  # Zocalo failed, or did not answer in time
+EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    done
@@ -44,6 +46,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_USAGE}    the command line is wrong
   {EXIT_BROKER}    the broker configuration is wrong, or the broker cannot be reached
   {EXIT_ZOCALO}    Zocalo failed, or sent no results in time
+  {EXIT_INTERNAL}   an error in zocalo-xrc itself (--log-level DEBUG shows where)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 BROKER_HELP = (
@@ -70,6 +73,8 @@ def load_case(path: Path) -> dict[str, Any]:
         case = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CaseError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CaseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(case, dict) or not ("grids" in case or {"counts", "gridinfo"} <= case.keys()):
         raise CaseError(f"{path}: expected a 2D case (counts, gridinfo) or a 3D case (grids)")
     return case
@@ -91,10 +96,16 @@ def scans_of(case: dict[str, Any]) -> list[GridScan]:
         raise CaseError("a 3D case needs exactly two grids")
     scans = []
     for k, g in enumerate(grids):
+        if not isinstance(g, dict) or not {"dcid", "counts", "gridinfo"} <= g.keys():
+            raise CaseError(f"grids[{k}]: expected an object with dcid, counts and gridinfo")
         try:
-            scans.append(GridScan(int(g["dcid"]), g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
-        except (KeyError, TypeError) as e:
-            raise CaseError(f"grids[{k}]: needs dcid, counts and gridinfo ({e!r})") from None
+            dcid = int(g["dcid"])
+        except (TypeError, ValueError):
+            raise CaseError(f"grids[{k}].dcid: expected an integer, got {g['dcid']!r:.40}") from None
+        try:
+            scans.append(GridScan(dcid, g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
+        except (TypeError, ValueError) as e:
+            raise CaseError(f"grids[{k}]: {e}") from None
     return sorted(scans, key=lambda s: s.dcid)
 
 
@@ -284,10 +295,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
     demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
     demo.add_argument("--beamline", default="i03", help="results come on xrc.BEAMLINE (default: %(default)s)")
-    demo.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    demo.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                       help="how long to wait for the broker's confirms and for Zocalo's results (default: %(default)s)")
     _logging_options(demo, top=False)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -317,6 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say, to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FILE
+    except OSError as e:
+        return _fail(args, f"cannot write the output: {e.strerror or e}", EXIT_FILE)
+    except Exception as e:
+        log.debug("unexpected error", exc_info=True)
+        return _fail(args, f"unexpected error: {type(e).__name__}: {redact(str(e))}", EXIT_INTERNAL)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
@@ -357,6 +386,7 @@ def run_centre(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
+    from .messages import ResultPayloadError
     from .zocalo import NoResultsFromZocaloError
 
     try:
@@ -371,9 +401,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Triggering Zocalo for DCIDs {scans[0].dcid} and {scans[1].dcid} through {run.broker}", flush=True)
     try:
         results = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr))
-    except demo.ZocaloFailed as e:
-        raise CliError(str(e), EXIT_ZOCALO) from e
-    except NoResultsFromZocaloError as e:
+    except (demo.ZocaloFailed, NoResultsFromZocaloError, ResultPayloadError) as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
     except (TransportError, ConfigurationError, TimeoutError) as e:
         raise CliError(str(e) or type(e).__name__, EXIT_BROKER) from e

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from ._native import XrcResults
 from .centring import GridScan, centre_3d_scans
 from .messages import build_result_message
-from .transport import Delivery, QueueSpec, Transport
+from .transport import Delivery, QueueSpec, Transport, TransportError
 from .zocalo import PROCESSING_QUEUE, Connection, ZocaloResults, ZocaloStartInfo, ZocaloTrigger
 
 log = logging.getLogger("zocalo_xrc.demo")
@@ -30,6 +30,10 @@ log = logging.getLogger("zocalo_xrc.demo")
 
 class ZocaloFailed(RuntimeError):
     """Zocalo's side could not process the collection."""
+
+
+class BrokerInUseError(TransportError):
+    """The broker already has a Zocalo of its own: the demo will not compete with it."""
 
 
 class SimulatedZocalo:
@@ -43,6 +47,12 @@ class SimulatedZocalo:
         self.ended: set[int] = set()
         self.failure: Future[None] = Future()
         transport.declare_queue(PROCESSING_QUEUE)
+        listening = transport.consumer_count(PROCESSING_QUEUE)
+        if listening:
+            raise BrokerInUseError(
+                f"{PROCESSING_QUEUE} already has {listening} consumer(s) on this broker: a real Zocalo may be "
+                "listening, and the simulated one would take its messages; use a broker of your own or in-process"
+            )
         self.subscription = transport.subscribe(QueueSpec(PROCESSING_QUEUE), self.on_message)
 
     def on_message(self, delivery: Delivery) -> None:
@@ -52,9 +62,11 @@ class SimulatedZocalo:
             if parameters["event"] != "end":
                 return
             self.ended.add(parameters["ispyb_dcid"])
-            if self.ended >= {s.dcid for s in self.scans}:
+            if self.ended >= {s.dcid for s in self.scans}:  # once per start..end of the group
+                last = max(self.ended)
+                self.ended.clear()
                 results = centre_3d_scans(*self.scans, sample_id=self.sample_id)
-                body = build_result_message(results, dcid=max(self.ended), dcgid=self.dcgid, beamline=self.beamline)
+                body = build_result_message(results, dcid=last, dcgid=self.dcgid, beamline=self.beamline)
                 self.transport.publish("results", f"xrc.{self.beamline}", body, {"workflows-recipe": True})
         except Exception as e:  # Zocalo's side failed: tell the waiting plan
             log.info("simulated Zocalo could not process the collection: %s", e)

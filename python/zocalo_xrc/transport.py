@@ -124,6 +124,10 @@ class Transport(ABC):
         """How many messages wait in ``name``, not counting unacked ones."""
 
     @abstractmethod
+    def consumer_count(self, name: str) -> int:
+        """How many consumers ``name`` has."""
+
+    @abstractmethod
     def delete_queue(self, name: str) -> None: ...
 
     @abstractmethod
@@ -217,6 +221,10 @@ class InProcessBroker:
     def message_count(self, name: str) -> int:
         with self._lock:
             return len(self._queues[name].ready)
+
+    def consumer_count(self, name: str) -> int:
+        with self._lock:
+            return len(self._queues[name].consumers)
 
     # messages
     def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> None:
@@ -404,6 +412,9 @@ class InProcessTransport(Transport):
 
     def message_count(self, name: str) -> int:
         return self.broker.message_count(name)
+
+    def consumer_count(self, name: str) -> int:
+        return self.broker.consumer_count(name)
 
     def delete_queue(self, name: str) -> None:
         self.broker.delete_queue(name)
