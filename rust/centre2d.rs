@@ -1,4 +1,4 @@
-//! Two-dimensional X-ray centring of one grid. Spec: `xrc-algorithm.md` §2.
+//! Two-dimensional X-ray centring of one grid. See `docs/algorithm.md`, "2D centring".
 
 use crate::error::{InputError, Result};
 use crate::grid::Scan;

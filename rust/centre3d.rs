@@ -1,5 +1,5 @@
 //! Three-dimensional X-ray centring from two grids that share x.
-//! Spec: `xrc-algorithm.md` §3.
+//! See `docs/algorithm.md`, "3D centring".
 //!
 //! The volume `V[x, y, z] = xy[x, y] * xz[x, z]` is never stored: every row
 //! `(x, y)` of it is the row `xz[x, :]` scaled by `xy[x, y]`, so the kept voxels

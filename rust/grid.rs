@@ -1,6 +1,6 @@
 //! Grids of per-image counts: acquisition order to the `A[x][y]` layout.
 //!
-//! Spec: `xrc-algorithm.md` §1. A grid is stored row-major as `data[x * ny + y]`.
+//! See `docs/algorithm.md`, "Inputs". A grid is stored row-major as `data[x * ny + y]`.
 
 use crate::error::{InputError, Result};
 

@@ -1,5 +1,5 @@
 //! zocalo-xrc core: X-ray centring over grid scans, exactly as Diamond's Zocalo
-//! service computes it (`shared/spec/xrc-algorithm.md`), with no Python in sight.
+//! service computes it (`docs/algorithm.md`), with no Python in sight.
 //! The PyO3 bindings live in one module behind the `python` feature.
 
 pub mod centre2d;

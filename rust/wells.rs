@@ -1,5 +1,5 @@
 //! Multi-sample pins: where each well lies along x, and which sample a
-//! position belongs to. Spec: `xrc-algorithm.md` §3 "Wells of a multi-sample pin".
+//! position belongs to. See `docs/algorithm.md`, "Multi-sample pins".
 
 use std::collections::HashMap;
 

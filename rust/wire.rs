@@ -1,4 +1,4 @@
-//! X-ray centring results on the wire (`zocalo-wire.md` §3-4): reading a
+//! X-ray centring results on the wire (`docs/wire-format.md` §3-4): reading a
 //! message body straight into typed rows, and writing the same shapes.
 //!
 //! A body is a recipe envelope whose `payload` is `{"results": [...],

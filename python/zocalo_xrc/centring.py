@@ -1,7 +1,7 @@
 """X-ray centring: per-image spot counts in, typed results out.
 
 The work is done by the Rust core with the GIL released; this module checks and
-converts arguments. See ``shared/spec/xrc-algorithm.md`` for the algorithm.
+converts arguments. See ``docs/algorithm.md`` for the algorithm.
 """
 
 from __future__ import annotations

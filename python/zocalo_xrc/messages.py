@@ -1,4 +1,4 @@
-"""Results messages on the wire (``zocalo-wire.md`` §3-4): decode and build.
+"""Results messages on the wire (``docs/wire-format.md`` §3-4): decode and build.
 
 Decoding happens in Rust, straight into typed columns; see
 :func:`parse_result_message`.
