@@ -20,6 +20,19 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SECRET = "hunter2"
 
 
+@pytest.fixture(autouse=True)
+def cli_logging_stays_here():
+    """cli.main() run in this process sets log levels, as a command does for
+    its process: put them back for the tests that follow."""
+    import logging
+
+    names = ("", "pika", "zocalo_xrc.amqp")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
 def run(*args, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "zocalo_xrc", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)

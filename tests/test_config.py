@@ -301,6 +301,13 @@ def test_object_state_holds_no_password():
 def test_a_wrong_password_does_not_ride_on_a_good_connection(rabbit):
     if rabbit.close_all_connections is None:
         pytest.skip("external broker")
-    good = zx.ZocaloTrigger(rabbit.url).transport
-    with pytest.raises(zx.TransportError, match="ACCESS_REFUSED|Authentication"):
-        assert zx.ZocaloTrigger(rabbit.url.replace("guest:guest", f"guest:{SECRET}")).transport is not good
+    good = zx.ZocaloTrigger(rabbit.url)
+    good.transport.declare_queue("processing_recipe")
+    bad = zx.ZocaloTrigger(rabbit.url.replace("guest:guest", f"guest:{SECRET}"), timeout_s=30)
+    try:
+        assert bad.transport is not good.transport
+        with pytest.raises(zx.TransportError, match="ACCESS_REFUSED") as e:
+            bad.run_end(1)  # at once, not after 30 s
+        assert SECRET not in str(e.value)
+    finally:
+        bad.transport.close()

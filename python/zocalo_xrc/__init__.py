@@ -23,7 +23,7 @@ from .config import ConfigurationError, ConnectionSettings
 from .geometry import GridGeometry, MotorPosition, OutsideGridError
 from .grid import GridInfo, reshape_grid
 from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
-from .transport import InProcessTransport, Transport, TransportError, UnroutableError
+from .transport import ConnectionLostError, InProcessTransport, QueueInUseError, Transport, TransportError, UnroutableError
 from .zocalo import (
     IN_PROCESS,
     NoResultsFromZocaloError,
@@ -32,6 +32,7 @@ from .zocalo import (
     ZocaloResults,
     ZocaloResults2D,
     ZocaloStartInfo,
+    TriggerTimeoutError,
     ZocaloTrigger,
 )
 
@@ -46,6 +47,9 @@ __all__ = [
     "IN_PROCESS",
     "__version__",
     "ConfigurationError",
+    "ConnectionLostError",
+    "QueueInUseError",
+    "TriggerTimeoutError",
     "ConnectionSettings",
     "InProcessTransport",
     "NoResultsFromZocaloError",

@@ -1,10 +1,17 @@
 """RabbitMQ through one long-lived connection, owned by one I/O thread.
 
 Any thread (and asyncio, through futures) may use an :class:`AmqpTransport`:
-work is handed to the I/O thread, which alone touches pika. Every publish
-is ``mandatory``, persistent and confirmed by the broker. When the connection
-drops, the I/O thread says so in the log, reconnects with back-off and
-restarts the consumers; the broker hands their unacked messages out again.
+work is handed to the I/O thread, which alone touches pika, and nothing a
+caller does waits for the connection except through a future it can give up
+on. Every publish is ``mandatory``, persistent and confirmed by the broker.
+
+The I/O thread never dies while the transport is open: every failure of a
+connection attempt, of whatever kind (refused, a handshake that never comes,
+a wrong password, a broker going away), leads to another attempt with
+back-off, one WARNING line each, and consumers are restarted on the new
+connection; the broker hands their unacked messages out again. Work handed
+over meanwhile waits for the connection, and is withdrawn, never sent, if
+its caller gives up first.
 """
 
 from __future__ import annotations
@@ -13,14 +20,18 @@ import heapq
 import itertools
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping
 
 import pika
 import pika.exceptions as px
+from pika.adapters.utils import connection_workflow as cw
 
 from .config import ConnectionSettings
 from .transport import (
@@ -33,28 +44,73 @@ from .transport import (
     Transport,
     TransportError,
     UnroutableError,
+    new_message_id,
 )
 
 log = logging.getLogger("zocalo_xrc.amqp")
 
 _CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.ConnectionWrongStateError, OSError)
+_REFUSED_CREDENTIALS = (px.ProbableAuthenticationError, px.AuthenticationError, px.ProbableAccessDeniedError)
+
+
+class _ConnectionLogFilter(logging.Filter):
+    """pika logs each failed connection attempt as several ERROR records with
+    tracebacks; the transport says the same in one WARNING line of its own.
+    They stay visible at DEBUG (of ``zocalo_xrc.amqp``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or log.isEnabledFor(logging.DEBUG)
+
+
+for _name in ("pika.connection", "pika.adapters.utils.connection_workflow", "pika.adapters.blocking_connection",
+              "pika.adapters.base_connection", "pika.adapters.utils.io_services_utils"):
+    logging.getLogger(_name).addFilter(_ConnectionLogFilter())
+
+
+def describe_error(e: BaseException, handshake_timeout: float | None = None) -> str:
+    """What went wrong with a connection, in words (no password is ever in
+    what pika says, but callers scrub anyway)."""
+    if isinstance(e, _REFUSED_CREDENTIALS):
+        return "ACCESS_REFUSED: the broker refused the user name or password (or the vhost)"
+    if isinstance(e, (px.ConnectionClosed, px.ChannelClosed)):
+        return f"{e.reply_code} {e.reply_text}"
+    if isinstance(e, cw.AMQPConnectorStackTimeout):
+        within = f" within {handshake_timeout:g} s" if handshake_timeout else ""
+        return f"the port accepted the connection but no AMQP handshake came{within}"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (is RabbitMQ running there?)"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the host name ({e.strerror})"
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return "no answer: the TCP connection timed out"
+    inner = [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    inner += getattr(e, "exceptions", None) or []
+    inner += [x for x in (getattr(e, "exception", None),) if isinstance(x, BaseException)]
+    if inner:
+        return describe_error(inner[-1], handshake_timeout)
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 class AmqpTransport(Transport):
-    """A RabbitMQ connection. Prefer :meth:`shared`: one per process and broker."""
+    """A RabbitMQ connection. Prefer :meth:`shared`: one per process, broker
+    and credentials.
 
-    _shared: dict[tuple, AmqpTransport] = {}
+    ``connect_timeout``: wait that long for the first connection and raise
+    :class:`TransportError` if it fails (the transport is then closed);
+    ``None`` returns at once and keeps trying in the background."""
+
+    _shared: dict[tuple[Any, ...], AmqpTransport] = {}
     _shared_lock = threading.Lock()
 
     @classmethod
     def shared(cls, settings: ConnectionSettings) -> AmqpTransport:
-        """The process's connection to this broker, made on first use."""
+        """The process's connection to this broker, made on first use; never blocks."""
         # the password too: a wrong one must not ride on a connection made with the right one
         key = (settings.host, settings.port, settings.username, settings.password, settings.vhost, settings.tls)
         with cls._shared_lock:
             transport = cls._shared.get(key)
             if transport is None or transport._closing:
-                transport = cls._shared[key] = cls(settings)
+                transport = cls._shared[key] = cls(settings, connect_timeout=None)
             return transport
 
     def __init__(
@@ -62,30 +118,38 @@ class AmqpTransport(Transport):
         settings: ConnectionSettings,
         *,
         connection_name: str = "zocalo-xrc",
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = 10.0,
+        handshake_timeout: float = 10.0,
         max_backoff: float = 5.0,
     ) -> None:
         self.settings = settings
         self._name = connection_name
+        self._handshake_timeout = handshake_timeout
         self._max_backoff = max_backoff
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool]] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._lock = threading.Lock()
         self._subscriptions: list[_AmqpSubscription] = []
         self._conn: pika.BlockingConnection | None = None
-        self._pub: Any = None
+        self._pub: _ConfirmingPublisher | None = None
         self._sub: Any = None
         self.generation = 0
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self._credentials_refused = False
         self._closing = False
         self._wake_pending = False
         self._stop = threading.Event()
+        self._give_up_first = connect_timeout is not None
         self._first: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name=f"{connection_name} AMQP I/O", daemon=True)
         self._thread.start()
+        if connect_timeout is None:
+            return
         try:
             self._first.result(timeout=connect_timeout)
-        except TimeoutError:
+        except FutureTimeout:
             self.close()
             raise TransportError(f"cannot connect to {settings.url()}: no answer within {connect_timeout} s") from None
         except TransportError:
@@ -94,6 +158,22 @@ class AmqpTransport(Transport):
 
     def __repr__(self) -> str:
         return f"AmqpTransport({self.settings.url()!r})"
+
+    @property
+    def endpoint(self) -> Any:
+        return ("amqp", self.settings.host, self.settings.port, self.settings.vhost)
+
+    def trouble(self) -> str | None:
+        if self.connected.is_set():
+            return None
+        return f"not connected to {self.settings.url()}: {self.last_error or 'connecting'}"
+
+    def wait_connected(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._credentials_refused or self._closing or time.monotonic() >= deadline:
+                raise TransportError(f"cannot connect to {self.settings.url()}: {self.last_error or 'no answer yet'}"
+                                     f"{'' if self._credentials_refused else f' (gave up after {timeout:g} s)'}")
 
     # ---- the I/O thread ----------------------------------------------------
 
@@ -108,6 +188,7 @@ class AmqpTransport(Transport):
             blocked_connection_timeout=30,
             connection_attempts=1,
             socket_timeout=5,
+            stack_timeout=self._handshake_timeout,
             client_properties={"connection_name": self._name},
             ssl_options=pika.SSLOptions(ssl.create_default_context(), s.host) if s.tls else None,
         )
@@ -117,23 +198,42 @@ class AmqpTransport(Transport):
         while not self._closing:
             try:
                 self._connect()
-                if not self._first.done():
-                    self._first.set_result(None)
-                elif backoff > 0.1 or self.generation > 1:
-                    log.warning("reconnected to %s", self.settings.url())
-                backoff = 0.1
-                self._loop()
-            except Exception as e:  # any failure of a connection: try again (the thread never dies)
+            except Exception as e:  # any failure of an attempt: another one, with back-off
                 reason = self._describe(e)
                 self._forget_connection()
-                if not self._first.done():
+                self.last_error = reason
+                if self._give_up_first and not self._first.done():
                     self._first.set_exception(TransportError(f"cannot connect to {self.settings.url()}: {reason}"))
-                    return
+                    break
+                self._credentials_refused = isinstance(e, _REFUSED_CREDENTIALS)
+                if self._credentials_refused:  # waiting will not help whoever waits now
+                    self._fail_queued(TransportError(f"cannot connect to {self.settings.url()}: {reason}"))
                 if self._closing:
                     break
+                log.warning("cannot connect to %s (%s); trying again in %.1f s", self.settings.url(), reason, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            if self.generation > 1 or self.last_error is not None:
+                log.warning("connected to %s again", self.settings.url())
+            self.last_error, self._credentials_refused = None, False
+            self.connected.set()
+            if not self._first.done():
+                self._first.set_result(None)
+            backoff = 0.1
+            try:
+                self._loop()
+            except Exception as e:
+                reason = self._describe(e)
+                self.connected.clear()
+                self._forget_connection()
+                if self._closing:
+                    break
+                self.last_error = reason
                 log.warning("connection to %s lost (%s); reconnecting in %.1f s", self.settings.url(), reason, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
+        self.connected.clear()
         self._shutdown()
 
     def _connect(self) -> None:
@@ -144,10 +244,10 @@ class AmqpTransport(Transport):
             self.generation += 1
             subscriptions = list(self._subscriptions)
         for subscription in subscriptions:
-            subscription.start(self._sub, self._conn)
+            subscription.start()
 
     def _loop(self) -> None:
-        assert self._conn is not None
+        assert self._conn is not None and self._pub is not None
         while not self._closing:
             if self._pub.closed:
                 self._pub = _ConfirmingPublisher(self._conn)
@@ -157,7 +257,7 @@ class AmqpTransport(Transport):
                 with self._lock:
                     subscriptions = list(self._subscriptions)
                 for subscription in subscriptions:
-                    subscription.start(self._sub, self._conn)
+                    subscription.start()
             self._drain()
             self._run_timers()
             with self._lock:
@@ -168,24 +268,22 @@ class AmqpTransport(Transport):
         self._wake_pending = False  # before reading: later commands wake us again
         while True:
             try:
-                fn, future = self._commands.get_nowait()
+                fn, future, settles_itself = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up: withdrawn, never done
             try:
                 result = fn()
             except _CONNECTION_ERRORS as e:
-                if future is not None:
+                if not future.done():
                     future.set_exception(ConnectionLostError(f"connection lost: {self._describe(e)}"))
                 raise
             except Exception as e:  # reported to whoever asked
-                if future is not None:
+                if not future.done():
                     future.set_exception(e)
-                else:
-                    log.exception("zocalo-xrc AMQP: a task on the I/O thread raised")
             else:
-                if future is not None:
+                if not settles_itself:
                     future.set_result(result)
 
     def _run_timers(self) -> None:
@@ -201,8 +299,9 @@ class AmqpTransport(Transport):
                 log.exception("zocalo-xrc AMQP: a timer on the I/O thread raised")
 
     def _forget_connection(self) -> None:
+        self.connected.clear()
         if self._pub is not None:
-            self._pub.fail_all(ConnectionLostError("the connection was lost before the broker confirmed the message"))
+            self._pub.fail_all()
         conn, self._conn, self._pub, self._sub = self._conn, None, None, None
         if conn is not None and conn.is_open:
             try:
@@ -210,21 +309,22 @@ class AmqpTransport(Transport):
             except Exception:
                 pass
 
+    def _fail_queued(self, error: Exception) -> None:
+        """Fail everything waiting for a connection (it is withdrawn, never done)."""
+        while True:
+            try:
+                _, future, _ = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def _shutdown(self) -> None:
         self._forget_connection()
-        while True:  # nobody will run what is still queued
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(TransportError("the connection is closed"))
+        self._fail_queued(TransportError("the connection is closed"))
 
     def _describe(self, e: BaseException) -> str:
-        if isinstance(e, (px.ConnectionClosed, px.ChannelClosed)):
-            text = f"{e.reply_code} {e.reply_text}"
-        else:
-            text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        text = describe_error(e, self._handshake_timeout)
         secret = self.settings.password.reveal()
         return text.replace(secret, "********") if secret else text
 
@@ -233,12 +333,15 @@ class AmqpTransport(Transport):
     def on_io_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def _submit(self, fn: Callable[[], Any]) -> Future:
-        future: Future = Future()
+    def _submit(self, fn: Callable[[], Any], future: Future[Any] | None = None, settles_itself: bool = False) -> Future[Any]:
+        """Queue ``fn`` for the I/O thread; its result (or error) goes to
+        ``future``, unless ``fn`` settles the future itself later. Cancelling
+        the future before the I/O thread takes it withdraws ``fn``."""
+        future = Future() if future is None else future
         if self._closing:
             future.set_exception(TransportError("the connection is closed"))
             return future
-        self._commands.put((fn, future))
+        self._commands.put((fn, future, settles_itself))
         self._wake()
         return future
 
@@ -256,37 +359,44 @@ class AmqpTransport(Transport):
     def _call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         if self.on_io_thread():
             return fn()
-        return self._submit(fn).result(timeout=timeout)
+        future = self._submit(fn)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            if future.cancel():
+                raise TransportError(f"{self.trouble() or 'the broker did not answer'} (gave up after {timeout} s)") from None
+            return future.result(timeout=timeout)
 
     # ---- Transport -------------------------------------------------------------
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
+                message_id: str | None = None) -> Future[None]:
         future: Future[None] = Future()
+        mid = message_id or new_message_id()
 
         def send() -> None:
+            assert self._pub is not None
+            self._pub.publish(exchange, routing_key, body, headers, mid, future)
+
+        if self.on_io_thread() and self._pub is not None and not self._closing:
             if future.set_running_or_notify_cancel():
-                self._pub.publish(exchange, routing_key, body, headers, future)
+                send()
+            return future
+        return self._submit(send, future, settles_itself=True)
 
-        if self._closing:
-            future.set_exception(TransportError("the connection is closed"))
-        elif self.on_io_thread() and self._pub is not None:
-            send()
-        else:
-            self._commands.put((send, None))
-            self._wake()
-        return future
-
-    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
-        if not queue.private and queue.name is not None and not self.queue_exists(queue.name):
-            raise TransportError(f"NOT_FOUND - no queue {queue.name!r} on {self.settings.url()}")
+    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
+                  wait: float | None = 30.0) -> Subscription:
         subscription = _AmqpSubscription(self, queue, callback, prefetch)
-
-        def start() -> None:
-            with self._lock:
-                self._subscriptions.append(subscription)
-            subscription.start(self._sub, self._conn)
-
-        self._call(start)
+        with self._lock:
+            self._subscriptions.append(subscription)
+        self._submit(subscription.start)
+        if wait is not None:
+            try:
+                subscription.ready.result(timeout=wait)
+            except FutureTimeout:
+                subscription.cancel()
+                raise TransportError(f"cannot consume {queue.name or 'a private queue'}: "
+                                     f"{self.trouble() or 'no answer'} (gave up after {wait} s)") from None
         return subscription
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -301,35 +411,37 @@ class AmqpTransport(Transport):
     def _admin(self, work: Callable[[Any], Any]) -> Any:
         """Run ``work(channel)`` on a channel of its own, so that an error closes
         only that channel."""
+        return self._call(lambda: self._on_admin_channel(work))
 
-        def run() -> Any:
-            channel = self._conn.channel()  # type: ignore[union-attr]
-            try:
-                return work(channel)
-            finally:
-                if channel.is_open:
-                    channel.close()
+    def _on_admin_channel(self, work: Callable[[Any], Any]) -> Any:
+        assert self._conn is not None
+        channel = self._conn.channel()
+        try:
+            return work(channel)
+        finally:
+            if channel.is_open:
+                channel.close()
 
-        return self._call(run)
+    def _declare_results_queue(self, ch: Any, name: str, exchange: str, routing_key: str) -> None:
+        ch.exchange_declare(exchange, exchange_type="topic", durable=True)
+        ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_declare(name, durable=True, arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": 5,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": f"dlq.{name}",
+        })
+        ch.queue_bind(name, exchange, routing_key=routing_key)
 
     def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
-        def declare(ch: Any) -> None:
-            ch.exchange_declare(exchange, exchange_type="topic", durable=True)
-            ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
-            ch.queue_declare(name, durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": 5,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": f"dlq.{name}",
-            })
-            ch.queue_bind(name, exchange, routing_key=routing_key or name)
-
-        self._admin(declare)
+        self._admin(lambda ch: self._declare_results_queue(ch, name, exchange, routing_key or name))
 
     def declare_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_declare(name, durable=True))
 
-    def queue_exists(self, name: str) -> bool:
+    def _exists(self, name: str) -> bool:
+        """On the I/O thread: whether ``name`` exists (a channel of its own)."""
+
         def check(ch: Any) -> bool:
             try:
                 ch.queue_declare(name, passive=True)
@@ -339,13 +451,16 @@ class AmqpTransport(Transport):
                     return False
                 raise
 
-        return self._admin(check)
+        return bool(self._on_admin_channel(check))
+
+    def queue_exists(self, name: str) -> bool:
+        return bool(self._call(lambda: self._exists(name)))
 
     def message_count(self, name: str) -> int:
-        return self._admin(lambda ch: ch.queue_declare(name, passive=True).method.message_count)
+        return int(self._admin(lambda ch: ch.queue_declare(name, passive=True).method.message_count))
 
     def consumer_count(self, name: str) -> int:
-        return self._admin(lambda ch: ch.queue_declare(name, passive=True).method.consumer_count)
+        return int(self._admin(lambda ch: ch.queue_declare(name, passive=True).method.consumer_count))
 
     def delete_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_delete(name))
@@ -358,7 +473,7 @@ class AmqpTransport(Transport):
         self._wake_pending = False
         self._wake()
         if not self.on_io_thread():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=2)  # a connection attempt in progress may take longer: it is a daemon
 
 
 class _ConfirmingPublisher:
@@ -368,12 +483,15 @@ class _ConfirmingPublisher:
     pika's BlockingChannel can only wait for one confirm at a time, so this
     drives the asynchronous channel inside it (``_impl``), whose callbacks run
     while the I/O thread pumps ``process_data_events``. A ``basic.return``
-    names no delivery tag, so each message carries its tag as ``message_id``."""
+    names no delivery tag, only the message: returns come in the order of
+    publishing, so the oldest message in flight with that ``message_id`` is
+    the one returned."""
 
     def __init__(self, conn: pika.BlockingConnection) -> None:
         self._blocking = conn.channel()
         self._channel = self._blocking._impl
-        self._pending: dict[int, tuple[Future[None], str, str]] = {}
+        self._pending: dict[int, tuple[Future[None], str, str, str]] = {}
+        self._by_id: dict[str, deque[int]] = {}
         self._returned: dict[int, str] = {}
         self._seq = 0
         self.closed = False
@@ -387,19 +505,21 @@ class _ConfirmingPublisher:
                 raise px.AMQPConnectionError("no Confirm.SelectOk from the broker")
             conn.process_data_events(time_limit=0.1)
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any], future: Future[None]) -> None:
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any], message_id: str,
+                future: Future[None]) -> None:
         if self.closed:
-            future.set_exception(ConnectionLostError("the publishing channel is closed"))
+            future.set_exception(ConnectionLostError(f"the publishing channel is closed; message {message_id} was not sent"))
             return
         self._seq += 1
-        self._pending[self._seq] = (future, exchange, routing_key)
-        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers), message_id=f"zocalo-xrc-{self._seq}")
+        self._pending[self._seq] = (future, exchange, routing_key, message_id)
+        self._by_id.setdefault(message_id, deque()).append(self._seq)
+        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers), message_id=message_id)
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        tag = (properties.message_id or "").rpartition("-")[2]
-        if tag.isdigit():
-            self._returned[int(tag)] = f"{method.reply_code} {method.reply_text}"
+        tags = self._by_id.get(properties.message_id or "")
+        if tags:
+            self._returned[tags[0]] = f"{method.reply_code} {method.reply_text}"
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -409,7 +529,12 @@ class _ConfirmingPublisher:
             entry = self._pending.pop(tag, None)
             if entry is None:
                 continue
-            future, exchange, routing_key = entry
+            future, exchange, routing_key, message_id = entry
+            in_flight = self._by_id.get(message_id)
+            if in_flight is not None:
+                in_flight.remove(tag)
+                if not in_flight:
+                    del self._by_id[message_id]
             returned = self._returned.pop(tag, None)
             if returned is not None:
                 future.set_exception(UnroutableError(
@@ -423,13 +548,16 @@ class _ConfirmingPublisher:
     def _on_close(self, channel: Any, reason: Exception) -> None:
         self.closed = True
         text = f"{reason.reply_code} {reason.reply_text}" if isinstance(reason, px.ChannelClosed) else str(reason)
-        self.fail_all(TransportError(f"the broker closed the publishing channel: {text}"))
+        self.fail_all(f"the broker closed the publishing channel ({text})")
 
-    def fail_all(self, error: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for future, _, _ in pending.values():
+    def fail_all(self, why: str = "the connection was lost") -> None:
+        """Every message in flight: unconfirmed, perhaps delivered, perhaps not."""
+        pending, self._pending, self._by_id = self._pending, {}, {}
+        for future, _, _, message_id in pending.values():
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(ConnectionLostError(
+                    f"{why} before the broker confirmed message {message_id}: it may or may not have arrived"
+                ))
 
 
 class _AmqpSubscription(Subscription):
@@ -439,16 +567,49 @@ class _AmqpSubscription(Subscription):
         self.tag: str | None = None
         self.outstanding: set[int] = set()
         self.cancelled = False
+        self.ready: Future[None] = Future()
 
-    def start(self, channel: Any, conn: pika.BlockingConnection) -> None:
-        """(Re)start consuming on ``channel``: on the I/O thread only."""
-        self.channel, self.outstanding = channel, set()
-        name = self.spec.name
-        if self.spec.private:
-            name = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            channel.queue_bind(name, self.spec.exchange, routing_key=self.spec.routing_key)
-        channel.basic_qos(prefetch_count=self.prefetch)
-        self.tag = channel.basic_consume(name, self._on_message, auto_ack=False)
+    def start(self) -> None:
+        """(Re)start consuming on the transport's consuming channel: on the I/O
+        thread only, at each connection. Declarations and checks go on a
+        channel of their own, so that a missing queue closes only that one."""
+        if self.cancelled:
+            return
+        t = self.transport
+        if self.channel is t._sub and self.tag is not None:
+            return  # started already on this channel (subscribed while connecting)
+        try:
+            name = self.spec.name
+            if self.spec.private:
+                name = t._on_admin_channel(lambda ch: self._private_queue(ch))
+            elif name is not None and not t._exists(name):
+                if not self.spec.declare:
+                    raise TransportError(f"NOT_FOUND - no queue {name!r} on {t.settings.url()}")
+                t._on_admin_channel(lambda ch: t._declare_results_queue(
+                    ch, name, self.spec.exchange or "results", self.spec.routing_key or name))
+            self.channel, self.outstanding = t._sub, set()
+            self.channel.basic_qos(prefetch_count=self.prefetch)
+            self.tag = self.channel.basic_consume(name, self._on_message, auto_ack=False)
+        except _CONNECTION_ERRORS:
+            raise  # the connection is going: the next one starts this again
+        except Exception as e:
+            error = e if isinstance(e, TransportError) else TransportError(f"cannot consume: {t._describe(e)}")
+            if not self.ready.done():
+                self.ready.set_exception(error)
+                with t._lock:
+                    if self in t._subscriptions:
+                        t._subscriptions.remove(self)
+            else:
+                log.error("cannot consume %s again after reconnecting: %s", self.spec.name, error)
+            return
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _private_queue(self, ch: Any) -> str:
+        name: str = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        ch.exchange_declare(self.spec.exchange, exchange_type="topic", durable=True)
+        ch.queue_bind(name, self.spec.exchange, routing_key=self.spec.routing_key)
+        return name
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         delivery = _AmqpDelivery(self, self.transport.generation, method, properties, body)
@@ -458,6 +619,9 @@ class _AmqpSubscription(Subscription):
         except Exception:
             log.exception("consumer of %s raised; the message is rejected, not requeued", self.spec.name or "private queue")
             delivery.reject(requeue=False)
+
+    def live(self, generation: int, tag: int) -> bool:
+        return not self.cancelled and generation == self.transport.generation and tag in self.outstanding
 
     def settle(self, generation: int, tag: int, requeue: bool | None) -> None:
         def run() -> None:
@@ -476,20 +640,32 @@ class _AmqpSubscription(Subscription):
             self.transport._submit(run)
 
     def cancel(self) -> None:
+        """Stop consuming. Never waits long: with no connection there is no
+        consumer on the broker to cancel (its messages are back in the queue)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        t = self.transport
+        with t._lock:
+            if self in t._subscriptions:
+                t._subscriptions.remove(self)
+
         def run() -> None:
-            with self.transport._lock:
-                if self in self.transport._subscriptions:
-                    self.transport._subscriptions.remove(self)
             if self.channel is not None and self.channel.is_open and self.tag is not None:
                 for tag in sorted(self.outstanding):
                     self.channel.basic_reject(tag, requeue=True)
                 self.outstanding.clear()
                 self.channel.basic_cancel(self.tag)
 
-        if not self.cancelled:
-            self.cancelled = True
-            if not self.transport._closing:  # a closed connection consumes nothing
-                self.transport._call(run)
+        if t._closing or not t.connected.is_set():
+            return
+        if t.on_io_thread():
+            run()
+            return
+        try:
+            t._submit(run).result(timeout=5)
+        except Exception as e:  # the connection went meanwhile: nothing left to cancel
+            log.debug("cancelling a consumer of %s: %s", self.spec.name, e)
 
 
 class _AmqpDelivery(Delivery):
@@ -497,7 +673,12 @@ class _AmqpDelivery(Delivery):
         self._subscription, self._generation, self._tag = subscription, generation, method.delivery_tag
         self.body = body
         self.headers = properties.headers or {}
+        self.message_id = properties.message_id
         self.exchange, self.routing_key, self.redelivered = method.exchange, method.routing_key, method.redelivered
+
+    @property
+    def live(self) -> bool:
+        return self._subscription.live(self._generation, self._tag)
 
     def ack(self) -> None:
         self._subscription.settle(self._generation, self._tag, None)

@@ -327,6 +327,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     # pika logs every failed connection attempt as ERROR with tracebacks; the
     # command says what went wrong in one line, so pika speaks only at DEBUG.
     logging.getLogger("pika").setLevel(level if level == "DEBUG" else logging.CRITICAL)
+    # each reconnection attempt is a WARNING; the command's own error line says why it gave up
+    logging.getLogger("zocalo_xrc.amqp").setLevel(level if level != "WARNING" else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

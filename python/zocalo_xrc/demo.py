@@ -120,6 +120,7 @@ class Demo:
         :class:`NoResultsFromZocaloError` or a :class:`TransportError`."""
         self.trigger.timeout_s = timeout_s
         transport = self.trigger.transport
+        transport.wait_connected(timeout_s)
         zocalo_side = SimulatedZocalo(transport, self.scans, self.dcgid, self.beamline, self.case.get("sample_id"))
         try:
             with ZocaloResults(transport, beamline=self.beamline, timeout_s=timeout_s) as zocalo:

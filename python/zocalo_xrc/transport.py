@@ -5,9 +5,11 @@ Two implementations share these semantics: :class:`~zocalo_xrc.amqp.AmqpTranspor
 (a broker inside this process, for demos and quick tests):
 
 * ``publish`` goes through an exchange (``""`` is the default exchange, routing
-  key = queue name) with ``mandatory`` set; the returned future resolves once
-  the broker has taken the message, and fails with :class:`UnroutableError`
-  when no queue would receive it.
+  key = queue name) with ``mandatory`` set and a ``message_id`` (the caller's,
+  so that a message sent twice can be recognised); the returned future
+  resolves once the broker has taken the message, and fails with
+  :class:`UnroutableError` when no queue would receive it. Cancelling the
+  future before the message has left withdraws it: it is never sent.
 * ``subscribe`` delivers each message to a callback on the transport's own
   thread; every :class:`Delivery` must be acked or rejected, and what is left
   unacked when a consumer goes away is delivered again, marked ``redelivered``.
@@ -19,6 +21,7 @@ import collections
 import itertools
 import logging
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,15 +46,23 @@ class ConnectionLostError(TransportError):
     """The connection went away before the broker confirmed the message."""
 
 
+class QueueInUseError(TransportError):
+    """Another consumer in this process already takes this queue's messages."""
+
+
 @dataclass
 class QueueSpec:
     """A queue to consume: a named one that must exist, or (``name=None``) a
     private, server-named queue bound to ``exchange`` with ``routing_key``,
-    made again whenever the connection is."""
+    made again whenever the connection is. With ``declare``, a named queue
+    that is missing is declared as a results queue (see
+    :meth:`Transport.declare_results_queue`, bound to ``exchange`` with
+    ``routing_key``)."""
 
     name: str | None
     exchange: str = ""
     routing_key: str = ""
+    declare: bool = False
 
     @property
     def private(self) -> bool:
@@ -66,6 +77,13 @@ class Delivery(ABC):
     exchange: str
     routing_key: str
     redelivered: bool
+    message_id: str | None
+
+    @property
+    def live(self) -> bool:
+        """Whether acking still means something: False once the consumer or
+        its connection is gone (the broker then delivers the message again)."""
+        return True
 
     @abstractmethod
     def ack(self) -> None:
@@ -81,6 +99,9 @@ Callback = Callable[[Delivery], None]
 
 
 class Subscription(ABC):
+    #: Done once consuming has started; failed (``TransportError``) if it cannot.
+    ready: Future[None]
+
     @abstractmethod
     def cancel(self) -> None:
         """Stop consuming; unacked messages go back to the queue."""
@@ -90,12 +111,31 @@ class Transport(ABC):
     """A connection to a broker (see the module text for the semantics)."""
 
     @abstractmethod
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
-        """Publish persistently with ``mandatory``; resolves when the broker has it."""
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
+                message_id: str | None = None) -> Future[None]:
+        """Publish persistently with ``mandatory``; resolves when the broker has it.
+        ``message_id`` defaults to a new unique one."""
 
     @abstractmethod
-    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
-        """Consume ``queue``, calling ``callback`` on the transport's thread."""
+    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
+                  wait: float | None = 30.0) -> Subscription:
+        """Consume ``queue``, calling ``callback`` on the transport's thread.
+        Waits up to ``wait`` seconds for consuming to start (raising what
+        stops it); with ``wait=None`` returns at once, and
+        :attr:`Subscription.ready` tells."""
+
+    @property
+    def endpoint(self) -> Any:
+        """What identifies the broker and virtual host this transport reaches."""
+        return id(self)
+
+    def trouble(self) -> str | None:
+        """Why the broker cannot be reached just now, or None."""
+        return None
+
+    def wait_connected(self, timeout: float) -> None:
+        """Return once connected to the broker; :class:`TransportError` (saying
+        why) if that takes longer than ``timeout`` or cannot happen."""
 
     @abstractmethod
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -142,6 +182,10 @@ class Transport(ABC):
 
 # ---- the in-process broker ----------------------------------------------------
 
+def new_message_id() -> str:
+    return f"zocalo-xrc-{uuid.uuid4().hex}"
+
+
 def topic_matches(pattern: str, key: str) -> bool:
     """AMQP topic matching: ``*`` is one word, ``#`` is zero or more."""
     words, keys = pattern.split("."), key.split(".")
@@ -162,6 +206,7 @@ class _Message:
     headers: dict[str, Any]
     exchange: str
     routing_key: str
+    message_id: str | None = None
     redelivered: bool = False
 
 
@@ -227,7 +272,8 @@ class InProcessBroker:
             return len(self._queues[name].consumers)
 
     # messages
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> None:
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
+                message_id: str | None = None) -> None:
         with self._lock:
             if exchange == "":
                 targets = [routing_key] if routing_key in self._queues else []
@@ -238,7 +284,7 @@ class InProcessBroker:
             if not targets:
                 raise UnroutableError(f"unroutable: no queue for exchange {exchange!r} routing key {routing_key!r}")
             for name in targets:
-                self._queues[name].ready.append(_Message(bytes(body), dict(headers), exchange, routing_key))
+                self._queues[name].ready.append(_Message(bytes(body), dict(headers), exchange, routing_key, message_id))
             self._lock.notify_all()
 
     def consume(self, queue: str, consumer: _Consumer) -> None:
@@ -332,8 +378,12 @@ class _Consumer:
 class _InProcessDelivery(Delivery):
     def __init__(self, consumer: _Consumer, tag: int, message: _Message) -> None:
         self._consumer, self._tag = consumer, tag
-        self.body, self.headers = message.body, message.headers
+        self.body, self.headers, self.message_id = message.body, message.headers, message.message_id
         self.exchange, self.routing_key, self.redelivered = message.exchange, message.routing_key, message.redelivered
+
+    @property
+    def live(self) -> bool:
+        return self._tag in self._consumer.unacked
 
     def ack(self) -> None:
         self._consumer.broker.settle(self._consumer, self._tag, None)
@@ -345,6 +395,8 @@ class _InProcessDelivery(Delivery):
 class _InProcessSubscription(Subscription):
     def __init__(self, consumer: _Consumer, private: bool) -> None:
         self._consumer, self._private = consumer, private
+        self.ready = Future()
+        self.ready.set_result(None)
 
     def cancel(self) -> None:
         self._consumer.broker.cancel(self._consumer.queue, self._consumer)
@@ -367,17 +419,25 @@ class InProcessTransport(Transport):
     def __repr__(self) -> str:
         return f"InProcessTransport(connection {self._id})"
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any]) -> Future[None]:
+    @property
+    def endpoint(self) -> Any:
+        return id(self.broker)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
+                message_id: str | None = None) -> Future[None]:
         future: Future[None] = Future()
         try:
-            self.broker.publish(exchange, routing_key, body, headers)
+            self.broker.publish(exchange, routing_key, body, headers, message_id or new_message_id())
             future.set_result(None)
         except TransportError as e:
             future.set_exception(e)
         return future
 
-    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32) -> Subscription:
+    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
+                  wait: float | None = 30.0) -> Subscription:
         name = queue.name
+        if queue.declare and name is not None and not self.broker.queue_exists(name):
+            self.declare_results_queue(name, exchange=queue.exchange or "results", routing_key=queue.routing_key or name)
         if queue.private:
             name = self.broker.new_private_queue(self._id)
             self.broker.declare_exchange(queue.exchange)

@@ -13,7 +13,10 @@ that never blocks an event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import enum
+import hashlib
 import getpass
 import itertools
 import json
@@ -21,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from ._native import XrcResults
 from ._results import GridScan2DResult
 from .config import ConfigurationError, ConnectionSettings, default_environment, looks_like_url
 from .messages import ResultMessage, ResultPayloadError, parse_result_message
-from .transport import Delivery, InProcessTransport, QueueSpec, Subscription, Transport, TransportError
+from .transport import Delivery, InProcessTransport, QueueInUseError, QueueSpec, Subscription, Transport, TransportError
 
 if TYPE_CHECKING:
     from ._native import SortKey
@@ -48,6 +52,11 @@ RECIPE = "mimas"
 class NoResultsFromZocaloError(TimeoutError):
     """No answer from Zocalo in time. (An answer of no crystal is an empty
     result set, not this.)"""
+
+
+class TriggerTimeoutError(TransportError, TimeoutError):
+    """The broker did not confirm a trigger in time. What had not left was
+    withdrawn; the message says what may still arrive."""
 
 
 IN_PROCESS = "in-process"
@@ -96,60 +105,69 @@ def connect(connection: Connection | ConnectionSettings) -> Transport:
     return AmqpTransport.shared(where) if isinstance(where, ConnectionSettings) else where
 
 
+#: How long a result being handed over (``running``) may still take: it is
+#: being set on the I/O thread at that moment.
+_GRACE_S = 5.0
+
+
 def wait_for(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
-    """Block until ``future`` is done. On timeout, cancel it if it has not
-    started; if it has, its result is moments away and is returned."""
+    """Block until ``future`` is done, at most ``timeout`` seconds. On timeout,
+    cancel it if it has not started; if it has, its result is being set at
+    this moment and is returned."""
     try:
         return future.result(timeout=timeout)
     except FutureTimeout:
         if future.cancel():
             raise on_timeout() from None
-        return future.result()
+        return future.result(timeout=_GRACE_S)
 
 
 async def wait_for_async(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
     """:func:`wait_for` for asyncio: the event loop is never blocked."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: Future[T]) -> None:
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-
-    future.add_done_callback(wake)
-    try:
-        await asyncio.wait_for(asyncio.shield(done), timeout)
-    except asyncio.TimeoutError:
+    if not await _done_async([future], timeout, first_error=False):
         if future.cancel():
             raise on_timeout() from None
-        await done
-    except asyncio.CancelledError:
-        future.cancel()
-        raise
-    return future.result()
+        await _done_async([future], _GRACE_S, first_error=False)
+    return future.result(timeout=0)
 
 
-def _gather(futures: list[Future[None]]) -> Future[None]:
-    """One future for many: done when all are, failed when the first one fails."""
-    done: Future[None] = Future()
-    lock = threading.Lock()
-    left = [len(futures)]
+async def _done_async(futures: list[Future[Any]], timeout: float, *, first_error: bool) -> bool:
+    """Wait without blocking the event loop until every future is done (or,
+    with ``first_error``, one has failed); False at ``timeout``. Cancelling the
+    waiting task cancels the futures that have not started."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
 
-    def settle(f: Future[None]) -> None:
-        error = TransportError("cancelled") if f.cancelled() else f.exception()
-        with lock:
-            left[0] -= 1
-            if (error is None and left[0] > 0) or done.running() or done.done():
-                return
-            if not done.set_running_or_notify_cancel():
-                return  # the caller gave up waiting
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
+    def finished() -> bool:
+        return all(f.done() for f in futures) or (
+            first_error and any(f.done() and not f.cancelled() and f.exception() is not None for f in futures))
+
+    def check(_: Future[Any]) -> None:
+        if finished():
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
 
     for f in futures:
-        f.add_done_callback(settle)
-    return done
+        f.add_done_callback(check)
+    if finished():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return finished()
+    except asyncio.CancelledError:
+        for f in futures:
+            f.cancel()
+        raise
+    return True
+
+
+def message_id_for(body: bytes) -> str:
+    """The same message, the same id: a message sent twice (a retry after an
+    unconfirmed send) can be recognised by whoever receives both."""
+    return f"zocalo-xrc-{hashlib.sha256(body).hexdigest()[:32]}"
 
 
 def zocalo_headers() -> dict[str, str]:
@@ -246,8 +264,8 @@ class ZocaloTrigger(_UsesBroker):
         self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
 
-    def _send(self, messages: list[dict[str, Any]], what: str) -> Future[None]:
-        """Publish every message at once; one future for all their confirms.
+    def _send(self, messages: list[dict[str, Any]], what: str) -> list[tuple[Future[None], str]]:
+        """Publish every message at once; each one's confirm future and id.
         (Bodies are made first, so that the publishes follow each other closely
         enough to share one wake-up of the I/O thread.)"""
         log.info("Zocalo %s", what)
@@ -255,10 +273,44 @@ class ZocaloTrigger(_UsesBroker):
             self._headers = zocalo_headers()
         bodies = [json.dumps({"recipes": [self.recipe], "parameters": m}).encode() for m in messages]
         transport = self.transport
-        return _gather([transport.publish("", PROCESSING_QUEUE, body, self._headers) for body in bodies])
+        return [(transport.publish("", PROCESSING_QUEUE, body, self._headers, mid), mid)
+                for body, mid in ((body, message_id_for(body)) for body in bodies)]
 
-    def _timeout(self, what: str) -> Callable[[], Exception]:
-        return lambda: TransportError(f"the broker did not confirm {what} within {self.timeout_s} s")
+    def _settle(self, sent: list[tuple[Future[None], str]], what: str) -> None:
+        """After the wait: return if the broker confirmed every message, else
+        withdraw what has not left (it is never sent) and raise, saying which
+        messages may still arrive."""
+        failed = [f.exception() for f, _ in sent if f.done() and not f.cancelled() and f.exception() is not None]
+        pending = [(f, mid) for f, mid in sent if not f.done()]
+        withdrawn = [mid for f, mid in pending if f.cancel()]
+        in_flight = [mid for f, mid in pending if not f.cancelled()]
+        if not failed and not pending:
+            return
+        fates = []
+        if withdrawn:
+            fates.append(f"{len(withdrawn)} message(s) withdrawn, never to be sent")
+        if in_flight:
+            fates.append(f"{len(in_flight)} handed to the broker unconfirmed, which may still arrive: a retry sends "
+                         f"it again with the same message_id ({', '.join(in_flight)})")
+        if failed:
+            error = failed[0]
+            assert error is not None
+            if fates:
+                error.args = (f"{error}; of the others, {'; '.join(fates)}",)
+            raise error
+        trouble = self.transport.trouble()
+        raise TriggerTimeoutError(f"the broker did not confirm {what} within {self.timeout_s} s"
+                                  f"{f' ({trouble})' if trouble else ''}: {'; '.join(fates)}")
+
+    def _deliver(self, messages: list[dict[str, Any]], what: str) -> None:
+        sent = self._send(messages, what)
+        concurrent.futures.wait([f for f, _ in sent], timeout=self.timeout_s, return_when=concurrent.futures.FIRST_EXCEPTION)
+        self._settle(sent, what)
+
+    async def _deliver_async(self, messages: list[dict[str, Any]], what: str) -> None:
+        sent = self._send(messages, what)
+        await _done_async([f for f, _ in sent], self.timeout_s, first_error=True)
+        self._settle(sent, what)
 
     @staticmethod
     def _starts(infos: tuple[StartInfo, ...]) -> tuple[list[dict[str, Any]], str]:
@@ -271,24 +323,24 @@ class ZocaloTrigger(_UsesBroker):
 
     def run_start(self, info: StartInfo, *more: StartInfo) -> None:
         """Tell Zocalo a collection has started (give both grids of a 3D scan
-        at once to have their messages in flight together); returns once the
-        broker has confirmed every message, or raises ``TransportError`` after
-        ``timeout_s`` (a message the broker took late may still arrive)."""
-        messages, what = self._starts((info, *more))
-        wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
+        at once to have their messages in flight together). Returns once the
+        broker has confirmed every message; after ``timeout_s`` raises
+        :class:`TriggerTimeoutError`, having withdrawn what was not sent and
+        saying what may still arrive (the same message always has the same
+        ``message_id``, so a duplicate can be recognised)."""
+        self._deliver(*self._starts((info, *more)))
 
     def run_end(self, dcid: int, *more: int) -> None:
         """Tell Zocalo a collection's data is written: process it."""
-        messages, what = self._ends((dcid, *more))
-        wait_for(self._send(messages, what), self.timeout_s, self._timeout(what))
+        self._deliver(*self._ends((dcid, *more)))
 
     async def run_start_async(self, info: StartInfo, *more: StartInfo) -> None:
-        messages, what = self._starts((info, *more))
-        await wait_for_async(self._send(messages, what), self.timeout_s, self._timeout(what))
+        """:meth:`run_start` without blocking the event loop, connecting included."""
+        await self._deliver_async(*self._starts((info, *more)))
 
     async def run_end_async(self, dcid: int, *more: int) -> None:
-        messages, what = self._ends((dcid, *more))
-        await wait_for_async(self._send(messages, what), self.timeout_s, self._timeout(what))
+        """:meth:`run_end` without blocking the event loop, connecting included."""
+        await self._deliver_async(*self._ends((dcid, *more)))
 
 
 class Source(enum.Enum):
@@ -336,6 +388,36 @@ class _Arrival(NamedTuple):
     seq: int
     delivery: Delivery
     message: ResultMessage
+    key: str  # the body's digest: the same result delivered again has the same key
+
+
+#: Which receiver consumes which durable queue, per broker, in this process.
+_CONSUMING: dict[tuple[Any, str], weakref.ref[Any]] = {}
+_CONSUMING_LOCK = threading.Lock()
+
+
+def _claim_queue(transport: Transport, queue: str, receiver: Any) -> None:
+    """Refuse a second consumer of one durable results queue in a process:
+    each would take, and dead-letter, the results the other waits for."""
+    key = (transport.endpoint, queue)
+    with _CONSUMING_LOCK:
+        holder = _CONSUMING.get(key)
+        other = holder() if holder is not None else None
+        if other is not None and other is not receiver:
+            raise QueueInUseError(
+                f"{queue} is already consumed by another {type(other).__name__} in this process: two would take "
+                f"each other's results. Share that one, or give this one private_queue=True (a queue of its own "
+                f"that sees every result)"
+            )
+        _CONSUMING[key] = weakref.ref(receiver)
+
+
+def _release_queue(transport: Transport, queue: str, receiver: Any) -> None:
+    key = (transport.endpoint, queue)
+    with _CONSUMING_LOCK:
+        holder = _CONSUMING.get(key)
+        if holder is not None and holder() in (receiver, None):
+            del _CONSUMING[key]
 
 
 class _Waiter(Generic[R]):
@@ -394,6 +476,8 @@ class _Receiver(_UsesBroker, Generic[R]):
         compare_wait_s: float = 10.0,
         prefetch: int = 32,
     ) -> None:
+        if prefetch < 2:
+            raise ValueError(f"prefetch must be at least 2 (one result to hold while waiting, one to take), got {prefetch}")
         if sort_key not in ("max_count", "total_count", "n_voxels"):
             raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
         try:
@@ -415,26 +499,70 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._state = threading.Lock()
         self._held: list[_Arrival] = []  # in order of arrival
         self._arrivals = itertools.count()
+        self._handed: collections.OrderedDict[str, None] = collections.OrderedDict()  # I/O thread only
         self._waiter: _Waiter[R] | None = None
 
-    def subscribe(self) -> None:
-        """Start consuming results (done by the first trigger if not before)."""
+    def subscribe(self, *, timeout_s: float | None = 10.0) -> None:
+        """Start consuming results (the first trigger does it if nothing did):
+        declares ``xrc.<beamline>`` where it is missing, as Diamond's
+        deployment does. Waits up to ``timeout_s`` for consuming to start
+        (``None``: returns at once, consuming starts when it can) and raises
+        :class:`TransportError` if it cannot; the subscription stays, and
+        starts once the broker can be reached."""
+        subscription = self._subscribe()
+        if timeout_s is None:
+            return
+        done, _ = concurrent.futures.wait([subscription.ready], timeout=timeout_s)
+        if not done:
+            raise TransportError(f"cannot consume {self._what_queue()} within {timeout_s} s: "
+                                 f"{self.transport.trouble() or 'no answer from the broker'}")
+        subscription.ready.result()
+
+    def _what_queue(self) -> str:
+        return "a private results queue" if self.private_queue else self.queue
+
+    def _subscribe(self) -> Subscription:
+        """The subscription, made if there is none (it never waits)."""
         with self._lock:
-            if self._subscription is None:
-                transport = self.transport
-                if self.private_queue:
-                    spec = QueueSpec(None, "results", self.routing_key)
-                else:
-                    if not transport.queue_exists(self.queue):
-                        transport.declare_results_queue(self.queue, routing_key=self.routing_key)
-                    spec = QueueSpec(self.queue)
-                self._subscription = transport.subscribe(spec, self._on_delivery, prefetch=self.prefetch)
-                log.info("subscribed to %s", "a private results queue" if self.private_queue else self.queue)
+            if self._subscription is not None:
+                return self._subscription
+            transport = self.transport
+            if self.private_queue:
+                spec = QueueSpec(None, "results", self.routing_key)
+            else:
+                _claim_queue(transport, self.queue, self)
+                spec = QueueSpec(self.queue, "results", self.routing_key, declare=True)
+            try:
+                subscription = self._subscription = transport.subscribe(spec, self._on_delivery, prefetch=self.prefetch,
+                                                                        wait=None)
+            except Exception:
+                _release_queue(transport, self.queue, self)
+                raise
+        subscription.ready.add_done_callback(lambda f: self._subscribed(subscription, f))
+        return subscription
+
+    def _subscribed(self, subscription: Subscription, ready: Future[None]) -> None:
+        error = ready.exception() if not ready.cancelled() else TransportError("cancelled")
+        if error is None:
+            log.info("consuming %s", self._what_queue())
+            return
+        log.error("cannot consume %s: %s", self._what_queue(), error)
+        with self._lock:  # a later trigger tries again
+            if self._subscription is subscription:
+                self._subscription = None
+                if not self.private_queue:
+                    _release_queue(self.transport, self.queue, self)
+        with self._state:
+            waiter = self._waiter
+        if waiter is not None:
+            self.transport.call_soon(lambda: self._fail(waiter, error))
 
     def close(self) -> None:
         """Stop consuming; what was held unacked goes back to the queue."""
         with self._lock:
             subscription, self._subscription = self._subscription, None
+            if subscription is not None and not self.private_queue:
+                _release_queue(self.transport, self.queue, self)
         if subscription is not None:
             subscription.cancel()
 
@@ -450,7 +578,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         ids = frozenset([dcids] if isinstance(dcids, int) else (dcids or ()))
         if not ids and dcgid is None:
             raise ValueError("trigger: name the collection, with dcids= and/or dcgid=")
-        self.subscribe()
+        subscription = self._subscribe()
         with self._lock:
             if self._busy:
                 raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
@@ -460,10 +588,14 @@ class _Receiver(_UsesBroker, Generic[R]):
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
         with self._state:
-            if self._waiter is None and not self._held:  # else an earlier waiter's uninstall comes first
+            installed = self._waiter is None and not self._held  # else an earlier waiter's uninstall comes first
+            if installed:
                 self._waiter = waiter
-                return waiter
-        self.transport.call_soon(lambda: self._install(waiter))
+        if not installed:
+            self.transport.call_soon(lambda: self._install(waiter))
+        ready = subscription.ready
+        if ready.done() and (ready.cancelled() or ready.exception() is not None):  # failed before we waited
+            self._subscribed(subscription, ready)
         return waiter
 
     def _finish(self, outcome: tuple[R, ResultMessage, SourceComparison[R] | None]) -> R:
@@ -473,7 +605,9 @@ class _Receiver(_UsesBroker, Generic[R]):
 
     def _give_up(self, waiter: _Waiter[R], timeout: float) -> Callable[[], Exception]:
         def error() -> Exception:
-            return NoResultsFromZocaloError(f"no X-ray centring results for {waiter.describe()} within {timeout} s")
+            trouble = self.transport.trouble()
+            return NoResultsFromZocaloError(f"no X-ray centring results for {waiter.describe()} within {timeout} s"
+                                            f"{f' ({trouble})' if trouble else ''}")
 
         return error
 
@@ -523,12 +657,25 @@ class _Receiver(_UsesBroker, Generic[R]):
             log.error("rejecting a result on %s: not a recipe envelope naming a collection", self.queue)
             delivery.reject(requeue=False)
             return
-        arrival = _Arrival(next(self._arrivals), delivery, message)
+        key = hashlib.sha256(delivery.body).hexdigest()
+        if key in self._handed:
+            log.info("a result for DCID %s / DCGID %s came again (redelivered after a reconnect); it was handed over "
+                     "already: acked, not handed over twice", message.dcid, message.dcgid)
+            delivery.ack()
+            return
+        arrival = _Arrival(next(self._arrivals), delivery, message, key)
         with self._state:
             waiter = self._waiter
             if waiter is None:
+                self._held = [a for a in self._held if a.delivery.live]  # the broker has the others again
                 self._held.append(arrival)
-                return
+                evicted = self._held[: max(0, len(self._held) - (self.prefetch - 1))]
+                del self._held[: len(evicted)]
+        if waiter is None:
+            for old in evicted:  # holding them all would stop consumption: the broker sends no more
+                self._discard(old, f"nobody asked for it, and holding more than {self.prefetch - 1} results "
+                                   "would stop consuming")
+            return
         if waiter.matches(message):
             self._offer(waiter, arrival)
         else:
@@ -556,6 +703,8 @@ class _Receiver(_UsesBroker, Generic[R]):
             if self._waiter is not waiter:  # done already: keep the rest for later
                 self._put_back(held[i:])
                 return
+            if not arrival.delivery.live:
+                continue  # from a lost connection or consumer: the broker delivers it again
             if waiter.matches(arrival.message):
                 self._offer(waiter, arrival)
             else:
@@ -624,6 +773,9 @@ class _Receiver(_UsesBroker, Generic[R]):
         assert primary is not None
         for arrival in waiter.received.values():
             arrival.delivery.ack()
+            self._handed[arrival.key] = None
+        while len(self._handed) > 1024:
+            self._handed.popitem(last=False)
         message = waiter.received[primary].message
         got = {s: self._sorted(a.message) for s, a in waiter.received.items()}  # each sorted once
         comparison = None
