@@ -9,7 +9,7 @@
 
 use crate::error::{InputError, Result};
 use crate::grid::Grid;
-use crate::label::{Labels, Runs};
+use crate::label::{Labels, Over, Runs, RunsBuilder};
 use crate::wells::Wells;
 
 /// Parameters of a 3D centring.
@@ -23,6 +23,68 @@ pub struct Params {
     pub sample_id: Option<i64>,
     /// The wells of a multi-sample pin; empty for a single-sample pin.
     pub wells: Wells,
+    /// The most runs (stretches of kept voxels along z) a centring may hold:
+    /// memory is ~24 bytes per run beyond the inputs.
+    pub max_runs: usize,
+}
+
+/// The default of [`Params::max_runs`]: 2^24 runs, ~400 MB at the most.
+pub const MAX_RUNS: usize = 1 << 24;
+
+/// How many voxels are scanned between two asks whether to go on (~ms of work).
+const CHECK_EVERY: usize = 1 << 24;
+
+/// Why a centring stopped without a result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Halt {
+    /// Input it cannot work with, or more runs than `max_runs`.
+    Input(InputError),
+    /// The caller's `keep_going` said stop.
+    Interrupted,
+    /// Memory for the runs could not be had.
+    OutOfMemory(String),
+}
+
+impl From<InputError> for Halt {
+    fn from(e: InputError) -> Halt {
+        Halt::Input(e)
+    }
+}
+
+/// The halt for a builder that stopped taking runs.
+fn over(o: Over) -> Halt {
+    match o {
+        Over::Limit(limit) => Halt::Input(InputError::new(format!(
+            "the thresholded volume splits into more than {limit} runs (stretches of voxels along z), the \
+             limit max_runs; memory grows ~24 bytes per run: raise max_runs, or check the counts"
+        ))),
+        Over::Memory(n) => Halt::OutOfMemory(format!("no memory for more than {n} runs of voxels")),
+    }
+}
+
+/// Scanning work done, and the caller asked every [`CHECK_EVERY`] voxels
+/// whether to go on.
+struct Progress<'a> {
+    scanned: usize,
+    keep_going: &'a mut dyn FnMut() -> bool,
+}
+
+impl Progress<'_> {
+    /// Count `voxels` scanned; after a row, check the builder and the caller.
+    #[inline]
+    fn row(&mut self, voxels: usize, builder: &RunsBuilder) -> std::result::Result<(), Halt> {
+        if let Some(o) = builder.over {
+            return Err(over(o));
+        }
+        self.scanned += voxels;
+        if self.scanned >= CHECK_EVERY {
+            self.scanned = 0;
+            if !(self.keep_going)() {
+                return Err(Halt::Interrupted);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Params {
@@ -32,6 +94,7 @@ impl Default for Params {
             threshold_absolute: 0.0,
             sample_id: None,
             wells: Wells::default(),
+            max_runs: MAX_RUNS,
         }
     }
 }
@@ -58,12 +121,28 @@ const MAX_VOXELS: u128 = 1 << 40;
 /// Centre the two grids `xy` (`nx x ny`) and `xz` (`nx x nz`). Results are
 /// sorted by `total_count`, largest first, ties in label order.
 pub fn centre_3d(xy: &Grid<i64>, xz: &Grid<i64>, params: &Params) -> Result<Vec<Xrc3d>> {
+    centre_3d_with(xy, xz, params, &mut || true).map_err(|h| match h {
+        Halt::Input(e) => e,
+        Halt::Interrupted => InputError::new("interrupted"),
+        Halt::OutOfMemory(m) => InputError::new(m),
+    })
+}
+
+/// [`centre_3d`], asking `keep_going` now and then (every few ms of
+/// scanning) whether to go on, and telling running out of memory apart.
+pub fn centre_3d_with(
+    xy: &Grid<i64>,
+    xz: &Grid<i64>,
+    params: &Params,
+    keep_going: &mut dyn FnMut() -> bool,
+) -> std::result::Result<Vec<Xrc3d>, Halt> {
     let (xy, xz) = prepare(xy, xz, params)?;
+    let mut progress = Progress { scanned: 0, keep_going };
     let (runs, region_of_run) = if params.wells.is_multi_sample() {
-        kept_runs_per_region(&xy, &xz, params.threshold)
+        kept_runs_per_region(&xy, &xz, params, &mut progress)?
     } else {
         (
-            kept_runs_whole_volume(&xy, &xz, params.threshold),
+            kept_runs_whole_volume(&xy, &xz, params, &mut progress)?,
             Vec::new(),
         )
     };
@@ -166,7 +245,13 @@ fn least_passing(a: i64, t: f64, cap: i64) -> Option<i64> {
 }
 
 /// Single-sample pin: one region, the whole volume.
-fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Runs {
+fn kept_runs_whole_volume(
+    xy: &Grid<i64>,
+    xz: &Grid<i64>,
+    params: &Params,
+    progress: &mut Progress,
+) -> std::result::Result<Runs, Halt> {
+    let threshold = params.threshold;
     let (nx, ny) = (xy.nx, xy.ny);
     let row_max: Vec<i64> = (0..nx)
         .map(|x| xz.row(x).iter().copied().max().unwrap_or(0))
@@ -175,9 +260,9 @@ fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Run
         .map(|x| xy.row(x).iter().copied().max().unwrap_or(0) * row_max[x])
         .max()
         .unwrap_or(0);
-    let mut builder = Runs::builder(nx, ny);
+    let mut builder = Runs::builder(nx, ny).with_limit(params.max_runs);
     if max == 0 {
-        return builder.finish();
+        return Ok(builder.finish());
     }
     let t = threshold * max as f64;
     for (x, &b_max) in row_max.iter().enumerate() {
@@ -187,22 +272,30 @@ fn kept_runs_whole_volume(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> Run
             }
             if let Some(b_min) = least_passing(a, t, b_max) {
                 builder.push_at_least(x, y, xz.row(x), 0, b_min);
+                progress.row(xz.ny, &builder)?;
             }
         }
     }
-    builder.finish()
+    Ok(builder.finish())
 }
 
 /// Multi-sample pin: regions are the 26-connected components of `V > 0`, each
 /// thresholded against its own maximum. Returns the kept runs and, per kept
 /// run, the label of its region.
-fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs, Vec<u32>) {
+fn kept_runs_per_region(
+    xy: &Grid<i64>,
+    xz: &Grid<i64>,
+    params: &Params,
+    progress: &mut Progress,
+) -> std::result::Result<(Runs, Vec<u32>), Halt> {
+    let threshold = params.threshold;
     let (nx, ny) = (xy.nx, xy.ny);
-    let mut positive = Runs::builder(nx, ny);
+    let mut positive = Runs::builder(nx, ny).with_limit(params.max_runs);
     for x in 0..nx {
         for (y, &a) in xy.row(x).iter().enumerate() {
             if a > 0 {
                 positive.push_at_least(x, y, xz.row(x), 0, 1);
+                progress.row(xz.ny, &positive)?;
             }
         }
     }
@@ -219,7 +312,7 @@ fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs
             *m = (*m).max(xy.get(x, y) * run_max[i]);
         }
     }
-    let mut kept = Runs::builder(nx, ny);
+    let mut kept = Runs::builder(nx, ny).with_limit(params.max_runs);
     let mut region_of_run = Vec::new();
     for (x, y, range) in positive.rows() {
         let a = xy.get(x, y);
@@ -230,10 +323,11 @@ fn kept_runs_per_region(xy: &Grid<i64>, xz: &Grid<i64>, threshold: f64) -> (Runs
                 let (s, e) = (positive.start[i] as usize, positive.end[i] as usize);
                 let added = kept.push_at_least(x, y, &xz.row(x)[s..e], s, b_min);
                 region_of_run.extend(std::iter::repeat_n(region, added));
+                progress.row(e - s, &kept)?;
             }
         }
     }
-    (kept.finish(), region_of_run)
+    Ok((kept.finish(), region_of_run))
 }
 
 /// `v as f64`, rounding as Python's `float(int)` does, fast when `v` fits i64.

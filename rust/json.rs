@@ -6,6 +6,7 @@
 //! them any non-ASCII byte is already a syntax error), nesting at most
 //! `MAX_DEPTH` deep. Nothing here panics on any input.
 
+use crate::error::excerpt;
 use std::borrow::Cow;
 
 /// How deep arrays and objects may nest before the input is refused.
@@ -139,9 +140,9 @@ impl Number<'_> {
     /// The number as an `i64`, if it is an integer that fits.
     pub fn integer(&self) -> Result<i64> {
         if !self.integer {
-            return Err(Error::new(format!("expected an integer, got {}", self.text)));
+            return Err(Error::new(format!("expected an integer, got {}", excerpt(self.text))));
         }
-        parse_i64(self.text).ok_or_else(|| Error::new(format!("integer {} out of range", self.text)))
+        parse_i64(self.text).ok_or_else(|| Error::new(format!("integer {} out of range", excerpt(self.text))))
     }
 }
 
@@ -458,7 +459,7 @@ impl<'a> Parser<'a> {
         let n = self.number()?;
         match n.text.parse::<f64>() {
             Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(Error::new(format!("number {} is out of range", n.text))),
+            _ => Err(Error::new(format!("number {} is out of range", excerpt(n.text)))),
         }
     }
 

@@ -24,7 +24,7 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// Start collecting runs for an `nx x ny` set of rows.
+    /// Start collecting runs for an `nx x ny` set of rows, at most `limit` of them.
     pub fn builder(nx: usize, ny: usize) -> RunsBuilder {
         RunsBuilder {
             runs: Runs {
@@ -33,6 +33,8 @@ impl Runs {
                 ..Runs::default()
             },
             rows: nx * ny,
+            limit: u32::MAX as usize,
+            over: None,
         }
     }
 
@@ -118,13 +120,52 @@ impl Runs {
 pub struct RunsBuilder {
     runs: Runs,
     rows: usize,
+    limit: usize,
+    /// Why runs stopped being taken, if they did: the builder then takes no more.
+    pub over: Option<Over>,
+}
+
+/// Why a [`RunsBuilder`] stopped taking runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// More runs than its limit.
+    Limit(usize),
+    /// No memory for more.
+    Memory(usize),
 }
 
 impl RunsBuilder {
+    /// Take at most `limit` runs (and never more than `u32` indices reach).
+    pub fn with_limit(mut self, limit: usize) -> RunsBuilder {
+        self.limit = limit.min(u32::MAX as usize);
+        self
+    }
+
+    /// Room for one more run, or why there is none (then `over` says so).
+    #[inline]
+    fn room(&mut self) -> bool {
+        let n = self.runs.start.len();
+        if n >= self.limit {
+            self.over = Some(Over::Limit(self.limit));
+            return false;
+        }
+        if n == self.runs.start.capacity() {
+            let more = n.clamp(1024, 1 << 24);
+            if self.runs.start.try_reserve(more).is_err() || self.runs.end.try_reserve(more).is_err() {
+                self.over = Some(Over::Memory(n));
+                return false;
+            }
+        }
+        true
+    }
+
     /// Add the run `[start, end)` to row `(x, y)`. Rows come in raster order,
     /// runs within a row in ascending order with at least one voxel between them.
     #[inline]
     pub fn push(&mut self, x: usize, y: usize, start: usize, end: usize) {
+        if !self.room() {
+            return;
+        }
         let row = x * self.runs.ny + y;
         debug_assert!(start < end);
         debug_assert!(

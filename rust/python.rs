@@ -9,13 +9,13 @@ use numpy::ndarray::Array;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PySlice, PyString, PyTuple, PyType};
 
 use crate::centre2d::{self, Snapshot};
-use crate::centre3d::{self, Params, Xrc3d};
+use crate::centre3d::{self, Halt, Params, Xrc3d};
 use crate::error::InputError;
 use crate::grid::{Grid, Orientation, Scan};
 use crate::json;
@@ -118,6 +118,7 @@ fn centre_3d<'py>(
     sample_id: Option<i64>,
     multipin_sample_ids: HashMap<i64, i64>,
     well_limits: Vec<(f64, f64)>,
+    max_runs: usize,
 ) -> PyResult<XrcResults> {
     let (xy, xz) = (grid_from("xy", &xy)?, grid_from("xz", &xz)?);
     let params = Params {
@@ -128,9 +129,27 @@ fn centre_3d<'py>(
             limits: well_limits,
             sample_ids: multipin_sample_ids,
         },
+        max_runs,
     };
-    let rows = py.detach(|| centre3d::centre_3d(&xy, &xz, &params))?;
-    Ok(XrcResults { rows })
+    // Every few ms of scanning, take the GIL for a moment to see whether a
+    // signal (Ctrl-C) came; its handler's exception is what the caller gets.
+    let mut signal: Option<PyErr> = None;
+    let outcome = py.detach(|| {
+        let mut keep_going = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => true,
+            Err(e) => {
+                signal = Some(e);
+                false
+            }
+        };
+        centre3d::centre_3d_with(&xy, &xz, &params, &mut keep_going)
+    });
+    match outcome {
+        Ok(rows) => Ok(XrcResults { rows }),
+        Err(Halt::Input(e)) => Err(e.into()),
+        Err(Halt::Interrupted) => Err(signal.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))),
+        Err(Halt::OutOfMemory(m)) => Err(PyMemoryError::new_err(m)),
+    }
 }
 
 static XRC_RESULT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -620,6 +639,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(well_limits, m)?)?;
     m.add_function(wrap_pyfunction!(centre_2d, m)?)?;
     m.add_function(wrap_pyfunction!(centre_3d, m)?)?;
+    m.add("MAX_RUNS", centre3d::MAX_RUNS)?;
     m.add_function(wrap_pyfunction!(parse_result_message, m)?)?;
     m.add_function(wrap_pyfunction!(build_result_message, m)?)?;
     m.add_class::<XrcResults>()?;

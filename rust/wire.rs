@@ -7,6 +7,7 @@
 //! rows; nothing is built per result but the row itself.
 
 use crate::centre2d::Xrc2d;
+use crate::error::excerpt;
 use crate::centre3d::Xrc3d;
 use crate::json::{AtPath, Error, Kind, Parser, Result};
 use crate::pyrepr::write_float;
@@ -127,6 +128,9 @@ impl Payload {
     /// Read the member `key` if it is a payload field; false if it is not.
     fn member(&mut self, p: &mut Parser, key: &str) -> Result<bool> {
         match key {
+            "results" if self.results.is_some() => return Err(duplicate(key)),
+            "status" if self.status.is_some() => return Err(duplicate(key)),
+            "type" if self.kind.is_some() => return Err(duplicate(key)),
             "results" => {
                 let mark = p.mark();
                 // 3D is the hot path; a 2D list (or a "type" after the list
@@ -152,7 +156,7 @@ impl Payload {
                 self.kind = Some(match &*p.string()? {
                     "3d" => Type::ThreeD,
                     "2d" => Type::TwoD,
-                    other => return Err(Error::new(format!("expected \"2d\" or \"3d\", got {other:?}"))),
+                    other => return Err(Error::new(format!("expected \"2d\" or \"3d\", got {:?}", excerpt(other)))),
                 })
             }
             _ => return Ok(false),
@@ -221,8 +225,15 @@ fn top_level(p: &mut Parser) -> Result<ResultMessage> {
     let mut steps: Option<Vec<Step>> = None;
     let mut pointer = None;
     let mut environment_id = None;
+    let mut seen = 0u8;
     let mut key = p.object()?;
     while let Some(k) = key {
+        if let Some(bit) = ["payload", "recipe", "recipe-pointer", "environment"].iter().position(|f| *f == k) {
+            if seen & (1 << bit) != 0 {
+                return Err(duplicate(&k));
+            }
+            seen |= 1 << bit;
+        }
         match &*k {
             "payload" => payload = Some(Payload::read(p).in_key("payload")?),
             "recipe" => steps = Some(recipe(p).in_key("recipe")?),
@@ -268,6 +279,9 @@ fn environment(p: &mut Parser) -> Result<Option<String>> {
     let mut key = p.object()?;
     while let Some(k) = key {
         if k == "ID" {
+            if id.is_some() {
+                return Err(duplicate(&k));
+            }
             id = Some(p.string().in_key("ID")?.into_owned());
         } else {
             p.skip().in_key(&k)?;
@@ -281,6 +295,9 @@ fn recipe(p: &mut Parser) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
     let mut key = p.object()?;
     while let Some(k) = key {
+        if steps.iter().any(|s: &Step| s.id == *k) {
+            return Err(duplicate(&k));
+        }
         if k != "start" && p.peek()? == Kind::Object {
             steps.push(step(p, &k).in_key(&k)?);
         } else {
@@ -293,11 +310,23 @@ fn recipe(p: &mut Parser) -> Result<Vec<Step>> {
 
 fn step(p: &mut Parser, id: &str) -> Result<Step> {
     let mut step = Step { id: id.to_owned(), dcid: Ok(None), dcgid: Ok(None), gpu: Ok(false) };
+    let mut parameters_seen = false;
     let mut key = p.object()?;
     while let Some(k) = key {
+        if k == "parameters" && parameters_seen {
+            return Err(duplicate(&k));
+        }
         if k == "parameters" && p.peek()? == Kind::Object {
+            parameters_seen = true;
+            let mut seen = 0u8;
             let mut param = p.object()?;
             while let Some(name) = param {
+                if let Some(bit) = ["dcid", "dcgid", "gpu"].iter().position(|f| *f == name) {
+                    if seen & (1 << bit) != 0 {
+                        return Err(duplicate(&name)).in_key("parameters");
+                    }
+                    seen |= 1 << bit;
+                }
                 match &*name {
                     "dcid" => step.dcid = id_value(p).in_key("dcid").in_key("parameters")?,
                     "dcgid" => step.dcgid = id_value(p).in_key("dcgid").in_key("parameters")?,
@@ -333,7 +362,7 @@ fn id_value(p: &mut Parser) -> Result<Result<Option<i64>>> {
             let s = p.string()?;
             match s.parse::<i64>() {
                 Ok(v) if s.bytes().all(|b| b.is_ascii_digit() || b == b'-') => Ok(Some(v)),
-                _ => Err(Error::new(format!("expected an integer or a string of digits, got {s:?}"))),
+                _ => Err(Error::new(format!("expected an integer or a string of digits, got {:?}", excerpt(&s)))),
             }
         }
         other => {
@@ -359,8 +388,11 @@ fn list_into<T>(p: &mut Parser, out: &mut Vec<T>, mut item: impl FnMut(&mut Pars
 }
 
 fn results_3d(p: &mut Parser) -> Result<Vec<Xrc3d>> {
-    let mut rows = Vec::with_capacity(p.remaining() / 256);
+    // A guess from the bytes left (a row takes ~200), bounded: what follows
+    // the list may be anything, and the rows outlive the message's bytes.
+    let mut rows = Vec::with_capacity((p.remaining() / 256).min(64));
     list_into(p, &mut rows, result_3d)?;
+    rows.shrink_to_fit();
     Ok(rows)
 }
 
@@ -414,6 +446,12 @@ fn nullable<T>(p: &mut Parser, value: impl FnOnce(&mut Parser) -> Result<T>) -> 
     }
 }
 
+/// A key given twice in one object: Python's `json` (and so `workflows`)
+/// takes the last, other readers the first, so neither is taken.
+fn duplicate(key: &str) -> Error {
+    Error::new(format!("duplicate key {:?}: JSON readers disagree on which one counts", excerpt(key)))
+}
+
 /// Fail with the first of `names` whose bit is missing from `seen`.
 fn require(seen: u32, required: u32, names: &[&str]) -> Result<()> {
     let missing = required & !seen;
@@ -454,6 +492,7 @@ fn result_3d(p: &mut Parser) -> Result<Xrc3d> {
     }
     while let Some(k) = key {
         match FIELDS_3D.iter().position(|f| *f == k) {
+            Some(bit) if seen & (1 << bit) != 0 => return Err(duplicate(&k)),
             Some(bit) => {
                 field_3d(p, &mut r, bit).in_key(&k)?;
                 seen |= 1 << bit;
@@ -532,6 +571,9 @@ fn result_2d(p: &mut Parser) -> Result<Wire2d> {
             key = p.object_next()?;
             continue;
         };
+        if seen & (1 << bit) != 0 {
+            return Err(duplicate(&k));
+        }
         let float = |p: &mut Parser| nullable(p, |p| p.float());
         let int = |p: &mut Parser| nullable(p, |p| p.int());
         (|| -> Result<()> {

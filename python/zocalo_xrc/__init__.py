@@ -10,6 +10,7 @@ from importlib.metadata import version as _version
 
 from ._native import XrcResults
 from ._results import GridScan2DResult, XrcResult
+from ._native import MAX_RUNS
 from .centring import (
     MULTIPIN_THRESHOLD,
     MULTIPIN_THRESHOLD_ABSOLUTE,
@@ -62,6 +63,7 @@ __all__ = [
     "ZocaloResults2D",
     "ZocaloStartInfo",
     "ZocaloTrigger",
+    "MAX_RUNS",
     "MULTIPIN_THRESHOLD",
     "MULTIPIN_THRESHOLD_ABSOLUTE",
     "MotorPosition",

@@ -37,7 +37,13 @@ def centre_3d(
     sample_id: int | None,
     multipin_sample_ids: Mapping[int, int],
     well_limits: list[tuple[float, float]],
-) -> XrcResults: ...
+    max_runs: int,
+) -> XrcResults:
+    """Raises ValueError (bad input, more than ``max_runs`` runs), MemoryError,
+    or what a signal handler raises (KeyboardInterrupt): the call checks for
+    signals every few milliseconds of scanning."""
+
+MAX_RUNS: int
 
 class XrcResults:
     """3D X-ray centring results: a sequence of ``XrcResult`` held as columns.

@@ -12,8 +12,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 from . import _native
 from ._counts import counts_array
-from ._native import XrcResults
+from ._native import MAX_RUNS, XrcResults
 from ._results import GridScan2DResult
+from ._text import quoted
 from .grid import GridInfo, reshape_grid
 
 #: The thresholds Diamond's service uses on multi-sample pins.
@@ -70,10 +71,19 @@ def centre_3d(
     sample_id: int | None = None,
     multipin_sample_ids: Mapping[int | str, int] | None = None,
     well_limits: Sequence[tuple[float, float]] | None = None,
+    max_runs: int = MAX_RUNS,
 ) -> XrcResults:
     """Centre two grids that share x: ``xy`` of shape ``(nx, ny)`` and ``xz`` of
     shape ``(nx, nz)``, both laid out ``A[x][...]`` (see :func:`reshape_grid`).
-    Results come sorted by ``total_count``, largest first."""
+    Results come sorted by ``total_count``, largest first.
+
+    Memory beyond the inputs is ~24 bytes per *run* (a stretch of kept voxels
+    along z), at most ``max_runs`` of them (default 2^24, ~400 MB): a volume
+    that splits into more raises ``ValueError``; memory that cannot be had,
+    ``MemoryError``. Time is the scanned rows' voxels / 64 plus the runs, and
+    the call stops on Ctrl-C (it checks for signals every few ms)."""
+    if isinstance(max_runs, bool) or not isinstance(max_runs, numbers.Integral) or not 0 < max_runs < 2**32:
+        raise ValueError(f"max_runs must be an integer from 1 to 2^32 - 1, got {quoted(max_runs)}")
     return _native.centre_3d(
         counts_array(xy, 2, "xy"),
         counts_array(xz, 2, "xz"),
@@ -82,6 +92,7 @@ def centre_3d(
         _sample_id("sample_id", sample_id),
         _multipin_ids(multipin_sample_ids),
         _well_limits(well_limits),
+        int(max_runs),
     )
 
 
@@ -117,7 +128,7 @@ def _reshape(scan: GridScan, name: str) -> Any:
 
 def _finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {quoted(value)}")
     return float(value)
 
 
@@ -125,7 +136,9 @@ def _sample_id(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer or None, got {value!r}")
+        raise ValueError(f"{name} must be an integer or None, got {quoted(value)}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in 64 bits, got {quoted(value)}")
     return int(value)
 
 
@@ -138,10 +151,10 @@ def _multipin_ids(ids: Mapping[int | str, int] | None) -> dict[int, int]:
         try:
             number = int(well)
         except (TypeError, ValueError):
-            raise ValueError(f"multipin_sample_ids: well number {well!r} is not an integer") from None
-        value = _sample_id(f"multipin_sample_ids[{well!r}]", sid)
+            raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is not an integer") from None
+        value = _sample_id(f"multipin_sample_ids[{quoted(well)}]", sid)
         if value is None:
-            raise ValueError(f"multipin_sample_ids[{well!r}] must be a sample id, got None")
+            raise ValueError(f"multipin_sample_ids[{quoted(well)}] must be a sample id, got None")
         out[number] = value
     return out
 
@@ -154,6 +167,6 @@ def _well_limits(limits: Sequence[tuple[float, float]] | None) -> list[tuple[flo
         try:
             lo, hi = pair
         except (TypeError, ValueError):
-            raise ValueError(f"well_limits[{k}]: expected a (lower, upper) pair, got {pair!r}") from None
+            raise ValueError(f"well_limits[{k}]: expected a (lower, upper) pair, got {quoted(pair)}") from None
         out.append((_finite(f"well_limits[{k}][0]", lo), _finite(f"well_limits[{k}][1]", hi)))
     return out

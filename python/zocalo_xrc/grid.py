@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _native
 from ._counts import counts_array
+from ._text import quoted
 
 Orientation = Literal["horizontal", "vertical"]
 
@@ -54,7 +55,7 @@ class GridInfo:
             try:
                 return gridinfo[key]
             except KeyError:
-                raise ValueError(f"gridinfo: missing key {key!r}") from None
+                raise ValueError(f"gridinfo: missing key {quoted(key)}") from None
 
         fields: dict[str, Any] = {key: _steps(key, get(key)) for key in ("steps_x", "steps_y")}
         for key, attr in _FLOAT_KEYS.items():
@@ -84,23 +85,29 @@ class GridInfo:
         )
 
 
+#: The most boxes along one side of a grid (beamline grids have tens to hundreds).
+MAX_STEPS = 2**31 - 1
+
+
 def _steps(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"gridinfo: {key} must be a number, got {value!r}")
-    if not (math.isfinite(value) and float(value).is_integer()):
-        raise ValueError(f"gridinfo: {key} must be a whole number, got {value!r}")
+        raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
+    if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"gridinfo: {key} must be a whole number, got {quoted(value)}")
     if value < 1:
-        raise ValueError(f"gridinfo: {key} must be positive, got {value!r}")
+        raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
+    if value > MAX_STEPS:
+        raise ValueError(f"gridinfo: {key} must be at most {MAX_STEPS}, got {quoted(value)}")
     return int(value)
 
 
 def _number(key: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"gridinfo: {key} must be a number, got {value!r}")
+        raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
     if not math.isfinite(value):
-        raise ValueError(f"gridinfo: {key} must be finite, got {value!r}")
+        raise ValueError(f"gridinfo: {key} must be finite, got {quoted(value)}")
     if positive and value <= 0:
-        raise ValueError(f"gridinfo: {key} must be positive, got {value!r}")
+        raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
     return float(value)
 
 
@@ -109,13 +116,13 @@ def _flag(key: str, value: Any) -> bool:
         return value
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"gridinfo: {key} must be true/false or 0/1, got {value!r}")
+    raise ValueError(f"gridinfo: {key} must be true/false or 0/1, got {quoted(value)}")
 
 
 def _orientation(value: Any) -> Orientation:
     if isinstance(value, str) and value.lower() in ("horizontal", "vertical"):
         return value.lower()  # type: ignore[return-value]
-    raise ValueError(f"gridinfo: orientation must be 'horizontal' or 'vertical', got {value!r}")
+    raise ValueError(f"gridinfo: orientation must be 'horizontal' or 'vertical', got {quoted(value)}")
 
 
 def reshape_grid(
