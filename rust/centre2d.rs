@@ -131,7 +131,9 @@ pub fn centre_2d(
         builder.push_at_least(0, y, &line, 0, kept_from);
     }
     let runs = builder.finish();
-    let labels = runs.label();
+    let labels = runs
+        .label()
+        .map_err(|_| InputError::new("no memory to label the grid's regions"))?;
     let mut cells = vec![0i64; labels.count()];
     for i in 0..runs.len() {
         cells[labels.of_run[i] as usize] += (runs.end[i] - runs.start[i]) as i64;

@@ -9,7 +9,7 @@
 
 use crate::error::{InputError, Result};
 use crate::grid::Grid;
-use crate::label::{Labels, Over, Runs, RunsBuilder};
+use crate::label::{filled, Labels, Over, Runs, RunsBuilder};
 use crate::wells::Wells;
 
 /// Parameters of a 3D centring.
@@ -23,13 +23,16 @@ pub struct Params {
     pub sample_id: Option<i64>,
     /// The wells of a multi-sample pin; empty for a single-sample pin.
     pub wells: Wells,
-    /// The most runs (stretches of kept voxels along z) a centring may hold:
-    /// memory is ~24 bytes per run beyond the inputs.
+    /// The most runs (stretches of kept voxels along z) a centring may hold.
+    /// Memory beyond the inputs is at most ~24 bytes per run plus ~280 per
+    /// separate region (its statistics and its result), and a region has at
+    /// least one run.
     pub max_runs: usize,
 }
 
-/// The default of [`Params::max_runs`]: 2^24 runs, ~400 MB at the most.
-pub const MAX_RUNS: usize = 1 << 24;
+/// The default of [`Params::max_runs`]: 2^21 runs; ~50 MB for the runs, and
+/// ~650 MB at the very most, results included, when every run is a region.
+pub const MAX_RUNS: usize = 1 << 21;
 
 /// How many voxels are scanned between two asks whether to go on (~ms of work).
 const CHECK_EVERY: usize = 1 << 24;
@@ -137,7 +140,10 @@ pub fn centre_3d_with(
     keep_going: &mut dyn FnMut() -> bool,
 ) -> std::result::Result<Vec<Xrc3d>, Halt> {
     let (xy, xz) = prepare(xy, xz, params)?;
-    let mut progress = Progress { scanned: 0, keep_going };
+    let mut progress = Progress {
+        scanned: 0,
+        keep_going,
+    };
     let (runs, region_of_run) = if params.wells.is_multi_sample() {
         kept_runs_per_region(&xy, &xz, params, &mut progress)?
     } else {
@@ -146,8 +152,8 @@ pub fn centre_3d_with(
             Vec::new(),
         )
     };
-    let labels = runs.label();
-    let stats = accumulate(&xy, &xz, &runs, &labels);
+    let labels = runs.label().map_err(over)?;
+    let stats = accumulate(&xy, &xz, &runs, &labels).map_err(over)?;
     // Label order: raster order, or on a multi-sample pin regions in label
     // order and labels in raster order within each region. Then a stable sort
     // by total count, largest first. Sort indices, not the statistics.
@@ -300,10 +306,10 @@ fn kept_runs_per_region(
         }
     }
     let positive = positive.finish();
-    let regions = positive.label();
+    let regions = positive.label().map_err(over)?;
     // The largest xz value of each run, once: for its region's maximum and its cut-off.
-    let mut run_max = vec![0i64; positive.len()];
-    let mut region_max = vec![0i64; regions.count()];
+    let mut run_max = filled(positive.len(), 0i64).map_err(over)?;
+    let mut region_max = filled(regions.count(), 0i64).map_err(over)?;
     for (x, y, range) in positive.rows() {
         for i in range {
             let b = &xz.row(x)[positive.start[i] as usize..positive.end[i] as usize];
@@ -368,8 +374,14 @@ impl Stats {
 }
 
 /// One pass over the kept runs, in raster order, summing per label.
-fn accumulate(xy: &Grid<i64>, xz: &Grid<i64>, runs: &Runs, labels: &Labels) -> Vec<Stats> {
-    let mut stats: Vec<Stats> = vec![
+fn accumulate(
+    xy: &Grid<i64>,
+    xz: &Grid<i64>,
+    runs: &Runs,
+    labels: &Labels,
+) -> std::result::Result<Vec<Stats>, Over> {
+    let mut stats: Vec<Stats> = filled(
+        labels.count(),
         Stats {
             n: 0,
             total: 0,
@@ -378,9 +390,8 @@ fn accumulate(xy: &Grid<i64>, xz: &Grid<i64>, runs: &Runs, labels: &Labels) -> V
             max_voxel: [0; 3],
             lo: [i64::MAX; 3],
             hi: [i64::MIN; 3],
-        };
-        labels.count()
-    ];
+        },
+    )?;
     for (x, y, range) in runs.rows() {
         let a = xy.get(x, y);
         for i in range {
@@ -418,7 +429,7 @@ fn accumulate(xy: &Grid<i64>, xz: &Grid<i64>, runs: &Runs, labels: &Labels) -> V
             }
         }
     }
-    stats
+    Ok(stats)
 }
 
 #[cfg(test)]

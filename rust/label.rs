@@ -61,10 +61,14 @@ impl Runs {
         self.row_start[r] as usize..self.row_start[r + 1] as usize
     }
 
-    /// Label the runs: runs that touch (26-connectivity) share a label.
-    pub fn label(&self) -> Labels {
+    /// Label the runs: runs that touch (26-connectivity) share a label. Memory
+    /// is 16 bytes per run; `Over::Memory` if it cannot be had.
+    pub fn label(&self) -> Result<Labels, Over> {
         let n = self.len();
-        let mut parent: Vec<u32> = (0..n as u32).collect();
+        let mut parent: Vec<u32> = filled(n, 0)?;
+        for (i, p) in parent.iter_mut().enumerate() {
+            *p = i as u32;
+        }
         let nx = (self.row_start.len() - 1).checked_div(self.ny).unwrap_or(0);
         for x in 0..nx {
             for y in 0..self.ny {
@@ -82,18 +86,28 @@ impl Runs {
                 }
             }
         }
-        let mut label_of_root = vec![u32::MAX; n];
-        let mut of_run = Vec::with_capacity(n);
-        let mut first_run = Vec::new();
+        let mut label_of_root = filled(n, u32::MAX)?;
+        let mut of_run = filled(n, 0)?;
+        let mut labels = 0u32;
         for i in 0..n {
             let root = find(&mut parent, i as u32) as usize;
             if label_of_root[root] == u32::MAX {
-                label_of_root[root] = first_run.len() as u32;
-                first_run.push(i as u32);
+                label_of_root[root] = labels;
+                labels += 1;
             }
-            of_run.push(label_of_root[root]);
+            of_run[i] = label_of_root[root];
         }
-        Labels { of_run, first_run }
+        drop(label_of_root);
+        let mut first_run = parent; // reused: its n slots hold the labels' first runs
+        first_run.truncate(labels as usize);
+        let mut next = 0u32;
+        for (i, &l) in of_run.iter().enumerate() {
+            if l == next {
+                first_run[l as usize] = i as u32;
+                next += 1;
+            }
+        }
+        Ok(Labels { of_run, first_run })
     }
 
     /// Union every pair of touching runs between two rows (both sorted by z).
@@ -149,9 +163,12 @@ impl RunsBuilder {
             self.over = Some(Over::Limit(self.limit));
             return false;
         }
-        if n == self.runs.start.capacity() {
+        if n == self.runs.start.capacity() || n == self.runs.end.capacity() {
             let more = n.clamp(1024, 1 << 24);
-            if self.runs.start.try_reserve(more).is_err() || self.runs.end.try_reserve(more).is_err() {
+            // both, each on its own: one may have grown when the other could not
+            if self.runs.start.try_reserve(more).is_err()
+                || self.runs.end.try_reserve(more).is_err()
+            {
                 self.over = Some(Over::Memory(n));
                 return false;
             }
@@ -240,6 +257,14 @@ impl RunsBuilder {
     }
 }
 
+/// `n` copies of `value`, or `Over::Memory` when there is no room for them.
+pub fn filled<T: Clone>(n: usize, value: T) -> Result<Vec<T>, Over> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Over::Memory(n))?;
+    v.resize(n, value);
+    Ok(v)
+}
+
 /// The component of every run, numbered in raster order of first voxels.
 #[derive(Debug, Clone)]
 pub struct Labels {
@@ -288,7 +313,7 @@ mod tests {
             }
         }
         let runs = b.finish();
-        let labels = runs.label();
+        let labels = runs.label().unwrap();
         let mut out = vec![vec![vec![0; nz]; ny]; nx];
         for (x, y, range) in runs.rows() {
             for i in range {
@@ -382,6 +407,6 @@ mod tests {
     #[test]
     fn empty_set_has_no_labels() {
         let runs = Runs::builder(4, 5).finish();
-        assert_eq!(runs.label().count(), 0);
+        assert_eq!(runs.label().unwrap().count(), 0);
     }
 }

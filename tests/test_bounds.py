@@ -169,3 +169,17 @@ def test_duplicate_keys_are_refused(body, key):
 def test_unknown_keys_may_repeat():
     m = zx.parse_result_message('{"results": [], "type": "3d", "note": 1, "note": 2}')
     assert m.type == "3d" and len(m.results) == 0
+
+
+def test_every_run_its_own_region_within_the_limit_is_bounded_too():
+    """Single voxels that never touch: a region per run, at the default limit."""
+    out = python("""
+import numpy as np, zocalo_xrc as zx
+n = 2 * 1448
+xy = np.tile(np.array([1, 0], np.int64), n // 2).reshape(1, n)
+xz = np.tile(np.array([1, 0], np.int64), n // 2).reshape(1, n)   # 1448 x 1448 isolated voxels, just under 2^21 runs
+print(len(zx.centre_3d(xy, xz, threshold=0.0)))
+""", timeout=300)
+    assert out.returncode == 0, out.stderr
+    regions, peak_mb = out.stdout.split()
+    assert int(regions) == 1448 * 1448 <= zx.MAX_RUNS and int(peak_mb) < 800

@@ -78,9 +78,10 @@ def centre_3d(
     Results come sorted by ``total_count``, largest first.
 
     Memory beyond the inputs is ~24 bytes per *run* (a stretch of kept voxels
-    along z), at most ``max_runs`` of them (default 2^24, ~400 MB): a volume
-    that splits into more raises ``ValueError``; memory that cannot be had,
-    ``MemoryError``. Time is the scanned rows' voxels / 64 plus the runs, and
+    along z) plus ~280 per separate region (its statistics and result), with
+    at most ``max_runs`` runs (default 2^21: ~50 MB of runs, ~650 MB at
+    worst, when every run is a region of its own): a volume that splits into more raises ``ValueError``;
+    memory that cannot be had, ``MemoryError``. Time is the scanned rows' voxels / 64 plus the runs, and
     the call stops on Ctrl-C (it checks for signals every few ms)."""
     if isinstance(max_runs, bool) or not isinstance(max_runs, numbers.Integral) or not 0 < max_runs < 2**32:
         raise ValueError(f"max_runs must be an integer from 1 to 2^32 - 1, got {quoted(max_runs)}")
