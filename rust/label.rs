@@ -89,13 +89,13 @@ impl Runs {
         let mut label_of_root = filled(n, u32::MAX)?;
         let mut of_run = filled(n, 0)?;
         let mut labels = 0u32;
-        for i in 0..n {
+        for (i, label) in of_run.iter_mut().enumerate() {
             let root = find(&mut parent, i as u32) as usize;
             if label_of_root[root] == u32::MAX {
                 label_of_root[root] = labels;
                 labels += 1;
             }
-            of_run[i] = label_of_root[root];
+            *label = label_of_root[root];
         }
         drop(label_of_root);
         let mut first_run = parent; // reused: its n slots hold the labels' first runs
