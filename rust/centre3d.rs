@@ -79,7 +79,13 @@ impl Progress<'_> {
         if let Some(o) = builder.over {
             return Err(over(o));
         }
-        self.scanned += voxels;
+        self.tick(voxels)
+    }
+
+    /// Count `work` done (voxels, or runs); ask the caller now and then.
+    #[inline]
+    fn tick(&mut self, work: usize) -> std::result::Result<(), Halt> {
+        self.scanned += work;
         if self.scanned >= CHECK_EVERY {
             self.scanned = 0;
             if !(self.keep_going)() {
@@ -153,19 +159,25 @@ pub fn centre_3d_with(
         )
     };
     let labels = runs.label().map_err(over)?;
-    let stats = accumulate(&xy, &xz, &runs, &labels).map_err(over)?;
-    // Label order: raster order, or on a multi-sample pin regions in label
-    // order and labels in raster order within each region. Then a stable sort
-    // by total count, largest first. Sort indices, not the statistics.
-    let mut order: Vec<u32> = (0..stats.len() as u32).collect();
-    if params.wells.is_multi_sample() {
-        order.sort_by_key(|&l| (region_of_run[labels.first_run[l as usize] as usize], l));
+    let stats = accumulate(&xy, &xz, &runs, &labels, &mut progress)?;
+    // By total count, largest first; ties in label order (raster order), or on
+    // a multi-sample pin by region, then label. Sort indices, not the
+    // statistics, and in place: nothing here may allocate without asking.
+    let mut order: Vec<u32> = filled(stats.len(), 0u32).map_err(over)?;
+    for (i, o) in order.iter_mut().enumerate() {
+        *o = i as u32;
     }
-    order.sort_by_key(|&l| std::cmp::Reverse(stats[l as usize].total)); // stable
-    Ok(order
-        .iter()
-        .map(|&l| stats[l as usize].result(params))
-        .collect())
+    let multi = params.wells.is_multi_sample();
+    order.sort_unstable_by_key(|&l| {
+        let region = if multi { region_of_run[labels.first_run[l as usize] as usize] } else { 0 };
+        (std::cmp::Reverse(stats[l as usize].total), region, l)
+    });
+    let mut results = Vec::new();
+    results
+        .try_reserve_exact(order.len())
+        .map_err(|_| over(Over::Memory(runs.len())))?;
+    results.extend(order.iter().map(|&l| stats[l as usize].result(params)));
+    Ok(results)
 }
 
 /// Check the inputs and return copies with `threshold_absolute` applied.
@@ -379,7 +391,8 @@ fn accumulate(
     xz: &Grid<i64>,
     runs: &Runs,
     labels: &Labels,
-) -> std::result::Result<Vec<Stats>, Over> {
+    progress: &mut Progress,
+) -> std::result::Result<Vec<Stats>, Halt> {
     let mut stats: Vec<Stats> = filled(
         labels.count(),
         Stats {
@@ -391,10 +404,12 @@ fn accumulate(
             lo: [i64::MAX; 3],
             hi: [i64::MIN; 3],
         },
-    )?;
+    )
+    .map_err(over)?;
     for (x, y, range) in runs.rows() {
         let a = xy.get(x, y);
         for i in range {
+            progress.tick(runs.end[i] as usize - runs.start[i] as usize + 16)?;
             let (start, end) = (runs.start[i] as usize, runs.end[i] as usize);
             let b = &xz.row(x)[start..end];
             let (mut sum_b, mut sum_zb) = (0i128, 0i128);

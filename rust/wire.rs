@@ -293,9 +293,10 @@ fn environment(p: &mut Parser) -> Result<Option<String>> {
 
 fn recipe(p: &mut Parser) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut key = p.object()?;
     while let Some(k) = key {
-        if steps.iter().any(|s: &Step| s.id == *k) {
+        if !seen.insert(k.clone().into_owned()) {
             return Err(duplicate(&k));
         }
         if k != "start" && p.peek()? == Kind::Object {

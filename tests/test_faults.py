@@ -73,7 +73,7 @@ def outage(proxy, through, mode="black_hole", seconds=0.0):
     assert through.connected.wait(20)
 
 
-def test_a_broker_that_comes_back_slowly_never_kills_the_connection(proxy, through, direct, unique, caplog):
+def test_a_broker_that_comes_back_slowly_never_kills_the_connection(proxy, through, direct, processing, unique, caplog):
     """Handshakes that time out, again and again, then the broker is back:
     the I/O thread lives, consuming resumes, publishing works."""
     name = f"xrc.{unique}"
@@ -84,8 +84,10 @@ def test_a_broker_that_comes_back_slowly_never_kills_the_connection(proxy, throu
         assert through._thread.is_alive()
         publish_result(direct, name, [ROW], dcid=11)
         assert list(zocalo.trigger(dcids=11)) == [ROW]
-        direct.declare_queue("processing_recipe")
         zx.ZocaloTrigger(through).run_end(11)
+        m = processing.get(timeout=10)
+        assert b'"ispyb_dcid": 11' in m.body
+        m.ack()
     zocalo.close()
     attempts = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.amqp" and "cannot connect" in r.getMessage()]
     assert len(attempts) >= 2 and all("no AMQP handshake came within 1 s" in m for m in attempts)
@@ -261,3 +263,56 @@ def test_an_outage_logs_one_warning_per_attempt(proxy, caplog):
     assert len(ours) >= 3
     assert all(r.levelno == logging.WARNING and "connection refused" in r.getMessage() and not r.exc_info for r in ours)
     assert [r for r in caplog.records if r.name != "zocalo_xrc.amqp"] == []
+
+
+def test_an_unresolvable_host_is_one_warning_too(caplog):
+    with caplog.at_level(logging.WARNING):
+        t = AmqpTransport(settings("amqp://guest:guest@no-such-broker.invalid/"), connect_timeout=None, max_backoff=0.3)
+        time.sleep(1.0)
+        t.close()
+    ours = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.amqp"]
+    assert ours and all("cannot resolve the host name" in m for m in ours)
+    assert [r for r in caplog.records if r.name != "zocalo_xrc.amqp"] == []
+
+
+def test_a_shared_failure_is_reported_to_each_caller_once(monkeypatch):
+    """One error object failing several queued messages: each caller's
+    message says its own story once."""
+    from concurrent.futures import Future
+
+    error = zx.TransportError("cannot connect to amqp://guest@h:5672/%2F: ACCESS_REFUSED")
+    trigger = zx.ZocaloTrigger("in-process")
+    for _ in range(2):
+        sent = []
+        for _ in range(2):
+            f = Future()
+            f.set_running_or_notify_cancel()
+            f.set_exception(error)
+            sent.append((f, "id"))
+        pending = Future()
+        sent.append((pending, "zocalo-xrc-pending"))
+        with pytest.raises(zx.TransportError) as e:
+            trigger._settle(sent, "end of DCID 1")
+        assert str(e.value).count("withdrawn") == 1 and e.value is not error
+    assert str(error) == "cannot connect to amqp://guest@h:5672/%2F: ACCESS_REFUSED"
+
+
+def test_a_failed_ack_never_strands_the_caller(monkeypatch, unique):
+    """The result is handed over first; an ack that fails only means a
+    redelivery, recognised when it comes."""
+    from zocalo_xrc.transport import InProcessBroker, _InProcessDelivery
+
+    broker = InProcessBroker()
+    transport = zx.InProcessTransport(broker)
+
+    def broken_ack(self):
+        raise zx.ConnectionLostError("the connection went as the ack left")
+
+    monkeypatch.setattr(_InProcessDelivery, "ack", broken_ack)
+    zocalo = zx.ZocaloResults(transport, beamline=unique, timeout_s=10)
+    zocalo.subscribe()
+    publish_result(transport, f"xrc.{unique}", [ROW], dcid=91)
+    assert list(zocalo.trigger(dcids=91)) == [ROW]
+    zocalo.close()
+    transport.close()
+    broker.close()

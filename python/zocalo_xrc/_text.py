@@ -20,3 +20,18 @@ def _number(value: int | float) -> str:
         return repr(value)
     except ValueError:  # an int too long for repr
         return f"an integer of {value.bit_length()} bits"
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None: not a real number, not finite,
+    or too large for a float (an int of 400 digits)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None

@@ -53,18 +53,25 @@ _CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.Connection
 _REFUSED_CREDENTIALS = (px.ProbableAuthenticationError, px.AuthenticationError, px.ProbableAccessDeniedError)
 
 
-class _ConnectionLogFilter(logging.Filter):
+class _PikaLogFilter(logging.Filter):
     """pika logs each failed connection attempt as several ERROR records with
-    tracebacks; the transport says the same in one WARNING line of its own.
-    They stay visible at DEBUG (of ``zocalo_xrc.amqp``)."""
+    tracebacks (and an expected 404 of a queue check as a WARNING); the
+    transport says what matters in one WARNING line of its own. pika's
+    records stay visible at DEBUG (of ``zocalo_xrc.amqp``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or log.isEnabledFor(logging.DEBUG)
+        return record.levelno < logging.WARNING or log.isEnabledFor(logging.DEBUG)
 
 
-for _name in ("pika.connection", "pika.adapters.utils.connection_workflow", "pika.adapters.blocking_connection",
-              "pika.adapters.base_connection", "pika.adapters.utils.io_services_utils"):
-    logging.getLogger(_name).addFilter(_ConnectionLogFilter())
+def _quiet_pika() -> None:
+    """A filter on every pika logger (a logger's filters see only its own records)."""
+    for name in [n for n in logging.root.manager.loggerDict if n == "pika" or n.startswith("pika.")]:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PikaLogFilter) for f in logger.filters):
+            logger.addFilter(_PikaLogFilter())
+
+
+_quiet_pika()
 
 
 def describe_error(e: BaseException, handshake_timeout: float | None = None) -> str:
@@ -343,6 +350,8 @@ class AmqpTransport(Transport):
             return future
         self._commands.put((fn, future, settles_itself))
         self._wake()
+        if self._closing and not self._thread.is_alive():  # closed meanwhile: nobody will take it
+            self._fail_queued(TransportError("the connection is closed"))
         return future
 
     def _wake(self) -> None:
@@ -363,9 +372,8 @@ class AmqpTransport(Transport):
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
-            if future.cancel():
-                raise TransportError(f"{self.trouble() or 'the broker did not answer'} (gave up after {timeout} s)") from None
-            return future.result(timeout=timeout)
+            future.cancel()
+            raise TransportError(f"{self.trouble() or 'the broker did not answer'} (gave up after {timeout} s)") from None
 
     # ---- Transport -------------------------------------------------------------
 
@@ -510,16 +518,23 @@ class _ConfirmingPublisher:
         if self.closed:
             future.set_exception(ConnectionLostError(f"the publishing channel is closed; message {message_id} was not sent"))
             return
-        self._seq += 1
+        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers), message_id=message_id)
+        try:
+            self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except _CONNECTION_ERRORS:
+            raise
+        except Exception as e:  # not sent (it could not be encoded): no delivery tag was used
+            future.set_exception(TransportError(f"cannot publish message {message_id}: {e}"))
+            return
+        self._seq += 1  # the broker numbers what was sent, so count only that
         self._pending[self._seq] = (future, exchange, routing_key, message_id)
         self._by_id.setdefault(message_id, deque()).append(self._seq)
-        properties = pika.BasicProperties(delivery_mode=2, headers=dict(headers), message_id=message_id)
-        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         tags = self._by_id.get(properties.message_id or "")
-        if tags:
-            self._returned[tags[0]] = f"{method.reply_code} {method.reply_text}"
+        tag = next((t for t in tags or () if t not in self._returned), None)  # the oldest not yet returned
+        if tag is not None:
+            self._returned[tag] = f"{method.reply_code} {method.reply_text}"
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -536,6 +551,8 @@ class _ConfirmingPublisher:
                 if not in_flight:
                     del self._by_id[message_id]
             returned = self._returned.pop(tag, None)
+            if future.done():
+                continue
             if returned is not None:
                 future.set_exception(UnroutableError(
                     f"unroutable: no queue for exchange {exchange!r} routing key {routing_key!r} ({returned})"
@@ -567,6 +584,7 @@ class _AmqpSubscription(Subscription):
         self.tag: str | None = None
         self.outstanding: set[int] = set()
         self.cancelled = False
+        self.epoch = 0  # one per start: delivery tags restart on each channel
         self.ready: Future[None] = Future()
 
     def start(self) -> None:
@@ -588,8 +606,11 @@ class _AmqpSubscription(Subscription):
                 t._on_admin_channel(lambda ch: t._declare_results_queue(
                     ch, name, self.spec.exchange or "results", self.spec.routing_key or name))
             self.channel, self.outstanding = t._sub, set()
+            self.epoch += 1
             self.channel.basic_qos(prefetch_count=self.prefetch)
             self.tag = self.channel.basic_consume(name, self._on_message, auto_ack=False)
+            if self.cancelled:  # cancelled while starting
+                self.channel.basic_cancel(self.tag)
         except _CONNECTION_ERRORS:
             raise  # the connection is going: the next one starts this again
         except Exception as e:
@@ -612,7 +633,7 @@ class _AmqpSubscription(Subscription):
         return name
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        delivery = _AmqpDelivery(self, self.transport.generation, method, properties, body)
+        delivery = _AmqpDelivery(self, self.epoch, method, properties, body)
         self.outstanding.add(method.delivery_tag)
         try:
             self.callback(delivery)
@@ -620,13 +641,13 @@ class _AmqpSubscription(Subscription):
             log.exception("consumer of %s raised; the message is rejected, not requeued", self.spec.name or "private queue")
             delivery.reject(requeue=False)
 
-    def live(self, generation: int, tag: int) -> bool:
-        return not self.cancelled and generation == self.transport.generation and tag in self.outstanding
+    def live(self, epoch: int, tag: int) -> bool:
+        return not self.cancelled and epoch == self.epoch and tag in self.outstanding
 
-    def settle(self, generation: int, tag: int, requeue: bool | None) -> None:
+    def settle(self, epoch: int, tag: int, requeue: bool | None) -> None:
         def run() -> None:
-            if generation != self.transport.generation or tag not in self.outstanding:
-                log.debug("delivery %s is from a lost connection: the broker delivers it again", tag)
+            if epoch != self.epoch or tag not in self.outstanding:
+                log.debug("delivery %s is from a lost channel: the broker delivers it again", tag)
                 return
             self.outstanding.discard(tag)
             if requeue is None:
@@ -661,16 +682,13 @@ class _AmqpSubscription(Subscription):
             return
         if t.on_io_thread():
             run()
-            return
-        try:
-            t._submit(run).result(timeout=5)
-        except Exception as e:  # the connection went meanwhile: nothing left to cancel
-            log.debug("cancelling a consumer of %s: %s", self.spec.name, e)
+        else:
+            t._submit(run)  # not waited for: a lost connection cancels it anyway
 
 
 class _AmqpDelivery(Delivery):
-    def __init__(self, subscription: _AmqpSubscription, generation: int, method: Any, properties: Any, body: bytes) -> None:
-        self._subscription, self._generation, self._tag = subscription, generation, method.delivery_tag
+    def __init__(self, subscription: _AmqpSubscription, epoch: int, method: Any, properties: Any, body: bytes) -> None:
+        self._subscription, self._epoch, self._tag = subscription, epoch, method.delivery_tag
         self.body = body
         self.headers = properties.headers or {}
         self.message_id = properties.message_id
@@ -678,10 +696,10 @@ class _AmqpDelivery(Delivery):
 
     @property
     def live(self) -> bool:
-        return self._subscription.live(self._generation, self._tag)
+        return self._subscription.live(self._epoch, self._tag)
 
     def ack(self) -> None:
-        self._subscription.settle(self._generation, self._tag, None)
+        self._subscription.settle(self._epoch, self._tag, None)
 
     def reject(self, requeue: bool = False) -> None:
-        self._subscription.settle(self._generation, self._tag, requeue)
+        self._subscription.settle(self._epoch, self._tag, requeue)

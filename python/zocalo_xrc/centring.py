@@ -14,7 +14,7 @@ from . import _native
 from ._counts import counts_array
 from ._native import MAX_RUNS, XrcResults
 from ._results import GridScan2DResult
-from ._text import quoted
+from ._text import finite_float, quoted
 from .grid import GridInfo, reshape_grid
 
 #: The thresholds Diamond's service uses on multi-sample pins.
@@ -128,9 +128,10 @@ def _reshape(scan: GridScan, name: str) -> Any:
 
 
 def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    f = finite_float(value)
+    if f is None:
         raise ValueError(f"{name} must be a finite number, got {quoted(value)}")
-    return float(value)
+    return f
 
 
 def _sample_id(name: str, value: Any) -> int | None:
@@ -153,6 +154,8 @@ def _multipin_ids(ids: Mapping[int | str, int] | None) -> dict[int, int]:
             number = int(well)
         except (TypeError, ValueError):
             raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is not an integer") from None
+        if not 0 <= number < 2**63:
+            raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is out of range")
         value = _sample_id(f"multipin_sample_ids[{quoted(well)}]", sid)
         if value is None:
             raise ValueError(f"multipin_sample_ids[{quoted(well)}] must be a sample id, got None")

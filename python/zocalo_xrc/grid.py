@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _native
 from ._counts import counts_array
-from ._text import quoted
+from ._text import finite_float, quoted
 
 Orientation = Literal["horizontal", "vertical"]
 
@@ -104,11 +104,12 @@ def _steps(key: str, value: Any) -> int:
 def _number(key: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
-    if not math.isfinite(value):
+    f = finite_float(value)
+    if f is None:
         raise ValueError(f"gridinfo: {key} must be finite, got {quoted(value)}")
-    if positive and value <= 0:
+    if positive and f <= 0:
         raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
-    return float(value)
+    return f
 
 
 def _flag(key: str, value: Any) -> bool:

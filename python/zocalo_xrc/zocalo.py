@@ -119,7 +119,10 @@ def wait_for(future: Future[T], timeout: float, on_timeout: Callable[[], Excepti
     except FutureTimeout:
         if future.cancel():
             raise on_timeout() from None
-        return future.result(timeout=_GRACE_S)
+        try:
+            return future.result(timeout=_GRACE_S)
+        except FutureTimeout:
+            raise on_timeout() from None
 
 
 async def wait_for_async(future: Future[T], timeout: float, on_timeout: Callable[[], Exception]) -> T:
@@ -127,7 +130,8 @@ async def wait_for_async(future: Future[T], timeout: float, on_timeout: Callable
     if not await _done_async([future], timeout, first_error=False):
         if future.cancel():
             raise on_timeout() from None
-        await _done_async([future], _GRACE_S, first_error=False)
+        if not await _done_async([future], _GRACE_S, first_error=False):
+            raise on_timeout()
     return future.result(timeout=0)
 
 
@@ -280,11 +284,10 @@ class ZocaloTrigger(_UsesBroker):
         """After the wait: return if the broker confirmed every message, else
         withdraw what has not left (it is never sent) and raise, saying which
         messages may still arrive."""
-        failed = [f.exception() for f, _ in sent if f.done() and not f.cancelled() and f.exception() is not None]
-        pending = [(f, mid) for f, mid in sent if not f.done()]
-        withdrawn = [mid for f, mid in pending if f.cancel()]
-        in_flight = [mid for f, mid in pending if not f.cancelled()]
-        if not failed and not pending:
+        withdrawn = [mid for f, mid in sent if f.cancel()]  # first: no future changes state after this
+        in_flight = [mid for f, mid in sent if not f.done()]
+        failed = [e for f, _ in sent if f.done() and not f.cancelled() and (e := f.exception()) is not None]
+        if not failed and not withdrawn and not in_flight:
             return
         fates = []
         if withdrawn:
@@ -294,10 +297,9 @@ class ZocaloTrigger(_UsesBroker):
                          f"it again with the same message_id ({', '.join(in_flight)})")
         if failed:
             error = failed[0]
-            assert error is not None
-            if fates:
-                error.args = (f"{error}; of the others, {'; '.join(fates)}",)
-            raise error
+            if not fates:
+                raise error
+            raise type(error)(f"{error}; of the others, {'; '.join(fates)}") from error
         trouble = self.transport.trouble()
         raise TriggerTimeoutError(f"the broker did not confirm {what} within {self.timeout_s} s"
                                   f"{f' ({trouble})' if trouble else ''}: {'; '.join(fates)}")
@@ -658,7 +660,7 @@ class _Receiver(_UsesBroker, Generic[R]):
             delivery.reject(requeue=False)
             return
         key = hashlib.sha256(delivery.body).hexdigest()
-        if key in self._handed:
+        if delivery.redelivered and key in self._handed:
             log.info("a result for DCID %s / DCGID %s came again (redelivered after a reconnect); it was handed over "
                      "already: acked, not handed over twice", message.dcid, message.dcgid)
             delivery.ack()
@@ -720,7 +722,7 @@ class _Receiver(_UsesBroker, Generic[R]):
 
     def _offer(self, waiter: _Waiter[R], arrival: _Arrival) -> None:
         message = arrival.message
-        source = Source.GPU if message.gpu else Source.CPU
+        source = _source(message)
         wanted = self.source in (source, Source.EITHER)
         if not wanted and not self.compare_sources:
             log.info("ignoring the %s result for %s", source.name, waiter.describe())
@@ -770,28 +772,43 @@ class _Receiver(_UsesBroker, Generic[R]):
         if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
             return  # the caller gave up: _uninstall keeps the messages
         primary = self._primary(waiter)
-        assert primary is not None
-        for arrival in waiter.received.values():
-            arrival.delivery.ack()
-            self._handed[arrival.key] = None
-        while len(self._handed) > 1024:
-            self._handed.popitem(last=False)
-        message = waiter.received[primary].message
-        got = {s: self._sorted(a.message) for s, a in waiter.received.items()}  # each sorted once
-        comparison = None
-        if self.compare_sources:
-            if len(got) == 2:
-                agree, detail = _best_results_agree(got[Source.CPU], got[Source.GPU])
-                (log.info if agree else log.warning)("CPU and GPU results for %s: %s", waiter.describe(), detail)
-            else:
-                agree, detail = None, f"only {primary.name} results came within {self.compare_wait_s} s"
-                log.warning("%s: %s", waiter.describe(), detail)
-            comparison = SourceComparison(got.get(Source.CPU), got.get(Source.GPU), agree, detail)
+        received = list(waiter.received.values())
         waiter.received.clear()
         with self._state:
             self._waiter = None
+        try:
+            assert primary is not None
+            message = next(a for a in received if _source(a.message) is primary).message
+            got = {_source(a.message): self._sorted(a.message) for a in received}  # each sorted once
+            comparison = self._compare(waiter, got, _source(message)) if self.compare_sources else None
+        except Exception as e:  # never leave the caller's future running
+            waiter.future.set_exception(e)
+            return
+        for arrival in received:
+            self._handed[arrival.key] = None
+        while len(self._handed) > 1024:
+            self._handed.popitem(last=False)
         log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
-        waiter.future.set_result((got[primary], message, comparison))
+        waiter.future.set_result((got[_source(message)], message, comparison))
+        for arrival in received:  # after the hand-over: a lost ack only means a redelivery, which is recognised
+            try:
+                arrival.delivery.ack()
+            except Exception as e:
+                log.warning("could not ack a result for %s (%s); it will be recognised if it comes again",
+                            waiter.describe(), e)
+
+    def _compare(self, waiter: _Waiter[R], got: dict[Source, R], primary: Source) -> SourceComparison[R]:
+        if len(got) == 2:
+            agree, detail = _best_results_agree(got[Source.CPU], got[Source.GPU])
+            (log.info if agree else log.warning)("CPU and GPU results for %s: %s", waiter.describe(), detail)
+        else:
+            agree, detail = None, f"only {primary.name} results came within {self.compare_wait_s} s"
+            log.warning("%s: %s", waiter.describe(), detail)
+        return SourceComparison(got.get(Source.CPU), got.get(Source.GPU), agree, detail)
+
+
+def _source(message: ResultMessage) -> Source:
+    return Source.GPU if message.gpu else Source.CPU
 
 
 class ZocaloResults(_Receiver[XrcResults]):
