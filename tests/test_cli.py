@@ -297,3 +297,34 @@ def test_the_demo_does_not_compete_with_a_real_zocalo(rabbit):
     finally:
         listening.cancel()
         zocalo.close()
+
+
+def test_the_demo_says_a_2d_case_is_not_for_it():
+    one_line_error(run("demo", EXAMPLES / "scan2d.json"), cli.EXIT_FILE, "is a 2D case; the demo needs a 3D case")
+
+
+def test_a_port_that_is_not_rabbitmq_is_named_so():
+    """It accepts, reads the AMQP greeting, and hangs up."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = server.accept()
+            except OSError:
+                continue
+            c.recv(100)
+            c.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        out = run("demo", EXAMPLES / "scan3d.json", "--broker", f"amqp://g:{SECRET}@127.0.0.1:{server.getsockname()[1]}/",
+                  "--timeout", "3")
+        one_line_error(out, cli.EXIT_BROKER, "closed the connection during the AMQP handshake")
+    finally:
+        stop.set()
+        thread.join()
+        server.close()

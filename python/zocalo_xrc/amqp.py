@@ -81,6 +81,10 @@ def describe_error(e: BaseException, handshake_timeout: float | None = None) -> 
         return "ACCESS_REFUSED: the broker refused the user name or password (or the vhost)"
     if isinstance(e, (px.ConnectionClosed, px.ChannelClosed)):
         return f"{e.reply_code} {e.reply_text}"
+    if isinstance(e, px.IncompatibleProtocolError):
+        return "the server closed the connection during the AMQP handshake (not RabbitMQ, or the wrong port?)"
+    if isinstance(e, px.StreamLostError):
+        return "the other side closed the connection"
     if isinstance(e, cw.AMQPConnectorStackTimeout):
         within = f" within {handshake_timeout:g} s" if handshake_timeout else ""
         return f"the port accepted the connection but no AMQP handshake came{within}"
@@ -179,7 +183,7 @@ class AmqpTransport(Transport):
         deadline = time.monotonic() + timeout
         while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
             if self._credentials_refused or self._closing or time.monotonic() >= deadline:
-                raise TransportError(f"cannot connect to {self.settings.url()}: {self.last_error or 'no answer yet'}"
+                raise TransportError(f"cannot connect to {self.settings.url()}: {self.last_error or 'no answer yet (the first attempt is still waiting for the broker)'}"
                                      f"{'' if self._credentials_refused else f' (gave up after {timeout:g} s)'}")
 
     # ---- the I/O thread ----------------------------------------------------

@@ -145,7 +145,8 @@ def result_payload(result: GridScan2DResult | XrcResults) -> str:
 
 def format_2d(r: GridScan2DResult) -> str:
     sx, sy = r.steps
-    lines = [f"2D X-ray centring: {sx} x {sy} grid, status {r.status} ({r.message})"]
+    said = "" if r.message == r.status else f" ({r.message})"
+    lines = [f"2D X-ray centring: {sx} x {sy} grid, status {r.status}{said}"]
     if r.ok:
         lines += [
             f"  centre (grid boxes):   x = {r.centre_x_box:.3f}, y = {r.centre_y_box:.3f}",
@@ -316,7 +317,8 @@ def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     leaves the top's value alone unless given)."""
     unset = None if top else argparse.SUPPRESS
     parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
-                        help="log more: -v for INFO, -vv for DEBUG (default: warnings only)")
+                        help="log more: -v for INFO (and each reconnection attempt), -vv for DEBUG "
+                             "(default: warnings only)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, default=unset,
                         help="the log level, instead of -v (default: WARNING)")
 
@@ -393,6 +395,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         case = load_case(args.file)
+        if "grids" not in case:
+            raise CaseError(f"{args.file} is a 2D case; the demo needs a 3D case ({{\"grids\": [...]}})")
         scans = scans_of(case)
     except (OSError, ValueError) as e:
         _input_error(e)
