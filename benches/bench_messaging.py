@@ -18,7 +18,7 @@ from workflows.transport.pika_transport import PikaTransport
 
 import zocalo_xrc as zx
 from bench_result_messages import from_dicts
-from zocalo_xrc.amqp import AmqpTransport
+from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
 ROUNDS = 300
 ROWS = [
@@ -170,7 +170,7 @@ def test_trigger_scan_zocalo_xrc_one_at_a_time(record, amqp):
 
 def test_trigger_scan_fresh_connection_per_message(record, amqp, settings):
     amqp.declare_queue("processing_recipe")
-    headers = zx.zocalo.zocalo_headers()
+    headers = zx.client.zocalo_headers()
 
     def send(parameters):
         transport = workflows_transport(settings)

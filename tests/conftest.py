@@ -29,8 +29,8 @@ def unique():
 def transport(request, unique):
     """The same tests on both transports: the embedded broker and RabbitMQ."""
     import zocalo_xrc as zx
-    from zocalo_xrc.amqp import AmqpTransport
-    from zocalo_xrc.transport import InProcessBroker
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+    from zocalo_xrc.messaging.inprocess import InProcessBroker
 
     if request.param == "in-process":
         broker = InProcessBroker()

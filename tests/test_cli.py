@@ -26,7 +26,7 @@ def cli_logging_stays_here():
     its process: put them back for the tests that follow."""
     import logging
 
-    names = ("", "pika", "zocalo_xrc.amqp")
+    names = ("", "pika", "zocalo_xrc.messaging.rabbitmq")
     levels = {n: logging.getLogger(n).level for n in names}
     yield
     for n, level in levels.items():
@@ -285,8 +285,8 @@ def test_bad_demo_options(args, code, words):
 
 
 def test_the_demo_does_not_compete_with_a_real_zocalo(rabbit):
-    from zocalo_xrc.amqp import AmqpTransport
-    from zocalo_xrc.transport import QueueSpec
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+    from zocalo_xrc.messaging import QueueSpec
 
     zocalo = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url), connection_name="a real Zocalo")
     zocalo.declare_queue("processing_recipe")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import zocalo_xrc as zx
-from zocalo_xrc.amqp import AmqpTransport
+from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
 SECRET = "s3cr3t-Pa55"
 

@@ -12,9 +12,9 @@ import pytest
 
 import zocalo_xrc as zx
 from proxy import Proxy
-from zocalo_xrc.amqp import AmqpTransport
-from zocalo_xrc.transport import QueueSpec
-from zocalo_xrc.zocalo import message_id_for
+from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+from zocalo_xrc.messaging import QueueSpec
+from zocalo_xrc.client import message_id_for
 from test_transport import eventually
 from test_zocalo import ROW, publish_result
 
@@ -89,7 +89,7 @@ def test_a_broker_that_comes_back_slowly_never_kills_the_connection(proxy, throu
         assert b'"ispyb_dcid": 11' in m.body
         m.ack()
     zocalo.close()
-    attempts = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.amqp" and "cannot connect" in r.getMessage()]
+    attempts = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.messaging.rabbitmq" and "cannot connect" in r.getMessage()]
     assert len(attempts) >= 2 and all("no AMQP handshake came within 1 s" in m for m in attempts)
     assert not [r for r in caplog.records if r.name.startswith("pika") and r.levelno >= logging.ERROR]
     direct.delete_queue(name)
@@ -259,10 +259,10 @@ def test_an_outage_logs_one_warning_per_attempt(proxy, caplog):
         t = AmqpTransport(settings(proxy.url), connect_timeout=None, max_backoff=0.3)
         time.sleep(1.5)
         t.close()
-    ours = [r for r in caplog.records if r.name == "zocalo_xrc.amqp"]
+    ours = [r for r in caplog.records if r.name == "zocalo_xrc.messaging.rabbitmq"]
     assert len(ours) >= 3
     assert all(r.levelno == logging.WARNING and "connection refused" in r.getMessage() and not r.exc_info for r in ours)
-    assert [r for r in caplog.records if r.name != "zocalo_xrc.amqp"] == []
+    assert [r for r in caplog.records if r.name != "zocalo_xrc.messaging.rabbitmq"] == []
 
 
 def test_an_unresolvable_host_is_one_warning_too(caplog):
@@ -270,9 +270,9 @@ def test_an_unresolvable_host_is_one_warning_too(caplog):
         t = AmqpTransport(settings("amqp://guest:guest@no-such-broker.invalid/"), connect_timeout=None, max_backoff=0.3)
         time.sleep(1.0)
         t.close()
-    ours = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.amqp"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "zocalo_xrc.messaging.rabbitmq"]
     assert ours and all("cannot resolve the host name" in m for m in ours)
-    assert [r for r in caplog.records if r.name != "zocalo_xrc.amqp"] == []
+    assert [r for r in caplog.records if r.name != "zocalo_xrc.messaging.rabbitmq"] == []
 
 
 def test_a_shared_failure_is_reported_to_each_caller_once(monkeypatch):
@@ -300,7 +300,7 @@ def test_a_shared_failure_is_reported_to_each_caller_once(monkeypatch):
 def test_a_failed_ack_never_strands_the_caller(monkeypatch, unique):
     """The result is handed over first; an ack that fails only means a
     redelivery, recognised when it comes."""
-    from zocalo_xrc.transport import InProcessBroker, _InProcessDelivery
+    from zocalo_xrc.messaging.inprocess import InProcessBroker, _InProcessDelivery
 
     broker = InProcessBroker()
     transport = zx.InProcessTransport(broker)

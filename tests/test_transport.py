@@ -7,7 +7,8 @@ import time
 import pytest
 
 import zocalo_xrc as zx
-from zocalo_xrc.transport import QueueSpec, TransportError, topic_matches
+from zocalo_xrc.messaging import QueueSpec, TransportError
+from zocalo_xrc.messaging.inprocess import topic_matches
 
 
 def collect(transport, spec, prefetch=32):

@@ -13,7 +13,7 @@ import workflows.recipe
 from workflows.transport.pika_transport import PikaTransport
 
 import zocalo_xrc as zx
-from zocalo_xrc.transport import QueueSpec
+from zocalo_xrc.messaging import QueueSpec
 from test_transport import eventually
 
 ROW = zx.XrcResult((2.2071, 1.4175, 13.3172), (2, 1, 13), 702.0, 12, 5832.0, 123456, ((1, 0, 12), (4, 3, 15)))
@@ -314,7 +314,7 @@ def test_one_trigger_at_a_time_and_names_required(transport, results_queue):
 
 @pytest.fixture
 def amqp(rabbit):
-    from zocalo_xrc.amqp import AmqpTransport
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
     t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
     yield t
@@ -376,7 +376,7 @@ def test_a_workflows_subscriber_gets_our_trigger_messages(amqp, workflows_transp
 def test_the_broker_drops_the_connection_mid_wait(amqp, rabbit, unique, caplog):
     name = f"xrc.{unique}"
     amqp.declare_results_queue(name)
-    from zocalo_xrc.amqp import AmqpTransport
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
     with zx.ZocaloResults(amqp, queue=name, timeout_s=30) as zocalo:
         zocalo.subscribe()
@@ -389,7 +389,7 @@ def test_the_broker_drops_the_connection_mid_wait(amqp, rabbit, unique, caplog):
             other.close()
 
         threading.Timer(0.5, drop_then_publish).start()
-        with caplog.at_level("WARNING", logger="zocalo_xrc.amqp"):
+        with caplog.at_level("WARNING", logger="zocalo_xrc.messaging.rabbitmq"):
             assert list(zocalo.trigger(dcids=60)) == [ROW]
         assert any("lost" in r.message for r in caplog.records)
         # Publishing works again on the same (reconnected) transport.
@@ -414,7 +414,7 @@ def test_trigger_raises_when_the_broker_does_not_confirm_in_time(amqp, rabbit):
 
 
 def test_closing_after_the_connection_is_harmless(rabbit, unique):
-    from zocalo_xrc.amqp import AmqpTransport
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
     t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
     name = f"xrc.{unique}"

@@ -20,12 +20,12 @@ from .centring import (
     centre_3d_scans,
     well_limits,
 )
-from .config import ConfigurationError, ConnectionSettings
+from .messaging import ConfigurationError, ConnectionSettings
 from .geometry import GridGeometry, MotorPosition, OutsideGridError
 from .grid import GridInfo, reshape_grid
 from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
-from .transport import ConnectionLostError, InProcessTransport, QueueInUseError, Transport, TransportError, UnroutableError
-from .zocalo import (
+from .messaging import ConnectionLostError, InProcessTransport, QueueInUseError, Transport, TransportError, UnroutableError
+from .client import (
     IN_PROCESS,
     NoResultsFromZocaloError,
     Source,

@@ -6,7 +6,6 @@ converts arguments. See ``docs/algorithm.md`` for the algorithm.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 

@@ -26,10 +26,10 @@ from . import __version__
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
-from .config import ConfigurationError, redact
+from .messaging.config import ConfigurationError, redact
 from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
-from .transport import TransportError
+from .messaging import TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
 
@@ -330,7 +330,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     # command says what went wrong in one line, so pika speaks only at DEBUG.
     logging.getLogger("pika").setLevel(level if level == "DEBUG" else logging.CRITICAL)
     # each reconnection attempt is a WARNING; the command's own error line says why it gave up
-    logging.getLogger("zocalo_xrc.amqp").setLevel(level if level != "WARNING" else logging.ERROR)
+    logging.getLogger("zocalo_xrc.messaging.rabbitmq").setLevel(level if level != "WARNING" else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -391,7 +391,7 @@ def run_centre(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
     from .messages import ResultPayloadError
-    from .zocalo import NoResultsFromZocaloError
+    from .client import NoResultsFromZocaloError
 
     try:
         case = load_case(args.file)

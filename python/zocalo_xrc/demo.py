@@ -22,8 +22,8 @@ from typing import Any, TextIO
 from ._native import XrcResults
 from .centring import GridScan, centre_3d_scans
 from .messages import build_result_message
-from .transport import Delivery, QueueSpec, Transport, TransportError
-from .zocalo import PROCESSING_QUEUE, Connection, ZocaloResults, ZocaloStartInfo, ZocaloTrigger
+from .messaging import Delivery, QueueSpec, Transport, TransportError
+from .client import PROCESSING_QUEUE, Connection, ZocaloResults, ZocaloStartInfo, ZocaloTrigger
 
 log = logging.getLogger("zocalo_xrc.demo")
 

@@ -34,7 +34,7 @@ import pika.exceptions as px
 from pika.adapters.utils import connection_workflow as cw
 
 from .config import ConnectionSettings
-from .transport import (
+from .base import (
     Callback,
     ConnectionLostError,
     Delivery,
@@ -47,7 +47,7 @@ from .transport import (
     new_message_id,
 )
 
-log = logging.getLogger("zocalo_xrc.amqp")
+log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.ConnectionWrongStateError, OSError)
 _REFUSED_CREDENTIALS = (px.ProbableAuthenticationError, px.AuthenticationError, px.ProbableAccessDeniedError)
@@ -57,7 +57,7 @@ class _PikaLogFilter(logging.Filter):
     """pika logs each failed connection attempt as several ERROR records with
     tracebacks (and an expected 404 of a queue check as a WARNING); the
     transport says what matters in one WARNING line of its own. pika's
-    records stay visible at DEBUG (of ``zocalo_xrc.amqp``)."""
+    records stay visible at DEBUG (of ``zocalo_xrc.messaging.rabbitmq``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < logging.WARNING or log.isEnabledFor(logging.DEBUG)

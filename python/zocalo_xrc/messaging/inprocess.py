@@ -1,19 +1,5 @@
-"""Messaging transports: what the Zocalo faces need from a broker.
-
-Two implementations share these semantics: :class:`~zocalo_xrc.amqp.AmqpTransport`
-(RabbitMQ, through one long-lived connection) and :class:`InProcessTransport`
-(a broker inside this process, for demos and quick tests):
-
-* ``publish`` goes through an exchange (``""`` is the default exchange, routing
-  key = queue name) with ``mandatory`` set and a ``message_id`` (the caller's,
-  so that a message sent twice can be recognised); the returned future
-  resolves once the broker has taken the message, and fails with
-  :class:`UnroutableError` when no queue would receive it. Cancelling the
-  future before the message has left withdraws it: it is never sent.
-* ``subscribe`` delivers each message to a callback on the transport's own
-  thread; every :class:`Delivery` must be acked or rejected, and what is left
-  unacked when a consumer goes away is delivered again, marked ``redelivered``.
-"""
+"""A broker inside this process, with RabbitMQ's semantics where the faces
+use them (see :mod:`zocalo_xrc.messaging.base`): for demos and tests."""
 
 from __future__ import annotations
 
@@ -21,169 +7,22 @@ import collections
 import itertools
 import logging
 import threading
-import uuid
-from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-log = logging.getLogger("zocalo_xrc.transport")
+from .base import (
+    Callback,
+    Delivery,
+    QueueSpec,
+    Subscription,
+    Transport,
+    TransportError,
+    UnroutableError,
+    new_message_id,
+)
 
-
-class TransportError(RuntimeError):
-    """The broker could not do what was asked."""
-
-
-class UnroutableError(TransportError):
-    """No queue would receive the message (a missing queue, a binding-less key)."""
-
-
-class PublishRefusedError(TransportError):
-    """The broker refused the message (a negative publisher confirm)."""
-
-
-class ConnectionLostError(TransportError):
-    """The connection went away before the broker confirmed the message."""
-
-
-class QueueInUseError(TransportError):
-    """Another consumer in this process already takes this queue's messages."""
-
-
-@dataclass
-class QueueSpec:
-    """A queue to consume: a named one that must exist, or (``name=None``) a
-    private, server-named queue bound to ``exchange`` with ``routing_key``,
-    made again whenever the connection is. With ``declare``, a named queue
-    that is missing is declared as a results queue (see
-    :meth:`Transport.declare_results_queue`, bound to ``exchange`` with
-    ``routing_key``)."""
-
-    name: str | None
-    exchange: str = ""
-    routing_key: str = ""
-    declare: bool = False
-
-    @property
-    def private(self) -> bool:
-        return self.name is None
-
-
-class Delivery(ABC):
-    """One message handed to a consumer."""
-
-    body: bytes
-    headers: Mapping[str, Any]
-    exchange: str
-    routing_key: str
-    redelivered: bool
-    message_id: str | None
-
-    @property
-    def live(self) -> bool:
-        """Whether acking still means something: False once the consumer or
-        its connection is gone (the broker then delivers the message again)."""
-        return True
-
-    @abstractmethod
-    def ack(self) -> None:
-        """The message is dealt with: the broker forgets it."""
-
-    @abstractmethod
-    def reject(self, requeue: bool = False) -> None:
-        """The message cannot be dealt with. Without requeue it is dead-lettered
-        (if the queue says where) or dropped; it never comes back in a loop."""
-
-
-Callback = Callable[[Delivery], None]
-
-
-class Subscription(ABC):
-    #: Done once consuming has started; failed (``TransportError``) if it cannot.
-    ready: Future[None]
-
-    @abstractmethod
-    def cancel(self) -> None:
-        """Stop consuming; unacked messages go back to the queue."""
-
-
-class Transport(ABC):
-    """A connection to a broker (see the module text for the semantics)."""
-
-    @abstractmethod
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
-                message_id: str | None = None) -> Future[None]:
-        """Publish persistently with ``mandatory``; resolves when the broker has it.
-        ``message_id`` defaults to a new unique one."""
-
-    @abstractmethod
-    def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
-                  wait: float | None = 30.0) -> Subscription:
-        """Consume ``queue``, calling ``callback`` on the transport's thread.
-        Waits up to ``wait`` seconds for consuming to start (raising what
-        stops it); with ``wait=None`` returns at once, and
-        :attr:`Subscription.ready` tells."""
-
-    @property
-    def endpoint(self) -> Any:
-        """What identifies the broker and virtual host this transport reaches."""
-        return id(self)
-
-    def trouble(self) -> str | None:
-        """Why the broker cannot be reached just now, or None."""
-        return None
-
-    def wait_connected(self, timeout: float) -> None:
-        """Return once connected to the broker; :class:`TransportError` (saying
-        why) if that takes longer than ``timeout`` or cannot happen."""
-
-    @abstractmethod
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the transport's thread, soon."""
-
-    @abstractmethod
-    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the transport's thread after ``delay`` seconds."""
-
-    @abstractmethod
-    def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
-        """Declare a results queue the way Diamond's deployment does: a durable
-        quorum queue with a delivery limit of 5 that dead-letters to
-        ``dlq.<name>``, bound to the topic exchange ``exchange`` with
-        ``routing_key`` (default: the queue's name)."""
-
-    @abstractmethod
-    def declare_queue(self, name: str) -> None:
-        """Declare a plain durable queue (``processing_recipe``, say)."""
-
-    @abstractmethod
-    def queue_exists(self, name: str) -> bool: ...
-
-    @abstractmethod
-    def message_count(self, name: str) -> int:
-        """How many messages wait in ``name``, not counting unacked ones."""
-
-    @abstractmethod
-    def consumer_count(self, name: str) -> int:
-        """How many consumers ``name`` has."""
-
-    @abstractmethod
-    def delete_queue(self, name: str) -> None: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Transport:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# ---- the in-process broker ----------------------------------------------------
-
-def new_message_id() -> str:
-    return f"zocalo-xrc-{uuid.uuid4().hex}"
+log = logging.getLogger(__name__)
 
 
 def topic_matches(pattern: str, key: str) -> bool:

@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Iterable, Li
 
 from ._native import XrcResults
 from ._results import GridScan2DResult
-from .config import ConfigurationError, ConnectionSettings, default_environment, looks_like_url
+from .messaging.config import ConfigurationError, ConnectionSettings, default_environment, looks_like_url
 from .messages import ResultMessage, ResultPayloadError, parse_result_message
-from .transport import Delivery, InProcessTransport, QueueInUseError, QueueSpec, Subscription, Transport, TransportError
+from .messaging import Delivery, InProcessTransport, QueueInUseError, QueueSpec, Subscription, Transport, TransportError
 
 if TYPE_CHECKING:
     from ._native import SortKey
 
-log = logging.getLogger("zocalo_xrc.zocalo")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Connection = Union[Transport, ConnectionSettings, str, None]
@@ -99,7 +99,7 @@ def resolve(connection: Connection) -> Transport | ConnectionSettings:
 def connect(connection: Connection | ConnectionSettings) -> Transport:
     """A transport for ``connection`` (see :func:`resolve`): settings give the
     process's shared RabbitMQ connection to that broker."""
-    from .amqp import AmqpTransport
+    from .messaging.rabbitmq import AmqpTransport
 
     where = resolve(connection)
     return AmqpTransport.shared(where) if isinstance(where, ConnectionSettings) else where
