@@ -316,3 +316,37 @@ def test_a_failed_ack_never_strands_the_caller(monkeypatch, unique):
     zocalo.close()
     transport.close()
     broker.close()
+
+
+class _Redelivery(zx.messaging.Delivery):
+    """A message as the broker hands it out again after a lost ack."""
+
+    def __init__(self, body):
+        self.body, self.headers, self.message_id = body, {"workflows-recipe": True}, None
+        self.exchange, self.routing_key, self.redelivered = "results", "xrc.test", True
+        self.settled = []
+
+    def ack(self):
+        self.settled.append("ack")
+
+    def reject(self, requeue=False):
+        self.settled.append(("reject", requeue))
+
+
+def test_a_result_redelivered_after_its_ack_was_lost_is_not_handed_over_again(unique):
+    zocalo = zx.ZocaloResults("in-process", beamline=unique, timeout_s=10)
+    zocalo.subscribe()
+    body = zx.build_result_message(zx.XrcResults([ROW]), dcid=95)
+    zocalo.transport.publish("results", f"xrc.{unique}", body, {"workflows-recipe": True}).result(5)
+    assert list(zocalo.trigger(dcids=95)) == [ROW]
+    again = _Redelivery(body)
+    zocalo._on_delivery(again)  # as the I/O thread would, after a reconnect
+    assert again.settled == ["ack"]
+    with pytest.raises(zx.NoResultsFromZocaloError):
+        zocalo.trigger(dcids=95, timeout_s=0.5)
+    assert eventually(lambda: zocalo._waiter is None)  # the timed-out caller has gone
+    fresh = _Redelivery(body)
+    fresh.redelivered = False  # the same bytes, not a redelivery: not the dedupe's business
+    zocalo._on_delivery(fresh)
+    assert fresh.settled == [] and len(zocalo._held) == 1
+    zocalo.close()
