@@ -65,6 +65,7 @@ def test_version_and_python_m():
 def test_help_names_defaults_what_broker_accepts_and_exit_codes():
     top = run("--help").stdout
     assert "exit codes:" in top and "130" in top
+    assert "  3 " not in run("centre", "--help").stdout  # centre never talks to a broker
     demo = run("demo", "--help").stdout
     for words in ("in-process", "amqp://", "ZOCALO_CONFIG", "(default: in-process)", "(default: 30.0)", "(default: i03)"):
         assert words in " ".join(demo.split()), words
@@ -149,7 +150,7 @@ def test_bad_files_are_one_line_and_one_exit_code(tmp_path):
     bad.write_text("{not json")
     one_line_error(run("centre", bad), cli.EXIT_FILE, "not valid JSON")
     bad.write_text(json.dumps({"counts": [1, 2, 3], "gridinfo": {"steps_x": 2}}))
-    one_line_error(run("centre", bad), cli.EXIT_FILE, "missing key 'steps_y'")
+    one_line_error(run("centre", bad), cli.EXIT_FILE, f"{bad}: gridinfo: missing key 'steps_y'")
     bad.write_text(json.dumps({"grids": [1]}))
     one_line_error(run("centre", bad), cli.EXIT_FILE, "exactly two grids")
     one_line_error(run("demo", bad), cli.EXIT_FILE, "exactly two grids")

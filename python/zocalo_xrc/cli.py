@@ -40,14 +40,25 @@ EXIT_BROKER = 3  # the configuration, or the broker: cannot connect, refused, un
 EXIT_ZOCALO = 4  # Zocalo failed, or did not answer in time
 EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_CODES = f"""exit codes:
-  {EXIT_OK}    done
-  {EXIT_FILE}    a file cannot be read or written, or does not hold a valid case
-  {EXIT_USAGE}    the command line is wrong
-  {EXIT_BROKER}    the broker configuration is wrong, or the broker cannot be reached
-  {EXIT_ZOCALO}    Zocalo failed, or sent no results in time
-  {EXIT_INTERNAL}   an error in zocalo-xrc itself (--log-level DEBUG shows where)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+#: What each exit code means, and which commands can end with it.
+_MEANINGS = [
+    (EXIT_OK, "done", "centre demo"),
+    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo"),
+    (EXIT_USAGE, "the command line is wrong", "centre demo"),
+    (EXIT_BROKER, "the broker configuration is wrong, or the broker cannot be reached", "demo"),
+    (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo"),
+]
+
+
+def exit_codes(command: str | None = None) -> str:
+    """The epilog of a help text: the exit codes ``command`` (or any command) can end with."""
+    rows = [f"  {code:<4} {meaning}" for code, meaning, commands in _MEANINGS if command is None or command in commands.split()]
+    return "exit codes:\n" + "\n".join(rows)
+
+
+EXIT_CODES = exit_codes()
 
 BROKER_HELP = (
     "where Zocalo is: 'in-process' (a broker inside this process, Zocalo's side simulated in it), "
@@ -278,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     centre = commands.add_parser("centre", help="centre a 2D or 3D grid scan from a JSON file",
                                  description="Centre a 2D or 3D grid scan from a JSON case file and print the result.",
-                                 epilog=EXIT_CODES, formatter_class=formatter)
+                                 epilog=exit_codes("centre"), formatter_class=formatter)
     centre.add_argument("file", type=Path, help="JSON: a 2D case (counts, gridinfo) or a 3D case (grids)")
     centre.add_argument("--json", action="store_true",
                         help="print the results payload as Zocalo's centring step sends it "
@@ -292,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray "
                     "centring results. Zocalo's side is simulated in this process: it centres the file's counts "
                     "and publishes the result as Diamond's service does.",
-        epilog=EXIT_CODES, formatter_class=formatter)
+        epilog=exit_codes("demo"), formatter_class=formatter)
     demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
     demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
     demo.add_argument("--beamline", default="i03", help="results come on xrc.BEAMLINE (default: %(default)s)")
@@ -358,11 +369,12 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
-def _input_error(e: Exception) -> NoReturn:
-    """A file or its content is wrong."""
+def _input_error(e: Exception, path: Path) -> NoReturn:
+    """A file or its content is wrong: say which file."""
     if isinstance(e, OSError):
-        raise CliError(f"{e.filename}: {e.strerror}" if e.filename else str(e), EXIT_FILE) from e
-    raise CliError(str(e), EXIT_FILE) from e
+        raise CliError(f"{e.filename or path}: {e.strerror or e}", EXIT_FILE) from e
+    text = str(e)
+    raise CliError(text if text.startswith(str(path)) else f"{path}: {text}", EXIT_FILE) from e
 
 
 def run_centre(args: argparse.Namespace) -> int:
@@ -371,7 +383,7 @@ def run_centre(args: argparse.Namespace) -> int:
     try:
         result, grids, geometry = run_case(load_case(args.file))
     except (OSError, ValueError) as e:
-        _input_error(e)
+        _input_error(e, args.file)
     if args.json:
         print(result_payload(result))
     elif isinstance(result, XrcResults):
@@ -399,7 +411,7 @@ def run_demo(args: argparse.Namespace) -> int:
             raise CaseError(f"{args.file} is a 2D case; the demo needs a 3D case ({{\"grids\": [...]}})")
         scans = scans_of(case)
     except (OSError, ValueError) as e:
-        _input_error(e)
+        _input_error(e, args.file)
     try:
         run = demo.Demo(case, scans, args.broker, beamline=args.beamline, name=args.file.stem)
     except ConfigurationError as e:
