@@ -14,7 +14,7 @@ import zocalo_xrc as zx
 from proxy import Proxy
 from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 from zocalo_xrc.messaging import QueueSpec
-from zocalo_xrc.client import message_id_for
+from zocalo_xrc.messages import message_id_for
 from test_transport import eventually
 from test_zocalo import ROW, publish_result
 

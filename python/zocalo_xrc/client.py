@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Iterable, Li
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .messaging.config import ConfigurationError, ConnectionSettings, default_environment, looks_like_url
-from .messages import ResultMessage, ResultPayloadError, parse_result_message
+from .messages import ResultMessage, ResultPayloadError, is_recipe_envelope, message_id_for, parse_result_message
 from .messaging import Delivery, InProcessTransport, QueueInUseError, QueueSpec, Subscription, Transport, TransportError
 
 if TYPE_CHECKING:
@@ -168,10 +168,6 @@ async def _done_async(futures: list[Future[Any]], timeout: float, *, first_error
     return True
 
 
-def message_id_for(body: bytes) -> str:
-    """The same message, the same id: a message sent twice (a retry after an
-    unconfirmed send) can be recognised by whoever receives both."""
-    return f"zocalo-xrc-{hashlib.sha256(body).hexdigest()[:32]}"
 
 
 def zocalo_headers() -> dict[str, str]:
@@ -378,10 +374,6 @@ def _best_results_agree(a: XrcResults | tuple[GridScan2DResult, ...], b: XrcResu
         )
     return same, "best results agree" if same else f"best results differ: CPU {x} / GPU {y}"
 
-
-def _recipe_header(headers: Any) -> bool:
-    value = headers.get("workflows-recipe") if hasattr(headers, "get") else None
-    return value is True or value == 1 or (isinstance(value, (str, bytes)) and value in ("True", "true", b"True", b"true"))
 
 
 class _Arrival(NamedTuple):
@@ -645,7 +637,7 @@ class _Receiver(_UsesBroker, Generic[R]):
     # ---- the I/O thread's side ---------------------------------------------------
 
     def _on_delivery(self, delivery: Delivery) -> None:
-        if not _recipe_header(delivery.headers):
+        if not is_recipe_envelope(delivery.headers):
             log.error("rejecting a message on %s: not a recipe envelope (no workflows-recipe header)", self.queue)
             delivery.reject(requeue=False)
             return

@@ -1,0 +1,252 @@
+"""The X-ray centring service on a transport: consume per-image messages,
+centre each group once it is complete, send the result to the step's
+``success`` output, abandon idle groups to ``abort``.
+
+Every message of an open group stays unacked until the group's result has
+been confirmed by the broker; then they are all acked. A service that dies
+mid-scan therefore loses nothing: the broker hands the messages to the next
+one, which rebuilds the scan. The result carries a ``message_id`` made from
+the group and the result, so a result sent twice (a death between its confirm
+and the acks) can be recognised. A message that can never count is
+dead-lettered at once, with the reason in the log; it never loops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .._native import XrcResults
+from .._results import GridScan2DResult
+from ..messaging import Delivery, QueueSpec, Subscription, Transport, TransportError, UnroutableError
+from ..messages import is_recipe_envelope, message_id_for
+from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
+from .recipe import RECIPE_HEADERS, Envelope, EnvelopeError, Send
+
+log = logging.getLogger(__name__)
+
+#: How long a group may wait for its next image before it is abandoned.
+IDLE_S = 15 * 60.0
+
+
+
+@dataclass
+class _Open:
+    """What the service holds for an open group: its unacked messages, the
+    envelope of each grid's first message, when it last heard of it."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    envelopes: dict[int, Envelope] = field(default_factory=dict)
+    last_heard: float = 0.0
+    done: bool = False
+
+
+class XrcService:
+    """Consumes ``queue`` on ``transport`` (start with :meth:`start`). All its
+    work happens on the transport's thread; :attr:`completed` counts results
+    sent, :attr:`rejected` messages dead-lettered."""
+
+    def __init__(self, transport: Transport, queue: str = "reduce.xray_centering", *, idle_s: float = IDLE_S,
+                 prefetch: int = 65535, clock: Callable[[], float] = time.time) -> None:
+        self.transport, self.queue, self.idle_s, self.prefetch, self.clock = transport, queue, idle_s, prefetch, clock
+        self.assembly = Assembly()
+        self.open: dict[tuple[int, ...], _Open] = {}
+        self.aborted: set[tuple[int, ...]] = set()
+        self.aborted_named: set[tuple[str, ...]] = set()
+        self.completed = 0
+        self.rejected = 0
+        self.subscription: Subscription | None = None
+
+    def start(self, wait: float | None = 30.0) -> XrcService:
+        self.subscription = self.transport.subscribe(QueueSpec(self.queue), self.on_message, prefetch=self.prefetch,
+                                                     wait=wait)
+        log.info("consuming %s", self.queue)
+        return self
+
+    def stop(self) -> None:
+        """Stop consuming; what is held goes back to the queue, for the next service."""
+        if self.subscription is not None:
+            self.subscription.cancel()
+            self.subscription = None
+
+    # ---- one message -------------------------------------------------------------
+
+    def on_message(self, delivery: Delivery) -> None:
+        if not is_recipe_envelope(delivery.headers):
+            return self._reject(delivery, "not a recipe envelope (no workflows-recipe header)")
+        try:
+            envelope = Envelope.parse(delivery.body)
+            message = PiaMessage.from_envelope(envelope)
+        except (EnvelopeError, MessageRejected) as e:
+            return self._reject(delivery, str(e))
+        except GroupRejected as e:  # told by the message itself: abort once per group it names
+            key = _named_group(envelope)
+            if key not in self.aborted_named:
+                self.aborted_named.add(key)
+                self._send(envelope.send("abort", {}), "abort", None)
+            return self._reject(delivery, str(e))
+        if message.group_dcids in self.aborted:
+            return self._reject(delivery, f"its group DCID {', '.join(map(str, message.group_dcids))} was abandoned")
+        try:
+            fate, group = self.assembly.add(message)
+        except MessageRejected as e:
+            return self._reject(delivery, str(e))
+        except GroupRejected as e:
+            return self._reject_group(delivery, e.group, str(e), envelope)
+        held = self.open.setdefault(group.dcids, _Open())
+        held.envelopes.setdefault(message.dcid, envelope)
+        held.last_heard = time.monotonic()
+        if fate is Fate.DUPLICATE:
+            log.info("DCID %s: image %d again (a duplicate); it changes nothing", message.dcid, message.file_number)
+            delivery.ack()
+            return
+        held.deliveries.append(delivery)
+        if fate is Fate.COMPLETE:
+            self._complete(group, held)
+        elif len(held.deliveries) == 1:
+            self._watch(group.dcids)
+
+    def _reject(self, delivery: Delivery, why: str) -> None:
+        """Dead-letter a message that can never count; it never comes back."""
+        self.rejected += 1
+        log.error("dead-lettering a message on %s: %s", self.queue, why)
+        delivery.reject(requeue=False)
+
+    def _reject_group(self, delivery: Delivery, group: Group | None, why: str, envelope: Envelope | None) -> None:
+        """A group that cannot be centred: abort it once, dead-letter its messages."""
+        key = group.dcids if group is not None else None
+        if key is not None and key not in self.aborted:
+            self.aborted.add(key)
+            held = self.open.pop(key, None)
+            self.assembly.drop(group)  # type: ignore[arg-type]
+            if envelope is not None:
+                self._send(envelope.send("abort", {}), "abort", key)
+            for d in held.deliveries if held else []:
+                self._reject(d, why)
+        self._reject(delivery, why)
+
+    # ---- a complete group ---------------------------------------------------------
+
+    def _complete(self, group: Group, held: _Open) -> None:
+        try:
+            result = centre(group)
+        except GroupRejected as e:
+            self._reject_group(held.deliveries.pop(), group, str(e), held.envelopes.get(group.dcids[0]))
+            return
+        payload = _payload(result)
+        envelope = held.envelopes[group.dcids[0]]  # the xy grid's recipe: the same result, whatever came last
+        sends = envelope.send("success", payload)
+        if isinstance(result, GridScan2DResult):
+            _write_2d_files(envelope, result)
+        newest = group.newest_seen_at
+        latency = f"{(self.clock() - newest) * 1e3:.0f} ms after the newest image" if newest else "no image time"
+        found = len(result) if isinstance(result, XrcResults) else (1 if result.ok else 0)
+        log.info("%s: %s result, %d found, %s", group.describe(), payload["type"], found, latency)
+        held.done = True
+        self.assembly.drop(group)
+        self.open.pop(group.dcids, None)
+        self._send(sends, "result", group.dcids, then=lambda ok: self._settle(held, ok, group))
+
+    def _settle(self, held: _Open, ok: bool, group: Group) -> None:
+        if ok:
+            self.completed += 1
+            for d in held.deliveries:
+                d.ack()
+        else:  # the result could not be sent: dead-letter, never loop
+            for d in held.deliveries:
+                self._reject(d, f"{group.describe()}: its result could not be sent")
+
+    def _send(self, sends: list[Send], what: str, key: tuple[int, ...] | None,
+              then: Callable[[bool], None] | None = None) -> None:
+        """Publish ``sends`` (message ids from their content); ``then(ok)`` on
+        the transport's thread once the broker has said."""
+        if not sends:
+            log.warning("the recipe gives the %s of DCID %s nowhere to go", what, key)
+            if then is not None:
+                then(True)
+            return
+        futures = [self.transport.publish(s.exchange, s.routing_key, s.body, RECIPE_HEADERS,
+                                          message_id_for(s.body)) for s in sends]
+        left = [len(futures)]
+        failed: list[BaseException] = []
+
+        def one_done(f: Future[None]) -> None:
+            error = f.exception() if not f.cancelled() else TransportError("cancelled")
+            if error is not None:
+                failed.append(error)
+            left[0] -= 1
+            if left[0] == 0:
+                if failed:
+                    kind = "no queue takes it" if isinstance(failed[0], UnroutableError) else "not confirmed"
+                    log.error("the %s of DCID %s: %s (%s)", what, key, kind, failed[0])
+                if then is not None:
+                    self.transport.call_soon(lambda: then(not failed))
+
+        for f in futures:
+            f.add_done_callback(one_done)
+
+    # ---- idle groups ----------------------------------------------------------------
+
+    def _watch(self, key: tuple[int, ...]) -> None:
+        self.transport.call_later(self.idle_s, lambda: self._check_idle(key))
+
+    def _check_idle(self, key: tuple[int, ...]) -> None:
+        held = self.open.get(key)
+        group = self.assembly.groups.get(key)
+        if held is None or group is None or held.done:
+            return
+        quiet = time.monotonic() - held.last_heard
+        if quiet < self.idle_s:
+            self.transport.call_later(self.idle_s - quiet, lambda: self._check_idle(key))
+            return
+        log.warning("%s: abandoned after %.0f s without an image; missing: %s", group.describe(), quiet, group.missing())
+        self.open.pop(key, None)
+        self.assembly.drop(group)
+        envelope = held.envelopes[min(held.envelopes)]
+        self._send(envelope.send("abort", {}), "abort", key)
+        for d in held.deliveries:  # settled: abandoned, not to be tried again
+            d.ack()
+
+
+def _named_group(envelope: Envelope) -> tuple[str, ...]:
+    """The DCIDs a message names for its group, as written (for a group
+    that cannot be one)."""
+    parameters = envelope.step.get("parameters") or {}
+    others = parameters.get("dcg_dcids") or []
+    return tuple(sorted(str(d) for d in [parameters.get("dcid"), *(others if isinstance(others, list) else [others])]))
+
+
+def _payload(result: XrcResults | GridScan2DResult) -> dict[str, Any]:
+    """The result message's payload, as Diamond's service sends it."""
+    if isinstance(result, XrcResults):
+        return {"results": result.to_dicts(), "status": "success", "type": "3d"}
+    return {"results": [result.to_dict()], "status": "success", "type": "2d"}
+
+
+def _write_2d_files(envelope: Envelope, result: GridScan2DResult) -> None:
+    """The 2D step's ``output`` (the result as JSON), ``log`` (readable text)
+    and ``results_symlink``, where the step names them."""
+    from ..cli import format_2d
+
+    parameters = envelope.step.get("parameters", {})
+    try:
+        if parameters.get("output"):
+            out = Path(parameters["output"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result.to_dict(), indent=2))
+            link = parameters.get("results_symlink")
+            if link:
+                target = out.parent.parent / str(link)
+                if not target.exists():
+                    target.symlink_to(out.parent)
+        if parameters.get("log"):
+            path = Path(parameters["log"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(format_2d(result) + "\n")
+    except OSError as e:
+        log.error("DCID %s: cannot write the 2D result files: %s", parameters.get("dcid"), e)
