@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -29,6 +30,7 @@ from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
 from .messaging.config import ConfigurationError, redact
 from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
+from .service.runner import IDLE_S, XrcService
 from .messaging import TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
@@ -42,13 +44,13 @@ EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 #: What each exit code means, and which commands can end with it.
 _MEANINGS = [
-    (EXIT_OK, "done", "centre demo"),
+    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service"),
     (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo"),
-    (EXIT_USAGE, "the command line is wrong", "centre demo"),
-    (EXIT_BROKER, "the broker configuration is wrong, or the broker cannot be reached", "demo"),
+    (EXIT_USAGE, "the command line is wrong", "centre demo service"),
+    (EXIT_BROKER, "the broker configuration is wrong, or the broker cannot be reached", "demo service"),
     (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
-    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo"),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service"),
 ]
 
 
@@ -280,6 +282,10 @@ def _best_caption(results: list[Any], positions: list[Any], unit: str, names: li
     return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
 
 
+def _wrapped(text: str) -> str:
+    return textwrap.fill(text, 79)
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="zocalo-xrc", description="X-ray centring for MX grid scans",
@@ -300,9 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     _logging_options(centre, top=False)
     demo = commands.add_parser(
         "demo", help="trigger Zocalo for a 3D scan and wait for its results",
-        description="Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray "
+        description=_wrapped("Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray "
                     "centring results. Zocalo's side is simulated in this process: it centres the file's counts "
-                    "and publishes the result as Diamond's service does.",
+                    "and publishes the result as Diamond's service does."),
         epilog=exit_codes("demo"), formatter_class=formatter)
     demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
     demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
@@ -310,6 +316,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                       help="how long to wait for the broker's confirms and for Zocalo's results (default: %(default)s)")
     _logging_options(demo, top=False)
+    service = commands.add_parser(
+        "service", help="run the X-ray centring service: per-image spot counts in, results out",
+        description=_wrapped("Consume per-image analysis messages (recipe envelopes) from a queue, centre each grid scan "
+                    "once all its images are in, and send the result to the recipe step's success output. Runs "
+                    "until stopped (SIGTERM or Ctrl-C); what it holds goes back to the queue for the next one."),
+        epilog=exit_codes("service"), formatter_class=formatter)
+    service.add_argument("--queue", default="reduce.xray_centering",
+                         help="the queue to consume (default: %(default)s; GPU spot finding sends to "
+                              "reduce.xray_centering.gpu)")
+    service.add_argument("--broker", metavar="URL|ENVIRONMENT", default=None,
+                         help="an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from "
+                              "$ZOCALO_CONFIG (default: dodal's environment, bluesky, or dev_bluesky with "
+                              "DODAL_TEST_MODE=true)")
+    service.add_argument("--declare", action="store_true",
+                         help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
+                              "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
+    service.add_argument("--idle-timeout", type=_seconds, default=IDLE_S, metavar="SECONDS",
+                         help="abandon a scan that gets no image for this long (default: %(default)s)")
+    _logging_options(service, top=False)
     return parser
 
 
@@ -329,13 +354,14 @@ def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     unset = None if top else argparse.SUPPRESS
     parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
                         help="log more: -v for INFO (and each reconnection attempt), -vv for DEBUG "
-                             "(default: warnings only)")
+                             "(default: warnings only; INFO for the service)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper, default=unset,
-                        help="the log level, instead of -v (default: WARNING)")
+                        help="the log level, instead of -v (default: WARNING; INFO for the service)")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO" if args.verbose == 1 else "WARNING")
+    quiet = "INFO" if args.command == "service" else "WARNING"  # a service says what it does
+    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO" if args.verbose == 1 else quiet)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # pika logs every failed connection attempt as ERROR with tracebacks; the
     # command says what went wrong in one line, so pika speaks only at DEBUG.
@@ -348,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args)
     try:
-        return run_demo(args) if args.command == "demo" else run_centre(args)
+        return {"demo": run_demo, "service": run_service, "centre": run_centre}[args.command](args)
     except CliError as e:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
@@ -430,6 +456,35 @@ def run_demo(args: argparse.Namespace) -> int:
         position = geometry_of([xy.grid, xz.grid]).to_motor(results[0])
         print("best crystal, relative to the first box (mm): x = {:.4f}, y = {:.4f}, z = {:.4f}".format(*position.centre_mm))
     return EXIT_OK
+
+
+def run_service(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .client import connect
+
+    try:
+        transport = connect(args.broker)
+        transport.wait_connected(30.0)
+        if args.declare and not transport.queue_exists(args.queue):
+            transport.declare_work_queue(args.queue)
+        service = XrcService(transport, args.queue, idle_s=args.idle_timeout).start()
+    except (ConfigurationError, TransportError) as e:
+        raise CliError(str(e), EXIT_BROKER) from e
+    print(f"X-ray centring service consuming {args.queue} on {redact(repr(transport))}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    code = EXIT_OK
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    service.stop()
+    print(f"stopped: {service.completed} result(s) sent, {service.rejected} message(s) dead-lettered; "
+          f"{len(service.open)} open scan(s) left to the queue", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -652,9 +652,9 @@ class _Receiver(_UsesBroker, Generic[R]):
             delivery.reject(requeue=False)
             return
         key = hashlib.sha256(delivery.body).hexdigest()
-        if delivery.redelivered and key in self._handed:
-            log.info("a result for DCID %s / DCGID %s came again (redelivered after a reconnect); it was handed over "
-                     "already: acked, not handed over twice", message.dcid, message.dcgid)
+        if key in self._handed:  # the same bytes: redelivered after a reconnect, or sent twice by a service
+            log.info("a result for DCID %s / DCGID %s came again (%s); it was handed over already: acked, not handed "
+                     "over twice", message.dcid, message.dcgid, "redelivered" if delivery.redelivered else "sent again")
             delivery.ack()
             return
         arrival = _Arrival(next(self._arrivals), delivery, message, key)
@@ -692,11 +692,13 @@ class _Receiver(_UsesBroker, Generic[R]):
             return
         with self._state:
             self._waiter = waiter
-            held, self._held = self._held, []
-        for i, arrival in enumerate(held):
-            if self._waiter is not waiter:  # done already: keep the rest for later
-                self._put_back(held[i:])
-                return
+        while True:
+            # One at a time, leaving the rest in _held: a caller that starts
+            # its next trigger meanwhile sees them there, and waits its turn.
+            with self._state:
+                if self._waiter is not waiter or not self._held:
+                    return  # done already, or nothing more came early
+                arrival = self._held.pop(0)
             if not arrival.delivery.live:
                 continue  # from a lost connection or consumer: the broker delivers it again
             if waiter.matches(arrival.message):
@@ -714,6 +716,10 @@ class _Receiver(_UsesBroker, Generic[R]):
 
     def _offer(self, waiter: _Waiter[R], arrival: _Arrival) -> None:
         message = arrival.message
+        if arrival.key in self._handed:  # a second copy, held since before the first was handed over
+            log.info("a result for DCID %s / DCGID %s came twice; handed over once", message.dcid, message.dcgid)
+            arrival.delivery.ack()
+            return
         source = _source(message)
         wanted = self.source in (source, Source.EITHER)
         if not wanted and not self.compare_sources:

@@ -152,6 +152,13 @@ class Transport(ABC):
         ``routing_key`` (default: the queue's name)."""
 
     @abstractmethod
+    def declare_work_queue(self, name: str) -> None:
+        """Declare a service's input queue the way Diamond's deployment does:
+        a durable quorum queue with a single active consumer (several
+        services may consume it; one at a time receives, the next takes over
+        when it goes), a delivery limit of 5, dead-lettering to ``dlq.<name>``."""
+
+    @abstractmethod
     def declare_queue(self, name: str) -> None:
         """Declare a plain durable queue (``processing_recipe``, say)."""
 

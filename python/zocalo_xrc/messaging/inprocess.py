@@ -54,6 +54,7 @@ class _Queue:
     name: str
     dead_letter_to: str | None = None
     exclusive_to: int | None = None
+    single_active: bool = False  # only the oldest consumer receives
     ready: collections.deque = field(default_factory=collections.deque)
     consumers: list = field(default_factory=list)
     turn: int = 0
@@ -75,10 +76,11 @@ class InProcessBroker:
         self._thread.start()
 
     # administration
-    def declare_queue(self, name: str, dead_letter_to: str | None = None, exclusive_to: int | None = None) -> str:
+    def declare_queue(self, name: str, dead_letter_to: str | None = None, exclusive_to: int | None = None,
+                      single_active: bool = False) -> str:
         with self._lock:
             if name not in self._queues:
-                self._queues[name] = _Queue(name, dead_letter_to, exclusive_to)
+                self._queues[name] = _Queue(name, dead_letter_to, exclusive_to, single_active)
             return name
 
     def new_private_queue(self, owner: int) -> str:
@@ -179,8 +181,8 @@ class InProcessBroker:
         for q in self._queues.values():
             if not q.ready or not q.consumers:
                 continue
-            for k in range(len(q.consumers)):
-                consumer = q.consumers[(q.turn + k) % len(q.consumers)]
+            for k in range(1 if q.single_active else len(q.consumers)):
+                consumer = q.consumers[0 if q.single_active else (q.turn + k) % len(q.consumers)]
                 if len(consumer.unacked) < consumer.prefetch:
                     q.turn = (q.turn + k + 1) % len(q.consumers)
                     message = q.ready.popleft()
@@ -305,6 +307,10 @@ class InProcessTransport(Transport):
 
     def declare_queue(self, name: str) -> None:
         self.broker.declare_queue(name)
+
+    def declare_work_queue(self, name: str) -> None:
+        dlq = self.broker.declare_queue(f"dlq.{name}")
+        self.broker.declare_queue(name, dead_letter_to=dlq, single_active=True)
 
     def queue_exists(self, name: str) -> bool:
         return self.broker.queue_exists(name)

@@ -451,6 +451,19 @@ class AmqpTransport(Transport):
     def declare_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_declare(name, durable=True))
 
+    def declare_work_queue(self, name: str) -> None:
+        def declare(ch: Any) -> None:
+            ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
+            ch.queue_declare(name, durable=True, arguments={
+                "x-queue-type": "quorum",
+                "x-single-active-consumer": True,
+                "x-delivery-limit": 5,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": f"dlq.{name}",
+            })
+
+        self._admin(declare)
+
     def _exists(self, name: str) -> bool:
         """On the I/O thread: whether ``name`` exists (a channel of its own)."""
 

@@ -1,0 +1,102 @@
+"""The service as separate processes on RabbitMQ: `kill -9` mid-scan loses
+nothing and sends nothing twice; of three instances on one single-active-
+consumer queue, one works, and when it is killed the next takes over."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import zocalo_xrc as zx
+from test_service import HEADERS, bodies
+from test_service_assembly import CASE_3D, direct_3d
+from test_transport import eventually
+from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+
+def start_service(url, queue):
+    p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "service", "--queue", queue, "--broker", url, "--declare"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("X-ray centring service consuming"), line + p.stderr.read()
+    return p
+
+
+@pytest.fixture
+def rabbitmq(rabbit, unique):
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url), connection_name="test, publisher")
+    q = f"reduce.xray_centering.{unique}"
+    yield t, q
+    for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
+        t.delete_queue(name)
+    t.close()
+
+
+def scan(unique, shift=0):
+    """The two grids of the 3D example, as a scan with DCIDs of its own."""
+    a, b = ({**g, "dcid": g["dcid"] + shift} for g in CASE_3D["grids"])
+    return a, b, bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
+        bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+
+
+def publish(t, q, messages):
+    for f in [t.publish("", q, m, HEADERS) for m in messages]:
+        f.result(20)
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return out
+
+
+def test_kill_9_mid_scan_loses_nothing_and_sends_nothing_twice(rabbit, rabbitmq, unique):
+    t, q = rabbitmq
+    first = start_service(rabbit.url, q)
+    zocalo = zx.ZocaloResults(t, beamline=unique, timeout_s=30, source=zx.Source.GPU)
+    zocalo.subscribe()
+    a, b, messages = scan(unique)
+    publish(t, q, messages[:300])
+    assert eventually(lambda: t.message_count(q) == 0)  # all delivered to the service, unacked
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    second = start_service(rabbit.url, q)
+    publish(t, q, messages[300:])
+    assert zocalo.trigger(dcids=a["dcid"]) == direct_3d().sorted(by="max_count")
+    with pytest.raises(zx.NoResultsFromZocaloError):
+        zocalo.trigger(dcids=a["dcid"], timeout_s=2)
+    assert "1 result(s) sent, 0 message(s) dead-lettered; 0 open scan(s)" in stop(second)
+    zocalo.close()
+
+
+def test_three_instances_on_one_queue_one_killed_mid_stream(rabbit, rabbitmq, unique):
+    t, q = rabbitmq
+    services = [start_service(rabbit.url, q) for _ in range(3)]
+    zocalo = zx.ZocaloResults(t, beamline=unique, timeout_s=60, source=zx.Source.GPU)
+    zocalo.subscribe()
+    scans = [scan(unique, shift=10 * k) for k in range(4)]
+    stream = [m for _, _, messages in scans for m in messages]
+    publish(t, q, stream[: len(stream) // 2])
+    time.sleep(0.5)
+    os.kill(services[0].pid, signal.SIGKILL)  # the first to consume is the single active consumer
+    services[0].wait(10)
+    publish(t, q, stream[len(stream) // 2:])
+    got = {}
+    for _ in scans:  # each scan's result reaches the caller once (a second copy would carry the same message_id)
+        results = zocalo.trigger(dcids=[s[0]["dcid"] for s in scans], timeout_s=60)
+        assert zocalo.last_message.dcid not in got
+        got[zocalo.last_message.dcid] = results
+    assert sorted(got) == sorted(s[0]["dcid"] for s in scans)
+    for results in got.values():
+        assert results == direct_3d().sorted(by="max_count")
+    with pytest.raises(zx.NoResultsFromZocaloError):
+        zocalo.trigger(dcids=[s[0]["dcid"] for s in scans], timeout_s=2)
+    outs = [stop(p) for p in services[1:]]
+    assert sum(int(o.split("stopped: ")[1].split(" result")[0]) for o in outs) >= 2  # the survivors took over
+    zocalo.close()
