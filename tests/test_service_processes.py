@@ -17,9 +17,23 @@ from test_transport import eventually
 from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
 
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def no_service_outlives_its_test():
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
 def start_service(url, queue):
     p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "service", "--queue", queue, "--broker", url, "--declare"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED.append(p)
     line = p.stdout.readline()
     assert line.startswith("X-ray centring service consuming"), line + p.stderr.read()
     return p
