@@ -356,6 +356,7 @@ def test_a_workflows_service_result_reaches_zocalo_results(amqp, workflows_trans
 def test_a_workflows_subscriber_gets_our_trigger_messages(amqp, workflows_transport, monkeypatch):
     monkeypatch.setenv("ZOCALO_GO_USER", "gda2")
     monkeypatch.setenv("ZOCALO_GO_HOSTNAME", "ws001")
+    amqp.delete_queue("processing_recipe")  # empty: nothing an earlier test left
     amqp.declare_queue("processing_recipe")
     got = queue.Queue()
     workflows_transport.subscribe("processing_recipe", lambda header, message: got.put((header, message)),

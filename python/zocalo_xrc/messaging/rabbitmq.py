@@ -650,6 +650,9 @@ class _AmqpSubscription(Subscription):
         return name
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if self.cancelled:  # in flight as the consumer was cancelled: back to the queue, for whoever consumes next
+            channel.basic_reject(method.delivery_tag, requeue=True)
+            return
         delivery = _AmqpDelivery(self, self.epoch, method, properties, body)
         self.outstanding.add(method.delivery_tag)
         try:
