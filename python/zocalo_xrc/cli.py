@@ -282,20 +282,22 @@ def _best_caption(results: list[Any], positions: list[Any], unit: str, names: li
     return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
 
 
-def _wrapped(text: str) -> str:
-    return textwrap.fill(text, 79)
+def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser: its one-line help, its description wrapped, the exit codes it can end with."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=textwrap.fill(description, 79), epilog=exit_codes(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="zocalo-xrc", description="X-ray centring for MX grid scans",
-                                     epilog=EXIT_CODES, formatter_class=formatter)
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"zocalo-xrc {__version__}")
     _logging_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    centre = commands.add_parser("centre", help="centre a 2D or 3D grid scan from a JSON file",
-                                 description="Centre a 2D or 3D grid scan from a JSON case file and print the result.",
-                                 epilog=exit_codes("centre"), formatter_class=formatter)
+    centre = _command(commands, "centre", "centre a 2D or 3D grid scan from a JSON file",
+                      "Centre a 2D or 3D grid scan from a JSON case file and print the result.")
     centre.add_argument("file", type=Path, help="JSON: a 2D case (counts, gridinfo) or a 3D case (grids)")
     centre.add_argument("--json", action="store_true",
                         help="print the results payload as Zocalo's centring step sends it "
@@ -304,24 +306,22 @@ def _parser() -> argparse.ArgumentParser:
                         help="also draw the grids with the results marked, in mm from the first box "
                              "(any format matplotlib writes: .png, .pdf, .svg, ...; needs the [plot] extra)")
     _logging_options(centre, top=False)
-    demo = commands.add_parser(
-        "demo", help="trigger Zocalo for a 3D scan and wait for its results",
-        description=_wrapped("Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray "
-                    "centring results. Zocalo's side is simulated in this process: it centres the file's counts "
-                    "and publishes the result as Diamond's service does."),
-        epilog=exit_codes("demo"), formatter_class=formatter)
+    demo = _command(
+        commands, "demo", "trigger Zocalo for a 3D scan and wait for its results",
+        "Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray centring results. "
+        "Zocalo's side is simulated in this process: it centres the file's counts and publishes the result as "
+        "Diamond's service does.")
     demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
     demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
     demo.add_argument("--beamline", default="i03", help="results come on xrc.BEAMLINE (default: %(default)s)")
     demo.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                       help="how long to wait for the broker's confirms and for Zocalo's results (default: %(default)s)")
     _logging_options(demo, top=False)
-    service = commands.add_parser(
-        "service", help="run the X-ray centring service: per-image spot counts in, results out",
-        description=_wrapped("Consume per-image analysis messages (recipe envelopes) from a queue, centre each grid scan "
-                    "once all its images are in, and send the result to the recipe step's success output. Runs "
-                    "until stopped (SIGTERM or Ctrl-C); what it holds goes back to the queue for the next one."),
-        epilog=exit_codes("service"), formatter_class=formatter)
+    service = _command(
+        commands, "service", "run the X-ray centring service: per-image spot counts in, results out",
+        "Consume per-image analysis messages (recipe envelopes) from a queue, centre each grid scan once all its "
+        "images are in, and send the result to the recipe step's success output. Runs until stopped (SIGTERM or "
+        "Ctrl-C); what it holds goes back to the queue for the next one.")
     service.add_argument("--queue", default="reduce.xray_centering",
                          help="the queue to consume (default: %(default)s; GPU spot finding sends to "
                               "reduce.xray_centering.gpu)")
