@@ -43,7 +43,6 @@ class _Open:
     deliveries: list[Delivery] = field(default_factory=list)
     envelopes: dict[int, Envelope] = field(default_factory=dict)
     last_heard: float = 0.0
-    done: bool = False
 
 
 class XrcService:
@@ -119,13 +118,12 @@ class XrcService:
 
     def _reject_group(self, delivery: Delivery, group: Group | None, why: str, envelope: Envelope | None) -> None:
         """A group that cannot be centred: abort it once, dead-letter its messages."""
-        key = group.dcids if group is not None else None
-        if key is not None and key not in self.aborted:
-            self.aborted.add(key)
-            held = self.open.pop(key, None)
-            self.assembly.drop(group)  # type: ignore[arg-type]
+        if group is not None and group.dcids not in self.aborted:
+            self.aborted.add(group.dcids)
+            held = self.open.pop(group.dcids, None)
+            self.assembly.drop(group)
             if envelope is not None:
-                self._send(envelope.send("abort", {}), "abort", key)
+                self._send(envelope.send("abort", {}), "abort", group.dcids)
             for d in held.deliveries if held else []:
                 self._reject(d, why)
         self._reject(delivery, why)
@@ -147,7 +145,6 @@ class XrcService:
         latency = f"{(self.clock() - newest) * 1e3:.0f} ms after the newest image" if newest else "no image time"
         found = len(result) if isinstance(result, XrcResults) else (1 if result.ok else 0)
         log.info("%s: %s result, %d found, %s", group.describe(), payload["type"], found, latency)
-        held.done = True
         self.assembly.drop(group)
         self.open.pop(group.dcids, None)
         self._send(sends, "result", group.dcids, then=lambda ok: self._settle(held, ok, group))
@@ -198,7 +195,7 @@ class XrcService:
     def _check_idle(self, key: tuple[int, ...]) -> None:
         held = self.open.get(key)
         group = self.assembly.groups.get(key)
-        if held is None or group is None or held.done:
+        if held is None or group is None:  # centred, aborted or rejected since
             return
         quiet = time.monotonic() - held.last_heard
         if quiet < self.idle_s:
