@@ -8,7 +8,8 @@ import re
 import pytest
 import workflows.recipe
 
-from zocalo_xrc.service.recipe import Envelope, EnvelopeError, Send
+from zocalo_xrc.messaging import Outgoing as Send
+from zocalo_xrc.service.recipe import Envelope, EnvelopeError
 
 RECIPE = {
     "1": {"service": "GPU Gridscan", "queue": "per_image_analysis.gpu", "output": [2]},

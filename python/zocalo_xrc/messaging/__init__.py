@@ -4,6 +4,7 @@ this process, and where the broker is (zocalo YAML configuration, URLs)."""
 from .base import (
     ConnectionLostError,
     Delivery,
+    Outgoing,
     PublishRefusedError,
     QueueInUseError,
     QueueSpec,
@@ -22,6 +23,7 @@ __all__ = [
     "Delivery",
     "InProcessBroker",
     "InProcessTransport",
+    "Outgoing",
     "PublishRefusedError",
     "QueueInUseError",
     "QueueSpec",

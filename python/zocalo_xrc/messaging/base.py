@@ -15,6 +15,11 @@ this process, for demos and quick tests):
 * ``subscribe`` delivers each message to a callback on the transport's own
   thread; every :class:`Delivery` must be acked or rejected, and what is left
   unacked when a consumer goes away is delivered again, marked ``redelivered``.
+* an *atomic* subscription (``subscribe(..., atomic=True)``) can also
+  :meth:`~Subscription.commit`: publish some messages and ack some deliveries
+  as one step (an AMQP transaction on RabbitMQ). If the consumer dies before
+  the broker has committed, nothing was published and nothing acked; after,
+  both. This is what lets a service send each result exactly once.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import logging
 import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,22 @@ class QueueSpec:
         return self.name is None
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish: through ``exchange`` (``""`` is the default
+    one, where the routing key is a queue's name), persistent, mandatory."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+
+    def describe(self) -> str:
+        return f"queue {self.routing_key!r}" if not self.exchange else \
+            f"exchange {self.exchange!r} routing key {self.routing_key!r}"
+
+
 class Delivery(ABC):
     """One message handed to a consumer."""
 
@@ -83,6 +104,13 @@ class Delivery(ABC):
         """Whether acking still means something: False once the consumer or
         its connection is gone (the broker then delivers the message again)."""
         return True
+
+    @property
+    def session(self) -> Any:
+        """Changes when the broker may have handed this consumer's unacked
+        messages out again (a new channel after a lost one): a consumer whose
+        state rests on unacked messages starts afresh when it changes."""
+        return None
 
     @abstractmethod
     def ack(self) -> None:
@@ -105,6 +133,16 @@ class Subscription(ABC):
     def cancel(self) -> None:
         """Stop consuming; unacked messages go back to the queue."""
 
+    def commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery]) -> Future[list[Outgoing]]:
+        """Publish ``messages`` and ack ``acks`` (deliveries of this
+        subscription) as one step: all of it or none of it happens. Only for
+        a subscription made with ``atomic=True``. Resolves, once the broker
+        has committed, with the messages no queue took (returned: the acks
+        stand all the same); fails with :class:`ConnectionLostError` if the
+        connection went before the broker said (committed or not: the
+        deliveries come back if not)."""
+        raise TransportError("commit needs a subscription made with atomic=True")
+
 
 class Transport(ABC):
     """A connection to a broker (see the module text for the semantics)."""
@@ -117,11 +155,13 @@ class Transport(ABC):
 
     @abstractmethod
     def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
-                  wait: float | None = 30.0) -> Subscription:
+                  wait: float | None = 30.0, atomic: bool = False) -> Subscription:
         """Consume ``queue``, calling ``callback`` on the transport's thread.
         Waits up to ``wait`` seconds for consuming to start (raising what
         stops it); with ``wait=None`` returns at once, and
-        :attr:`Subscription.ready` tells."""
+        :attr:`Subscription.ready` tells. ``atomic``: the subscription can
+        :meth:`~Subscription.commit` (on RabbitMQ, a channel of its own in
+        transaction mode)."""
 
     @property
     def endpoint(self) -> Any:

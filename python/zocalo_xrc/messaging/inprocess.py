@@ -9,11 +9,12 @@ import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from .base import (
     Callback,
     Delivery,
+    Outgoing,
     QueueSpec,
     Subscription,
     Transport,
@@ -162,6 +163,20 @@ class InProcessBroker:
                 self._queues[q.dead_letter_to].ready.append(message)
             self._lock.notify_all()
 
+    def commit(self, consumer: _Consumer, messages: Sequence[Outgoing], tags: Sequence[int]) -> list[Outgoing]:
+        """Publish ``messages`` and ack ``tags`` of ``consumer`` as one step;
+        the messages no queue took."""
+        returned = []
+        with self._lock:
+            for m in messages:
+                try:
+                    self.publish(m.exchange, m.routing_key, m.body, m.headers, m.message_id or new_message_id())
+                except UnroutableError:
+                    returned.append(m)
+            for tag in tags:
+                self.settle(consumer, tag, None)
+        return returned
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         with self._lock:
             self._tasks.append(fn)
@@ -234,8 +249,8 @@ class _InProcessDelivery(Delivery):
 
 
 class _InProcessSubscription(Subscription):
-    def __init__(self, consumer: _Consumer, private: bool) -> None:
-        self._consumer, self._private = consumer, private
+    def __init__(self, consumer: _Consumer, private: bool, atomic: bool) -> None:
+        self._consumer, self._private, self.atomic = consumer, private, atomic
         self.ready = Future()
         self.ready.set_result(None)
 
@@ -243,6 +258,20 @@ class _InProcessSubscription(Subscription):
         self._consumer.broker.cancel(self._consumer.queue, self._consumer)
         if self._private:
             self._consumer.broker.delete_queue(self._consumer.queue)
+
+    def commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery]) -> Future[list[Outgoing]]:
+        if not self.atomic:
+            return super().commit(messages, acks)
+        future: Future[list[Outgoing]] = Future()
+        tags = [d._tag for d in acks if isinstance(d, _InProcessDelivery) and d._consumer is self._consumer]
+        if len(tags) != len(acks):
+            future.set_exception(TransportError("commit: every delivery to ack must come from this subscription"))
+            return future
+        try:
+            future.set_result(self._consumer.broker.commit(self._consumer, messages, tags))
+        except TransportError as e:
+            future.set_exception(e)
+        return future
 
 
 class InProcessTransport(Transport):
@@ -275,7 +304,7 @@ class InProcessTransport(Transport):
         return future
 
     def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
-                  wait: float | None = 30.0) -> Subscription:
+                  wait: float | None = 30.0, atomic: bool = False) -> Subscription:
         name = queue.name
         if queue.declare and name is not None and not self.broker.queue_exists(name):
             self.declare_results_queue(name, exchange=queue.exchange or "results", routing_key=queue.routing_key or name)
@@ -286,7 +315,7 @@ class InProcessTransport(Transport):
         assert name is not None
         consumer = _Consumer(self.broker, name, callback, prefetch)
         self.broker.consume(name, consumer)
-        subscription = _InProcessSubscription(consumer, queue.private)
+        subscription = _InProcessSubscription(consumer, queue.private, atomic)
         self._subscriptions.append(subscription)
         return subscription
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import pika
 import pika.exceptions as px
@@ -38,6 +38,7 @@ from .base import (
     Callback,
     ConnectionLostError,
     Delivery,
+    Outgoing,
     PublishRefusedError,
     QueueSpec,
     Subscription,
@@ -262,12 +263,16 @@ class AmqpTransport(Transport):
         while not self._closing:
             if self._pub.closed:
                 self._pub = _ConfirmingPublisher(self._conn)
+            with self._lock:
+                subscriptions = list(self._subscriptions)
             if not self._sub.is_open:
                 log.warning("the consuming channel on %s was closed; reopening it", self.settings.url())
                 self._sub = self._conn.channel()
-                with self._lock:
-                    subscriptions = list(self._subscriptions)
                 for subscription in subscriptions:
+                    subscription.start()
+            for subscription in subscriptions:
+                if subscription.atomic and subscription.channel is not None and not subscription.channel.is_open:
+                    log.warning("the transaction channel of %s was closed; reopening it", subscription.spec.name)
                     subscription.start()
             self._drain()
             self._run_timers()
@@ -313,6 +318,10 @@ class AmqpTransport(Transport):
         self.connected.clear()
         if self._pub is not None:
             self._pub.fail_all()
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.fail_commits("the connection was lost")
         conn, self._conn, self._pub, self._sub = self._conn, None, None, None
         if conn is not None and conn.is_open:
             try:
@@ -397,8 +406,8 @@ class AmqpTransport(Transport):
         return self._submit(send, future, settles_itself=True)
 
     def subscribe(self, queue: QueueSpec, callback: Callback, *, prefetch: int = 32,
-                  wait: float | None = 30.0) -> Subscription:
-        subscription = _AmqpSubscription(self, queue, callback, prefetch)
+                  wait: float | None = 30.0, atomic: bool = False) -> Subscription:
+        subscription = _AmqpSubscription(self, queue, callback, prefetch, atomic)
         with self._lock:
             self._subscriptions.append(subscription)
         self._submit(subscription.start)
@@ -595,23 +604,37 @@ class _ConfirmingPublisher:
 
 
 class _AmqpSubscription(Subscription):
-    def __init__(self, transport: AmqpTransport, spec: QueueSpec, callback: Callback, prefetch: int) -> None:
-        self.transport, self.spec, self.callback, self.prefetch = transport, spec, callback, prefetch
+    """A consumer. Plain ones share the transport's consuming channel; an
+    atomic one has a channel of its own in transaction mode, where acks,
+    rejects and publishes take effect only at ``tx.commit`` (RabbitMQ
+    applies a committed transaction whole, or none of it if the channel
+    dies first)."""
+
+    def __init__(self, transport: AmqpTransport, spec: QueueSpec, callback: Callback, prefetch: int,
+                 atomic: bool = False) -> None:
+        self.transport, self.spec, self.callback, self.prefetch, self.atomic = transport, spec, callback, prefetch, atomic
         self.channel: Any = None
         self.tag: str | None = None
         self.outstanding: set[int] = set()
         self.cancelled = False
         self.epoch = 0  # one per start: delivery tags restart on each channel
         self.ready: Future[None] = Future()
+        # atomic only: commits sent, oldest first, each with what the broker returned of it
+        self.commits: deque[tuple[Future[list[Outgoing]], Sequence[Outgoing], list[Outgoing]]] = deque()
+        self.settled_uncommitted = False
+        # RabbitMQ takes nothing else on a channel while a tx.commit is pending: what comes meanwhile waits here
+        self.deferred: deque[Callable[[], None]] = deque()
 
     def start(self) -> None:
-        """(Re)start consuming on the transport's consuming channel: on the I/O
-        thread only, at each connection. Declarations and checks go on a
-        channel of their own, so that a missing queue closes only that one."""
+        """(Re)start consuming on the transport's consuming channel (a channel
+        of its own if atomic): on the I/O thread only, at each connection.
+        Declarations and checks go on a channel of their own, so that a
+        missing queue closes only that one."""
         if self.cancelled:
             return
         t = self.transport
-        if self.channel is t._sub and self.tag is not None:
+        if self.tag is not None and self.channel is not None and self.channel.is_open and (
+                self.atomic or self.channel is t._sub):
             return  # started already on this channel (subscribed while connecting)
         try:
             name = self.spec.name
@@ -622,7 +645,16 @@ class _AmqpSubscription(Subscription):
                     raise TransportError(f"NOT_FOUND - no queue {name!r} on {t.settings.url()}")
                 t._on_admin_channel(lambda ch: t._declare_results_queue(
                     ch, name, self.spec.exchange or "results", self.spec.routing_key or name))
-            self.channel, self.outstanding = t._sub, set()
+            self.fail_commits("the channel was replaced")
+            if self.atomic:
+                assert t._conn is not None
+                channel = t._conn.channel()
+                channel.tx_select()
+                channel._impl.add_on_return_callback(self._on_return)
+                channel._impl.add_on_close_callback(lambda _ch, reason: self.fail_commits(f"the channel closed ({reason})"))
+            else:
+                channel = t._sub
+            self.channel, self.outstanding, self.tag = channel, set(), None
             self.epoch += 1
             self.channel.basic_qos(prefetch_count=self.prefetch)
             self.tag = self.channel.basic_consume(name, self._on_message, auto_ack=False)
@@ -670,15 +702,104 @@ class _AmqpSubscription(Subscription):
                 log.debug("delivery %s is from a lost channel: the broker delivers it again", tag)
                 return
             self.outstanding.discard(tag)
+            # the asynchronous channel: a frame queued, not a flush of the socket per message
             if requeue is None:
-                self.channel.basic_ack(tag)
+                self.channel._impl.basic_ack(tag)
             else:
-                self.channel.basic_reject(tag, requeue=requeue)
+                self.channel._impl.basic_reject(tag, requeue=requeue)
+            if self.atomic and not self.settled_uncommitted:  # takes effect at the next commit: make one soon
+                self.settled_uncommitted = True
+                self.transport.call_soon(lambda: self._on_channel(lambda: self._commit([], [], None)))
+
+        self._on_channel(run)
+
+    def _on_channel(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread, after the commit in flight if any."""
+        def now_or_after_commit() -> None:
+            if self.commits or self.deferred:
+                self.deferred.append(fn)
+            else:
+                fn()
 
         if self.transport.on_io_thread():
-            run()
+            now_or_after_commit()
         else:
-            self.transport._submit(run)
+            self.transport._submit(now_or_after_commit)
+
+    def _run_deferred(self) -> None:
+        while self.deferred and not self.commits:
+            self.deferred.popleft()()
+
+    def commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery]) -> Future[list[Outgoing]]:
+        if not self.atomic:
+            return super().commit(messages, acks)
+        future: Future[list[Outgoing]] = Future()
+        theirs = [d for d in acks if isinstance(d, _AmqpDelivery) and d._subscription is self]
+        if len(theirs) != len(acks):
+            future.set_exception(TransportError("commit: every delivery to ack must come from this subscription"))
+            return future
+        self._on_channel(lambda: self._commit(messages, theirs, future))
+        return future
+
+    def _commit(self, messages: Sequence[Outgoing], acks: Sequence[_AmqpDelivery],
+                future: Future[list[Outgoing]] | None) -> None:
+        """On the I/O thread: publish, ack (one frame for the longest run of
+        tags that allows it), ``tx.commit``."""
+        if future is None:  # a commit for acks and rejects made one by one
+            if not self.settled_uncommitted:
+                return
+            future = Future()
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            future.set_exception(ConnectionLostError("the transaction channel is closed; nothing was committed"))
+            return
+        tags = {d._tag for d in acks}
+        if any(d._epoch != self.epoch for d in acks) or not tags <= self.outstanding:
+            future.set_exception(ConnectionLostError(
+                "some deliveries are from a lost channel (the broker delivers them again); nothing was committed"))
+            return
+        for m in messages:
+            properties = pika.BasicProperties(delivery_mode=2, headers=dict(m.headers),
+                                              message_id=m.message_id or new_message_id())
+            channel._impl.basic_publish(m.exchange, m.routing_key, m.body, properties, mandatory=True)
+        if tags:
+            keep = min(self.outstanding - tags, default=None)
+            below = [t for t in tags if keep is None or t < keep]
+            if below:
+                channel._impl.basic_ack(max(below), multiple=True)
+            for t in sorted(tags.difference(below)):
+                channel._impl.basic_ack(t)
+            self.outstanding -= tags
+        self.settled_uncommitted = False
+        self.commits.append((future, messages, []))
+        channel._impl.tx_commit(self._on_commit_ok)
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """A mandatory message no queue took: returned at its commit, before the
+        commit's OK, so it belongs to the oldest commit waiting."""
+        for _, messages, returned in self.commits:
+            match = next((m for m in messages if (m.message_id is None or m.message_id == properties.message_id)
+                          and m.body == body and m not in returned), None)
+            if match is not None:
+                returned.append(match)
+                return
+
+    def _on_commit_ok(self, frame: Any) -> None:
+        if self.commits:
+            future, _, returned = self.commits.popleft()
+            if not future.done():
+                future.set_result(returned)
+        self._run_deferred()
+
+    def fail_commits(self, why: str) -> None:
+        """The channel went with commits unanswered: each may have happened or not."""
+        commits, self.commits = self.commits, deque()
+        self.settled_uncommitted = False
+        for future, _, _ in commits:
+            if not future.done():
+                future.set_exception(ConnectionLostError(f"{why} before the broker answered a commit: "
+                                                         "it happened whole or not at all"))
+        self._run_deferred()  # each finds its channel gone and says so
 
     def cancel(self) -> None:
         """Stop consuming. Never waits long: with no connection there is no
@@ -692,11 +813,18 @@ class _AmqpSubscription(Subscription):
                 t._subscriptions.remove(self)
 
         def run() -> None:
-            if self.channel is not None and self.channel.is_open and self.tag is not None:
-                for tag in sorted(self.outstanding):
-                    self.channel.basic_reject(tag, requeue=True)
-                self.outstanding.clear()
-                self.channel.basic_cancel(self.tag)
+            if self.channel is None or not self.channel.is_open or self.tag is None:
+                return
+            if self.atomic:  # closing the channel returns what is unacked, uncommitted work included
+                def close() -> None:
+                    if self.channel.is_open:
+                        self.channel.close()  # cancels the consumer first
+                self._on_channel(close)
+                return
+            for tag in sorted(self.outstanding):
+                self.channel.basic_reject(tag, requeue=True)
+            self.outstanding.clear()
+            self.channel.basic_cancel(self.tag)
 
         if t._closing or not t.connected.is_set():
             return
@@ -717,6 +845,10 @@ class _AmqpDelivery(Delivery):
     @property
     def live(self) -> bool:
         return self._subscription.live(self._epoch, self._tag)
+
+    @property
+    def session(self) -> Any:
+        return (id(self._subscription), self._epoch)
 
     def ack(self) -> None:
         self._subscription.settle(self._epoch, self._tag, None)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .._text import quoted
+from ..messages import message_id_for
+from ..messaging import Outgoing
 
 #: The header every recipe message carries.
 RECIPE_HEADERS: Mapping[str, Any] = {"workflows-recipe": True}
@@ -26,16 +28,6 @@ RECIPE_HEADERS: Mapping[str, Any] = {"workflows-recipe": True}
 
 class EnvelopeError(ValueError):
     """A message that is not a usable recipe envelope; says what is wrong."""
-
-
-@dataclass(frozen=True)
-class Send:
-    """One message to publish: ``exchange`` (``""`` is the default one) and
-    routing key, and the body."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
 
 
 @dataclass(frozen=True)
@@ -93,8 +85,9 @@ class Envelope:
                 raise EnvelopeError(f"output {output!r} names step {quoted(t)}, which the recipe does not have")
         return targets
 
-    def send(self, output: str, payload: Any) -> list[Send]:
-        """The messages that send ``payload`` to ``output`` of the current step."""
+    def send(self, output: str, payload: Any) -> list[Outgoing]:
+        """The messages that send ``payload`` to ``output`` of the current step
+        (recipe headers, a message id made from the content)."""
         sends = []
         for target in self.targets(output):
             step = self.recipe[str(target)]
@@ -105,8 +98,9 @@ class Envelope:
                 "recipe-path": [*self.path, self.pointer],
                 "recipe-pointer": target,
             }).encode()
+            mid = message_id_for(body)
             if step.get("queue"):
-                sends.append(Send(step.get("exchange", ""), step["queue"], body))
+                sends.append(Outgoing(step.get("exchange", ""), step["queue"], body, RECIPE_HEADERS, mid))
             if step.get("topic"):
-                sends.append(Send(step["topic"], "", body))
+                sends.append(Outgoing(step["topic"], "", body, RECIPE_HEADERS, mid))
         return sends

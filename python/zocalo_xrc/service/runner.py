@@ -2,13 +2,15 @@
 centre each group once it is complete, send the result to the step's
 ``success`` output, abandon idle groups to ``abort``.
 
-Every message of an open group stays unacked until the group's result has
-been confirmed by the broker; then they are all acked. A service that dies
-mid-scan therefore loses nothing: the broker hands the messages to the next
-one, which rebuilds the scan. The result carries a ``message_id`` made from
-the group and the result, so a result sent twice (a death between its confirm
-and the acks) can be recognised. A message that can never count is
-dead-lettered at once, with the reason in the log; it never loops.
+Every message of an open group stays unacked until the group is finished.
+Then the result is published and the group's messages are acked in one
+transaction (:meth:`Subscription.commit`): a service that dies before the
+broker commits has sent nothing and acked nothing, and the broker hands the
+messages to the next one, which rebuilds the scan and sends the result; one
+that dies after has done both. So each result is sent exactly once. The
+result also carries a ``message_id`` made from its content. A message that
+can never count is dead-lettered at once, with the reason in the log; it
+never loops.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any, Callable
 
 from .._native import XrcResults
 from .._results import GridScan2DResult
-from ..messaging import Delivery, QueueSpec, Subscription, Transport, TransportError, UnroutableError
-from ..messages import is_recipe_envelope, message_id_for
+from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport
+from ..messages import is_recipe_envelope
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
-from .recipe import RECIPE_HEADERS, Envelope, EnvelopeError, Send
+from .recipe import Envelope, EnvelopeError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class _Open:
     """What the service holds for an open group: its unacked messages, the
     envelope of each grid's first message, when it last heard of it."""
 
-    deliveries: list[Delivery] = field(default_factory=list)
+    deliveries: dict[tuple[int, int], Delivery] = field(default_factory=dict)  # by (DCID, image)
     envelopes: dict[int, Envelope] = field(default_factory=dict)
     last_heard: float = 0.0
 
@@ -60,10 +62,11 @@ class XrcService:
         self.completed = 0
         self.rejected = 0
         self.subscription: Subscription | None = None
+        self.session: Any = None
 
     def start(self, wait: float | None = 30.0) -> XrcService:
         self.subscription = self.transport.subscribe(QueueSpec(self.queue), self.on_message, prefetch=self.prefetch,
-                                                     wait=wait)
+                                                     wait=wait, atomic=True)
         log.info("consuming %s", self.queue)
         return self
 
@@ -76,6 +79,8 @@ class XrcService:
     # ---- one message -------------------------------------------------------------
 
     def on_message(self, delivery: Delivery) -> None:
+        if delivery.session != self.session:
+            self._start_afresh(delivery.session)
         if not is_recipe_envelope(delivery.headers):
             return self._reject(delivery, "not a recipe envelope (no workflows-recipe header)")
         try:
@@ -87,7 +92,7 @@ class XrcService:
             key = _named_group(envelope)
             if key not in self.aborted_named:
                 self.aborted_named.add(key)
-                self._send(envelope.send("abort", {}), "abort", None)
+                self._commit(envelope.send("abort", {}), [], "abort", None)
             return self._reject(delivery, str(e))
         if message.group_dcids in self.aborted:
             return self._reject(delivery, f"its group DCID {', '.join(map(str, message.group_dcids))} was abandoned")
@@ -104,11 +109,23 @@ class XrcService:
             log.info("DCID %s: image %d again (a duplicate); it changes nothing", message.dcid, message.file_number)
             delivery.ack()
             return
-        held.deliveries.append(delivery)
+        held.deliveries[(message.dcid, message.file_number)] = delivery
         if fate is Fate.COMPLETE:
             self._complete(group, held)
         elif len(held.deliveries) == 1:
             self._watch(group.dcids)
+
+    def _start_afresh(self, session: Any) -> None:
+        """A new channel: whatever was held unacked is being delivered again,
+        so open groups are rebuilt from those deliveries."""
+        if self.open:
+            log.warning("the broker is delivering again what %d open scan(s) held; rebuilding them", len(self.open))
+        self.session = session
+        for key in list(self.open):
+            group = self.assembly.groups.get(key)
+            if group is not None:
+                self.assembly.drop(group)
+        self.open.clear()
 
     def _reject(self, delivery: Delivery, why: str) -> None:
         """Dead-letter a message that can never count; it never comes back."""
@@ -123,8 +140,8 @@ class XrcService:
             held = self.open.pop(group.dcids, None)
             self.assembly.drop(group)
             if envelope is not None:
-                self._send(envelope.send("abort", {}), "abort", group.dcids)
-            for d in held.deliveries if held else []:
+                self._commit(envelope.send("abort", {}), [], "abort", group.dcids)
+            for d in held.deliveries.values() if held else []:
                 self._reject(d, why)
         self._reject(delivery, why)
 
@@ -134,7 +151,8 @@ class XrcService:
         try:
             result = centre(group)
         except GroupRejected as e:
-            self._reject_group(held.deliveries.pop(), group, str(e), held.envelopes.get(group.dcids[0]))
+            last = held.deliveries.popitem()[1]
+            self._reject_group(last, group, str(e), held.envelopes.get(group.dcids[0]))
             return
         payload = _payload(result)
         envelope = held.envelopes[group.dcids[0]]  # the xy grid's recipe: the same result, whatever came last
@@ -147,45 +165,37 @@ class XrcService:
         log.info("%s: %s result, %d found, %s", group.describe(), payload["type"], found, latency)
         self.assembly.drop(group)
         self.open.pop(group.dcids, None)
-        self._send(sends, "result", group.dcids, then=lambda ok: self._settle(held, ok, group))
+        self._commit(sends, list(held.deliveries.values()), "result", group.dcids, counts=True)
 
-    def _settle(self, held: _Open, ok: bool, group: Group) -> None:
-        if ok:
-            self.completed += 1
-            for d in held.deliveries:
-                d.ack()
-        else:  # the result could not be sent: dead-letter, never loop
-            for d in held.deliveries:
-                self._reject(d, f"{group.describe()}: its result could not be sent")
-
-    def _send(self, sends: list[Send], what: str, key: tuple[int, ...] | None,
-              then: Callable[[bool], None] | None = None) -> None:
-        """Publish ``sends`` (message ids from their content); ``then(ok)`` on
-        the transport's thread once the broker has said."""
+    def _commit(self, sends: list[Outgoing], acks: list[Delivery], what: str, key: tuple[int, ...] | None,
+                counts: bool = False) -> None:
+        """Publish ``sends`` and ack ``acks`` as one transaction; say what
+        became of it once the broker has answered."""
         if not sends:
-            log.warning("the recipe gives the %s of DCID %s nowhere to go", what, key)
-            if then is not None:
-                then(True)
-            return
-        futures = [self.transport.publish(s.exchange, s.routing_key, s.body, RECIPE_HEADERS,
-                                          message_id_for(s.body)) for s in sends]
-        left = [len(futures)]
-        failed: list[BaseException] = []
+            log.warning("the recipe gives the %s of DCID %s nowhere to go; settling its messages", what, key)
+        assert self.subscription is not None
+        future = self.subscription.commit(sends, acks)
 
-        def one_done(f: Future[None]) -> None:
-            error = f.exception() if not f.cancelled() else TransportError("cancelled")
-            if error is not None:
-                failed.append(error)
-            left[0] -= 1
-            if left[0] == 0:
-                if failed:
-                    kind = "no queue takes it" if isinstance(failed[0], UnroutableError) else "not confirmed"
-                    log.error("the %s of DCID %s: %s (%s)", what, key, kind, failed[0])
-                if then is not None:
-                    self.transport.call_soon(lambda: then(not failed))
+        def done(f: Future[list[Outgoing]]) -> None:
+            error = f.exception()
+            if error is not None:  # committed whole or not at all: if not, the messages come back
+                log.warning("the %s of DCID %s: %s", what, key, error)
+                return
+            if counts:
+                self.completed += 1
+            for m in f.result():
+                self._keep_returned(m, what, key)
 
-        for f in futures:
-            f.add_done_callback(one_done)
+        future.add_done_callback(lambda f: self.transport.call_soon(lambda: done(f)))
+
+    def _keep_returned(self, m: Outgoing, what: str, key: tuple[int, ...] | None) -> None:
+        """A message no queue took: keep it in the dead-letter queue, say so."""
+        log.error("the %s of DCID %s was returned: no queue takes %s; a copy goes to dlq.%s",
+                  what, key, m.describe(), self.queue)
+        headers = {**m.headers, "x-zocalo-xrc-returned-from": m.describe()}
+        copy = self.transport.publish("", f"dlq.{self.queue}", m.body, headers, m.message_id)
+        copy.add_done_callback(lambda f: f.exception() and log.error(
+            "the %s of DCID %s is lost: dlq.%s does not take it either (%s)", what, key, self.queue, f.exception()))
 
     # ---- idle groups ----------------------------------------------------------------
 
@@ -205,9 +215,8 @@ class XrcService:
         self.open.pop(key, None)
         self.assembly.drop(group)
         envelope = held.envelopes[min(held.envelopes)]
-        self._send(envelope.send("abort", {}), "abort", key)
-        for d in held.deliveries:  # settled: abandoned, not to be tried again
-            d.ack()
+        # settled with the abort: abandoned, not to be tried again
+        self._commit(envelope.send("abort", {}), list(held.deliveries.values()), "abort", key)
 
 
 def _named_group(envelope: Envelope) -> tuple[str, ...]:
