@@ -3,6 +3,7 @@ nothing and sends nothing twice; of three instances on one single-active-
 consumer queue, one works, and when it is killed the next takes over."""
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import zocalo_xrc as zx
 from test_service import HEADERS, bodies
 from test_service_assembly import CASE_3D, direct_3d
 from test_transport import eventually
+from zocalo_xrc.messaging import QueueSpec
 from zocalo_xrc.messaging.rabbitmq import AmqpTransport
 
 
@@ -87,6 +89,44 @@ def test_kill_9_mid_scan_loses_nothing_and_sends_nothing_twice(rabbit, rabbitmq,
         zocalo.trigger(dcids=a["dcid"], timeout_s=2)
     assert "1 result(s) sent, 0 message(s) dead-lettered; 0 open scan(s)" in stop(second)
     zocalo.close()
+
+
+def test_kill_9_as_each_result_appears_every_result_exactly_once(rabbit, rabbitmq, unique):
+    """The service killed the moment a result shows on the results queue, that
+    is, between sending it and acking its scan's messages if those were two
+    steps; restarted each time. The queue ends with exactly one message per
+    scan, each correct: counted on the queue itself, not through
+    ZocaloResults (which would hide a duplicate)."""
+    t, q = rabbitmq
+    results = f"xrc.{unique}"
+    t.declare_results_queue(results)
+    scans = [scan(unique, shift=10 * k) for k in range(6)]
+    seen = kills = 0
+    service = start_service(rabbit.url, q)
+    publish(t, q, [m for _, _, messages in scans for m in messages])
+    while seen < len(scans) and kills < 4:
+        assert eventually(lambda: t.message_count(results) > seen, timeout=30)
+        os.kill(service.pid, signal.SIGKILL)
+        service.wait(10)
+        kills += 1
+        seen = t.message_count(results)
+        service = start_service(rabbit.url, q)
+    assert eventually(lambda: t.message_count(results) >= len(scans), timeout=60)
+    time.sleep(1)  # a second copy of any would be here by now
+    got = queue.Queue()
+    sub = t.subscribe(QueueSpec(results), got.put, prefetch=100)
+    received = [got.get(timeout=10) for _ in scans]
+    time.sleep(0.5)
+    assert got.empty(), "a result was published twice"
+    for d in received:
+        d.ack()
+    sub.cancel()
+    messages = [zx.parse_result_message(d.body) for d in received]
+    assert sorted(m.dcid for m in messages) == sorted(a["dcid"] for a, _, _ in scans)
+    for m in messages:
+        assert m.results == direct_3d()
+    assert kills >= 2
+    stop(service)
 
 
 def test_three_instances_on_one_queue_one_killed_mid_stream(rabbit, rabbitmq, unique):

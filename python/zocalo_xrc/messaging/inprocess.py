@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .base import (
     Callback,
+    ConnectionLostError,
     Delivery,
     Outgoing,
     QueueSpec,
@@ -168,6 +169,9 @@ class InProcessBroker:
         the messages no queue took."""
         returned = []
         with self._lock:
+            if any(tag not in consumer.unacked for tag in tags):
+                raise ConnectionLostError("some deliveries went back to their queue (the consumer went); "
+                                          "nothing was committed")
             for m in messages:
                 try:
                     self.publish(m.exchange, m.routing_key, m.body, m.headers, m.message_id or new_message_id())
