@@ -1,0 +1,196 @@
+"""The X-ray centring service as a ``workflows`` service, for a Zocalo
+installation: ``zocalo.service -s XRayCentering -e ENV`` (CPU spot finding,
+queue ``reduce.xray_centering``) or ``-s XRayCenteringGPU``
+(``reduce.xray_centering.gpu``). The frontend brings what every Zocalo
+service has: zocalo YAML configuration, status on ``transient.status``,
+``zocalo.shutdown``, Graylog when the configuration names it.
+
+The centring is :class:`~zocalo_xrc.service.runner.XrcService`, the same as
+``zocalo-xrc service`` runs; here it talks through the frontend's transport
+(:class:`WorkflowsTransport`), and everything it does happens on the
+service's main thread. Results go out with their scan's acks in one
+workflows transaction, as with ``zocalo-xrc service``.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Mapping, Sequence
+
+from workflows.services.common_service import CommonService
+
+from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport, TransportError
+from .runner import IDLE_S, XrcService
+
+
+class WorkflowsTransport(Transport):
+    """The face :class:`XrcService` needs, on the transport of a running
+    ``workflows`` service. Queues belong to the deployment here
+    (``zocalo.configure_rabbitmq``): this face consumes and sends, it does
+    not declare or inspect them."""
+
+    def __init__(self, service: CommonService) -> None:
+        self._service = service
+        self._transport = service._transport
+        self._timers: list[threading.Timer] = []
+
+    def __repr__(self) -> str:
+        return f"WorkflowsTransport({type(self._transport).__name__})"
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any],
+                message_id: str | None = None) -> Future[None]:
+        future: Future[None] = Future()
+        try:
+            self._send(Outgoing(exchange, routing_key, body, headers, message_id), None)
+            future.set_result(None)
+        except Exception as e:
+            future.set_exception(TransportError(f"cannot send to {routing_key!r}: {e}"))
+        return future
+
+    def _send(self, m: Outgoing, transaction: int | None) -> None:
+        self._transport.raw_send(m.routing_key, m.body, headers=dict(m.headers), exchange=m.exchange or None,
+                                 transaction=transaction)
+
+    def subscribe(self, queue: QueueSpec, callback: Callable[[Delivery], None], *, prefetch: int = 32,
+                  wait: float | None = 30.0, atomic: bool = False) -> Subscription:
+        if queue.name is None:
+            raise TransportError("a workflows service consumes a named queue")
+        subscription = _WorkflowsSubscription(self, callback)
+        subscription.id = self._transport.subscribe(queue.name, subscription.on_message, acknowledgement=True,
+                                                    prefetch_count=prefetch, disable_mangling=True)
+        return subscription
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """On the service's main thread, after what is queued there."""
+        self._service._transport_interceptor(lambda header, message: fn())(None, None)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        timer = threading.Timer(delay, self.call_soon, args=(fn,))
+        timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _not_here(self, what: str) -> TransportError:
+        return TransportError(f"{what}: queues belong to the Zocalo deployment under a workflows frontend "
+                              "(zocalo.configure_rabbitmq), not to the service")
+
+    def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
+        raise self._not_here(f"cannot declare {name}")
+
+    def declare_work_queue(self, name: str) -> None:
+        raise self._not_here(f"cannot declare {name}")
+
+    def declare_queue(self, name: str) -> None:
+        raise self._not_here(f"cannot declare {name}")
+
+    def queue_exists(self, name: str) -> bool:
+        raise self._not_here(f"cannot look {name} up")
+
+    def message_count(self, name: str) -> int:
+        raise self._not_here(f"cannot count {name}")
+
+    def consumer_count(self, name: str) -> int:
+        raise self._not_here(f"cannot count {name}'s consumers")
+
+    def delete_queue(self, name: str) -> None:
+        raise self._not_here(f"cannot delete {name}")
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+
+class _WorkflowsSubscription(Subscription):
+    """Acks, rejects and commits each go out in a workflows transaction on
+    the subscription's channel (once a channel has been in one, RabbitMQ
+    holds everything on it until a commit)."""
+
+    def __init__(self, transport: WorkflowsTransport, callback: Callable[[Delivery], None]) -> None:
+        self.transport, self.callback = transport, callback
+        self.id: int = 0
+        self.cancelled = False
+        self.ready: Future[None] = Future()
+        self.ready.set_result(None)
+
+    def on_message(self, header: Mapping[str, Any], body: Any) -> None:
+        if not self.cancelled:
+            self.callback(_WorkflowsDelivery(self, header, body))
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.transport._transport.unsubscribe(self.id)
+
+    def commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery]) -> Future[list[Outgoing]]:
+        future: Future[list[Outgoing]] = Future()
+        t = self.transport._transport
+        try:
+            transaction = t.transaction_begin(subscription_id=self.id)
+            try:
+                for d in acks:
+                    assert isinstance(d, _WorkflowsDelivery)
+                    t.ack(d.header, transaction=transaction)
+                for m in messages:
+                    self.transport._send(m, transaction)
+            except BaseException:
+                t.transaction_abort(transaction)
+                raise
+            t.transaction_commit(transaction)
+        except Exception as e:
+            future.set_exception(TransportError(f"the transaction failed ({e}); it happened whole or not at all"))
+        else:
+            future.set_result([])  # workflows does not say which mandatory messages came back
+        return future
+
+    def settle(self, delivery: _WorkflowsDelivery, requeue: bool | None) -> None:
+        t = self.transport._transport
+        transaction = t.transaction_begin(subscription_id=self.id)
+        if requeue is None:
+            t.ack(delivery.header, transaction=transaction)
+        else:
+            t.nack(delivery.header, requeue=requeue, transaction=transaction)
+        t.transaction_commit(transaction)
+
+
+class _WorkflowsDelivery(Delivery):
+    def __init__(self, subscription: _WorkflowsSubscription, header: Mapping[str, Any], body: Any) -> None:
+        self._subscription, self.header = subscription, header
+        self.body = body if isinstance(body, bytes) else str(body).encode()
+        self.headers = header
+        self.message_id = None  # workflows hands over the delivery tag, not the message's id
+        self.exchange = str(header.get("exchange", ""))
+        self.routing_key = str(header.get("routing_key", ""))
+        self.redelivered = bool(header.get("redelivered"))
+
+    def ack(self) -> None:
+        self._subscription.settle(self, None)
+
+    def reject(self, requeue: bool = False) -> None:
+        self._subscription.settle(self, requeue)
+
+
+class XRayCentering(CommonService):
+    """X-ray centring from CPU per-image analysis (``reduce.xray_centering``)."""
+
+    _service_name = "X-ray centring (zocalo-xrc)"
+    _logger_name = "zocalo_xrc.service"
+    queue = "reduce.xray_centering"
+    idle_s = IDLE_S
+
+    def initializing(self) -> None:
+        self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=self.idle_s)
+        self.xrc.start()
+
+    def in_shutdown(self) -> None:
+        xrc = getattr(self, "xrc", None)
+        if xrc is not None:
+            self.log.info("X-ray centring stopping: %d result(s) sent, %d message(s) dead-lettered, %d open scan(s)",
+                          xrc.completed, xrc.rejected, len(xrc.open))
+
+
+class XRayCenteringGPU(XRayCentering):
+    """X-ray centring from GPU per-image analysis (``reduce.xray_centering.gpu``)."""
+
+    _service_name = "X-ray centring, GPU (zocalo-xrc)"
+    queue = "reduce.xray_centering.gpu"
