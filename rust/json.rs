@@ -153,6 +153,13 @@ pub struct Mark {
     depth: usize,
 }
 
+impl Mark {
+    /// The byte offset in the input.
+    pub fn position(self) -> usize {
+        self.pos
+    }
+}
+
 pub struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod grid;
 pub mod json;
 pub mod label;
+pub mod pia;
 pub mod pyrepr;
 pub mod wells;
 pub mod wire;

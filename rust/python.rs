@@ -19,6 +19,7 @@ use crate::centre3d::{self, Halt, Params, Xrc3d};
 use crate::error::InputError;
 use crate::grid::{Grid, Orientation, Scan};
 use crate::json;
+use crate::pia;
 use crate::wells::{self, Wells};
 use crate::wire::{self, Addressee, Results, Wire2d};
 
@@ -633,6 +634,20 @@ fn build_result_message<'py>(
     Ok(PyBytes::new(py, body.as_bytes()))
 }
 
+/// The fields of a plain per-image message, or None: read it the slow way
+/// (see `pia.rs`). `(dcid, group, experiment_type, (gridinfo start, end),
+/// file_number, spots, seen_at)`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn pia_fields<'py>(
+    py: Python<'py>,
+    body: &Bound<'py, PyBytes>,
+) -> PyResult<Option<(u64, Bound<'py, PyTuple>, String, (usize, usize), u64, u64, Option<f64>)>> {
+    let Some(f) = pia::pia_fields(body.as_bytes()) else { return Ok(None) };
+    let group = PyTuple::new(py, f.group)?;
+    Ok(Some((f.dcid, group, f.experiment_type, f.gridinfo, f.file_number, f.spots, f.seen_at)))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reshape_grid, m)?)?;
@@ -642,6 +657,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_RUNS", centre3d::MAX_RUNS)?;
     m.add_function(wrap_pyfunction!(parse_result_message, m)?)?;
     m.add_function(wrap_pyfunction!(build_result_message, m)?)?;
+    m.add_function(wrap_pyfunction!(pia_fields, m)?)?;
     m.add_class::<XrcResults>()?;
     m.add_class::<ResultMessage>()?;
     m.add("ResultPayloadError", m.py().get_type::<ResultPayloadError>())?;

@@ -19,8 +19,15 @@ CASE_3D = json.loads((EXAMPLES / "scan3d.json").read_text())
 CASE_2D = json.loads((EXAMPLES / "scan2d.json").read_text())
 
 
-def pia(dcid, others, gridinfo, file_number, spots, *, experiment_type=None, sample_id=None, payload=None, **params):
-    """A per-image message as the GPU or CPU spot finder's recipe step sends it."""
+def pia(dcid, others, gridinfo, file_number, spots, **kwargs):
+    """A per-image message as the GPU or CPU spot finder's recipe step sends it, read."""
+    return PiaMessage.from_envelope(Envelope.parse(json.dumps(pia_body(dcid, others, gridinfo, file_number, spots,
+                                                                       **kwargs))))
+
+
+def pia_body(dcid, others, gridinfo, file_number, spots, *, experiment_type=None, sample_id=None, payload=None,
+             **params):
+    """The envelope of a per-image message, as a dict."""
     step = {"service": "DLS X-Ray Centering", "queue": "reduce.xray_centering.gpu", "gridinfo": gridinfo,
             "parameters": {"dcid": str(dcid), "dcg_dcids": others,
                            "experiment_type": experiment_type or ("Mesh3D" if others else "Mesh"),
@@ -31,7 +38,7 @@ def pia(dcid, others, gridinfo, file_number, spots, *, experiment_type=None, sam
                        "start": [[1, []]]},
             "payload": payload if payload is not None else {"file-number": file_number, "n_spots_total": spots,
                                                             "file-seen-at": 1732380000.0 + file_number}}
-    return PiaMessage.from_envelope(Envelope.parse(json.dumps(body)))
+    return body
 
 
 def messages_3d(case=CASE_3D):
@@ -178,3 +185,57 @@ def test_thresholds_and_wells_come_from_the_step():
     want = zx.centre_3d_scans(*scans, threshold=zx.MULTIPIN_THRESHOLD, threshold_absolute=zx.MULTIPIN_THRESHOLD_ABSOLUTE,
                               multipin_sample_ids={"1": 11, "2": 22}, well_limits=zx.well_limits("multipin_6x1600+1000", 0.02))
     assert centre(group) == want  # a multi-sample pin takes the _msp pair (defaults here), not threshold
+
+
+# ---- the core's one-pass read of a plain message agrees with the envelope's ------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["", "17", " 17", "017", "1e3", "١٧", "Mesh3D", "Mesh", "18446744073709551616"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "dcid", "1"]), inner, max_size=3),
+    max_leaves=6,
+)
+PLACES = [("payload", "file-number"), ("payload", "n_spots_total"), ("payload", "file-seen-at"), ("payload",),
+          ("params", "dcid"), ("params", "dcg_dcids"), ("params", "experiment_type"), ("step", "gridinfo"),
+          ("step", "parameters"), ("top", "recipe-pointer"), ("top", "recipe-path"), ("top", "environment"),
+          ("top", "recipe")]
+
+
+def slow(body):
+    try:
+        m = PiaMessage.from_envelope(Envelope.parse(body))
+    except (ValueError, TypeError):
+        return None
+    return (m.dcid, m.group_dcids, m.experiment_type, dict(m.gridinfo), m.file_number, m.spots, m.seen_at)
+
+
+@settings(max_examples=1000)
+@given(dcid=st.integers(0, 10**12), other=st.none() | st.integers(0, 10**12), as_text=st.booleans(),
+       number=st.integers(1, 10**6), spots=st.integers(0, 10**6), seen=st.none() | st.floats(0, 2e9),
+       changes=st.lists(st.tuples(st.sampled_from(PLACES), JSON_VALUES | st.just("<delete>")), max_size=3))
+def test_the_one_pass_read_recognises_only_what_the_envelope_accepts(dcid, other, as_text, number, spots, seen, changes):
+    """The core reads a plain message in one pass and leaves everything else
+    (None) to the envelope: whatever it does read, the envelope reads alike."""
+    others = [] if other is None or other == dcid else [str(other) if as_text else other]
+    body = json.loads(json.dumps(pia_body(str(dcid) if as_text else dcid, others, {"steps_x": 4, "steps_y": 3, "dx_mm": 0.1},
+                          number, spots, payload={"file-number": number, "n_spots_total": spots, "file-seen-at": seen,
+                                                  "file": "x.h5"})))
+    plain = not changes
+    for (where, *key), value in changes:
+        step = body["recipe"]["2"] if isinstance(body.get("recipe"), dict) and isinstance(body["recipe"].get("2"), dict) else {}
+        target = {"payload": body, "params": step.get("parameters"), "step": step, "top": body}[where]
+        name = key[0] if key else "payload"
+        if where == "payload" and key:
+            target = body.get("payload")
+        if isinstance(target, dict):
+            if value == "<delete>":
+                target.pop(name, None)
+            else:
+                target[name] = value
+    raw = json.dumps(body).encode()
+    fast = zx._native.pia_fields(raw)
+    if plain:
+        assert fast is not None
+    if fast is not None:
+        d, group, experiment_type, (start, end), n, s, t = fast
+        assert slow(raw) == (d, group, experiment_type, json.loads(raw[start:end]), n, s, t)

@@ -131,3 +131,12 @@ def build_result_message(
     environment_id: str,
     status: str,
 ) -> bytes: ...
+
+def pia_fields(
+    body: bytes,
+) -> tuple[int, tuple[int, ...], str, tuple[int, int], int, int, float | None] | None:
+    """What the X-ray centring service takes from a plain per-image message:
+    ``(dcid, group DCIDs ascending, experiment_type, (start, end) of the
+    current step's gridinfo object in ``body``, file_number, n_spots_total,
+    file-seen-at)``; None for anything else, which the caller reads the slow
+    way (that decides, with the reason)."""

@@ -608,7 +608,9 @@ class _AmqpSubscription(Subscription):
     atomic one has a channel of its own in transaction mode, where acks,
     rejects and publishes take effect only at ``tx.commit`` (RabbitMQ
     applies a committed transaction whole, or none of it if the channel
-    dies first)."""
+    dies first). An atomic one's callback is called as its frames are read
+    (no event queue between, for speed), so it must not wait on the broker
+    itself; it hands such work to futures."""
 
     def __init__(self, transport: AmqpTransport, spec: QueueSpec, callback: Callback, prefetch: int,
                  atomic: bool = False) -> None:
@@ -657,9 +659,12 @@ class _AmqpSubscription(Subscription):
             self.channel, self.outstanding, self.tag = channel, set(), None
             self.epoch += 1
             self.channel.basic_qos(prefetch_count=self.prefetch)
-            self.tag = self.channel.basic_consume(name, self._on_message, auto_ack=False)
+            if self.atomic:  # its own channel: deliveries straight from the frames, no queue of events between
+                self.tag = self.channel._impl.basic_consume(name, self._on_message, auto_ack=False)
+            else:
+                self.tag = self.channel.basic_consume(name, self._on_message, auto_ack=False)
             if self.cancelled:  # cancelled while starting
-                self.channel.basic_cancel(self.tag)
+                self.channel._impl.basic_cancel(self.tag) if self.atomic else self.channel.basic_cancel(self.tag)
         except _CONNECTION_ERRORS:
             raise  # the connection is going: the next one starts this again
         except Exception as e:

@@ -12,14 +12,13 @@ touching any other group.
 from __future__ import annotations
 
 import enum
-import math
-import numbers
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from .._native import XrcResults
+from .._native import XrcResults, pia_fields
 from .._results import GridScan2DResult
 from .._text import finite_float, quoted
 from ..centring import MULTIPIN_THRESHOLD, MULTIPIN_THRESHOLD_ABSOLUTE, GridScan, centre_2d, centre_3d_scans, well_limits
@@ -43,23 +42,56 @@ class GroupRejected(ValueError):
 
 @dataclass(frozen=True)
 class PiaMessage:
-    """One per-image analysis result, as the centring step receives it."""
+    """One per-image analysis result, as the centring step receives it. The
+    plain, well-formed message is read in one pass by the core
+    (:func:`~zocalo_xrc._native.pia_fields`); anything else through the whole
+    envelope, which accepts or rejects it with the reason. The envelope,
+    ``gridinfo`` and ``parameters`` are read when first asked for."""
 
     dcid: int
     group_dcids: tuple[int, ...]  # the group's DCIDs, ascending, this one included
     experiment_type: str
-    gridinfo: Mapping[str, Any]
-    parameters: Mapping[str, Any]
     file_number: int
     spots: int
     seen_at: float | None
+    gridinfo_json: bytes  # the current step's gridinfo as written: the same bytes, the same grid
+    body: bytes = field(repr=False)
+    _envelope: Envelope | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_3d(self) -> bool:
         return len(self.group_dcids) > 1
 
+    @property
+    def envelope(self) -> Envelope:
+        if self._envelope is None:
+            object.__setattr__(self, "_envelope", Envelope.parse(self.body))
+        assert self._envelope is not None
+        return self._envelope
+
+    @property
+    def gridinfo(self) -> Mapping[str, Any]:
+        gridinfo: Mapping[str, Any] = self.envelope.step["gridinfo"]
+        return gridinfo
+
+    @property
+    def parameters(self) -> Mapping[str, Any]:
+        parameters: Mapping[str, Any] = self.envelope.step["parameters"]
+        return parameters
+
     @classmethod
-    def from_envelope(cls, envelope: Envelope) -> PiaMessage:
+    def parse(cls, body: bytes) -> PiaMessage:
+        """The message in ``body``; :class:`~.recipe.EnvelopeError` or
+        :class:`MessageRejected` (or :class:`GroupRejected` for a group that
+        cannot be) names what is wrong."""
+        fields = pia_fields(body)
+        if fields is None:
+            return cls.from_envelope(Envelope.parse(body), body)
+        dcid, group, experiment_type, (start, end), file_number, spots, seen_at = fields
+        return cls(dcid, group, experiment_type, file_number, spots, seen_at, body[start:end], body)
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope, body: bytes = b"") -> PiaMessage:
         """The message of a recipe envelope whose current step is the centring
         step; :class:`MessageRejected` (or :class:`GroupRejected` for a group
         that cannot be) names what is wrong."""
@@ -89,11 +121,10 @@ class PiaMessage:
         file_number = _count("payload.file-number", payload.get("file-number"), least=1)
         spots = _count("payload.n_spots_total", payload.get("n_spots_total"), least=0)
         seen_at = payload.get("file-seen-at")
-        if seen_at is not None and not (isinstance(seen_at, numbers.Real) and not isinstance(seen_at, bool)
-                                        and math.isfinite(seen_at)):
+        if seen_at is not None and finite_float(seen_at) is None:
             raise MessageRejected(f"payload.file-seen-at: expected a time, got {quoted(seen_at)}")
-        return cls(dcid, group, str(experiment_type), gridinfo, parameters, file_number, spots,
-                   None if seen_at is None else float(seen_at))
+        return cls(dcid, group, str(experiment_type), file_number, spots, None if seen_at is None else float(seen_at),
+                   json.dumps(gridinfo).encode(), body, envelope)
 
 
 def _id(name: str, value: Any) -> int:
@@ -119,6 +150,7 @@ class Grid:
     """One grid's counts as they arrive: distinct images, zero-filled."""
 
     dcid: int
+    gridinfo_json: bytes
     gridinfo: Mapping[str, Any]
     grid: GridInfo
     parameters: Mapping[str, Any]
@@ -134,7 +166,7 @@ class Grid:
         except ValueError as e:
             raise MessageRejected(str(e)) from None
         n = grid.image_count
-        return cls(message.dcid, dict(message.gridinfo), grid, message.parameters,
+        return cls(message.dcid, message.gridinfo_json, dict(message.gridinfo), grid, message.parameters,
                    np.zeros(n, np.int64), np.zeros(n, bool))
 
     @property
@@ -218,7 +250,7 @@ class Assembly:
                 raise GroupRejected(f"{group.describe()}: the grids disagree on steps_x "
                                     f"({others[0].grid.steps_x} and {grid.grid.steps_x})", group)
             group.grids[message.dcid] = grid
-        elif dict(message.gridinfo) != grid.gridinfo:
+        elif message.gridinfo_json != grid.gridinfo_json and dict(message.gridinfo) != grid.gridinfo:
             raise MessageRejected(f"DCID {message.dcid}: this message's gridinfo differs from the grid's first")
         n = len(grid.counts)
         if message.file_number > n:

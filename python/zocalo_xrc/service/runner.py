@@ -84,11 +84,11 @@ class XrcService:
         if not is_recipe_envelope(delivery.headers):
             return self._reject(delivery, "not a recipe envelope (no workflows-recipe header)")
         try:
-            envelope = Envelope.parse(delivery.body)
-            message = PiaMessage.from_envelope(envelope)
+            message = PiaMessage.parse(delivery.body)
         except (EnvelopeError, MessageRejected) as e:
             return self._reject(delivery, str(e))
         except GroupRejected as e:  # told by the message itself: abort once per group it names
+            envelope = Envelope.parse(delivery.body)
             key = _named_group(envelope)
             if key not in self.aborted_named:
                 self.aborted_named.add(key)
@@ -101,9 +101,10 @@ class XrcService:
         except MessageRejected as e:
             return self._reject(delivery, str(e))
         except GroupRejected as e:
-            return self._reject_group(delivery, e.group, str(e), envelope)
+            return self._reject_group(delivery, e.group, str(e), message.envelope)
         held = self.open.setdefault(group.dcids, _Open())
-        held.envelopes.setdefault(message.dcid, envelope)
+        if message.dcid not in held.envelopes:
+            held.envelopes[message.dcid] = message.envelope
         held.last_heard = time.monotonic()
         if fate is Fate.DUPLICATE:
             log.info("DCID %s: image %d again (a duplicate); it changes nothing", message.dcid, message.file_number)
