@@ -33,7 +33,8 @@ class RabbitMQ:
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
         )
-        (self.base / "enabled_plugins").write_text("[].\n")
+        # the consistent-hash exchange, for the service's shards (it ships with rabbitmq-server)
+        (self.base / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange].\n")
         epmd = free_port()
         self.env = {
             **os.environ,

@@ -184,3 +184,42 @@ def test_a_stopped_service_hands_its_scan_to_the_next(transport, unique):
         zocalo.close()
         for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
             transport.delete_queue(name)
+
+
+def test_shards_share_the_scans_and_never_split_one(transport, unique):
+    """The intake queue routed by group to three shards: every scan's result
+    once and right, several shards at work, each scan centred whole by one,
+    and a message nobody can read dead-lettered by the shard it reached."""
+    from zocalo_xrc.service.shards import ShardedService
+
+    q = f"reduce.xray_centering.{unique}"
+    transport.declare_work_queue(q)
+    transport.declare_results_queue(f"xrc.{unique}")
+    sharded = ShardedService(transport, q, 3).start()
+    zocalo = zx.ZocaloResults(transport, beamline=unique, timeout_s=30, source=zx.Source.GPU)
+    zocalo.subscribe()
+    try:
+        scans = []
+        for k in range(9):
+            a, b = ({**g, "dcid": g["dcid"] + 10 * k} for g in CASE_3D["grids"])
+            scans.append(a["dcid"])
+            messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
+                bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+            random.Random(k).shuffle(messages)
+            publish(transport, q, messages)
+        publish(transport, q, [b"{not json"])
+        got = {}
+        for _ in scans:
+            results = zocalo.trigger(dcids=scans)
+            assert zocalo.last_message.dcid not in got
+            got[zocalo.last_message.dcid] = results
+        assert sorted(got) == scans
+        assert all(r == direct_3d().sorted(by="max_count") for r in got.values())
+        assert eventually(lambda: sharded.completed == 9 and sharded.rejected == 1)
+        assert sum(s.completed > 0 for s in sharded.services) >= 2
+        assert eventually(lambda: transport.message_count(f"dlq.{q}") == 1)
+    finally:
+        zocalo.close()
+        sharded.stop()
+        for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}") + tuple(f"{q}.shard.{k}" for k in range(3)):
+            transport.delete_queue(name)

@@ -32,8 +32,9 @@ def no_service_outlives_its_test():
             p.wait(10)
 
 
-def start_service(url, queue):
-    p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "service", "--queue", queue, "--broker", url, "--declare"],
+def start_service(url, queue, *options):
+    p = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "service", "--queue", queue, "--broker", url, "--declare",
+                          *options],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     STARTED.append(p)
     line = p.stdout.readline()
@@ -58,6 +59,23 @@ def scan(unique, shift=0):
     a, b = ({**g, "dcid": g["dcid"] + shift} for g in CASE_3D["grids"])
     return a, b, bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
         bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+
+
+def each_result_once(t, results, n):
+    """The ``n`` result messages on queue ``results``, read off the queue
+    itself (not through ZocaloResults, which would hide a second copy),
+    after checking that no more come."""
+    assert eventually(lambda: t.message_count(results) >= n, timeout=60)
+    time.sleep(1)  # a second copy of any would be here by now
+    got = queue.Queue()
+    sub = t.subscribe(QueueSpec(results), got.put, prefetch=100)
+    received = [got.get(timeout=10) for _ in range(n)]
+    time.sleep(0.5)
+    assert got.empty(), "a result was published twice"
+    for d in received:
+        d.ack()
+    sub.cancel()
+    return [zx.parse_result_message(d.body) for d in received]
 
 
 def publish(t, q, messages):
@@ -111,17 +129,7 @@ def test_kill_9_as_each_result_appears_every_result_exactly_once(rabbit, rabbitm
         kills += 1
         seen = t.message_count(results)
         service = start_service(rabbit.url, q)
-    assert eventually(lambda: t.message_count(results) >= len(scans), timeout=60)
-    time.sleep(1)  # a second copy of any would be here by now
-    got = queue.Queue()
-    sub = t.subscribe(QueueSpec(results), got.put, prefetch=100)
-    received = [got.get(timeout=10) for _ in scans]
-    time.sleep(0.5)
-    assert got.empty(), "a result was published twice"
-    for d in received:
-        d.ack()
-    sub.cancel()
-    messages = [zx.parse_result_message(d.body) for d in received]
+    messages = each_result_once(t, results, len(scans))
     assert sorted(m.dcid for m in messages) == sorted(a["dcid"] for a, _, _ in scans)
     for m in messages:
         assert m.results == direct_3d()
@@ -154,3 +162,29 @@ def test_three_instances_on_one_queue_one_killed_mid_stream(rabbit, rabbitmq, un
     outs = [stop(p) for p in services[1:]]
     assert sum(int(o.split("stopped: ")[1].split(" result")[0]) for o in outs) >= 2  # the survivors took over
     zocalo.close()
+
+
+def test_three_sharing_instances_one_killed_mid_stream(rabbit, rabbitmq, unique):
+    """Three instances share the scans through three shards (instance K
+    takes shard K); one is killed mid-stream. Every scan gets exactly one
+    correct result (counted on the results queue itself), and the work was
+    shared: each survivor sent results."""
+    t, q = rabbitmq
+    results = f"xrc.{unique}"
+    t.declare_results_queue(results)
+    services = [start_service(rabbit.url, q, "--shards", "3", "--instance", str(k)) for k in range(3)]
+    time.sleep(3)  # past the standby delay: each instance stands by on the others' shards
+    scans = [scan(unique, shift=10 * k) for k in range(12)]
+    stream = [m for _, _, messages in scans for m in messages]
+    publish(t, q, stream[: len(stream) // 2])
+    assert eventually(lambda: t.message_count(results) >= 2, timeout=30)
+    os.kill(services[0].pid, signal.SIGKILL)
+    services[0].wait(10)
+    publish(t, q, stream[len(stream) // 2:])
+    messages = each_result_once(t, results, len(scans))
+    assert sorted(m.dcid for m in messages) == sorted(a["dcid"] for a, _, _ in scans)
+    assert all(m.results == direct_3d() for m in messages)
+    sent = [int(stop(p).split("stopped: ")[1].split(" result")[0]) for p in services[1:]]
+    assert all(n > 0 for n in sent), sent
+    for k in range(3):
+        t.delete_queue(f"{q}.shard.{k}")

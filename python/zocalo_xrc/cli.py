@@ -31,6 +31,7 @@ from .messaging.config import ConfigurationError, redact
 from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
 from .service.runner import IDLE_S, XrcService
+from .service.shards import ShardedService
 from .messaging import TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
@@ -332,6 +333,13 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--declare", action="store_true",
                          help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
                               "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
+    service.add_argument("--shards", type=_count, default=None, metavar="N",
+                         help="share the work with other instances: route each scan's messages to one of N shard "
+                              "queues (a consistent-hash exchange, RabbitMQ's plugin rabbitmq_consistent_hash_exchange)"
+                              ", each consumed by one instance at a time")
+    service.add_argument("--instance", type=_count, default=None, metavar="K",
+                         help="with --shards: this instance's number (0, 1, ...); it takes shard K first and stands "
+                              "by for the others")
     service.add_argument("--idle-timeout", type=_seconds, default=IDLE_S, metavar="SECONDS",
                          help="abandon a scan that gets no image for this long (default: %(default)s)")
     _logging_options(service, top=False)
@@ -346,6 +354,12 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0, 1, 2, ...), got {text!r}")
+    return int(text)
 
 
 def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -464,15 +478,25 @@ def run_service(args: argparse.Namespace) -> int:
 
     from .client import connect
 
+    if args.instance is not None and args.shards is None:
+        raise CliError("--instance needs --shards", EXIT_USAGE)
+    if args.shards == 0:
+        raise CliError("--shards: expected at least 1", EXIT_USAGE)
     try:
         transport = connect(args.broker)
         transport.wait_connected(30.0)
         if args.declare and not transport.queue_exists(args.queue):
             transport.declare_work_queue(args.queue)
-        service = XrcService(transport, args.queue, idle_s=args.idle_timeout).start()
+        if args.shards is None:
+            service: XrcService | ShardedService = XrcService(transport, args.queue, idle_s=args.idle_timeout).start()
+            how = ""
+        else:
+            service = ShardedService(transport, args.queue, args.shards, instance=args.instance,
+                                     idle_s=args.idle_timeout).start()
+            how = f" in {args.shards} shards" + ("" if args.instance is None else f", instance {args.instance}")
     except (ConfigurationError, TransportError) as e:
         raise CliError(str(e), EXIT_BROKER) from e
-    print(f"X-ray centring service consuming {args.queue} on {redact(repr(transport))}", flush=True)
+    print(f"X-ray centring service consuming {args.queue}{how} on {redact(repr(transport))}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = EXIT_OK

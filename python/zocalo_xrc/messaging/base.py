@@ -199,6 +199,14 @@ class Transport(ABC):
         when it goes), a delivery limit of 5, dead-lettering to ``dlq.<name>``."""
 
     @abstractmethod
+    def declare_shards(self, name: str, count: int) -> None:
+        """Declare ``count`` shards of the work queue ``name``: the exchange
+        ``name.shards`` (RabbitMQ's consistent-hash exchange: one routing key
+        always reaches the same shard) and the queues ``name.shard.0`` ...,
+        each declared like a work queue (single active consumer, delivery
+        limit 5, dead-lettering to ``dlq.<name>``) and bound with weight 1."""
+
+    @abstractmethod
     def declare_queue(self, name: str) -> None:
         """Declare a plain durable queue (``processing_recipe``, say)."""
 
@@ -224,6 +232,16 @@ class Transport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shard_queue(name: str, k: int) -> str:
+    """The name of shard ``k`` of work queue ``name``."""
+    return f"{name}.shard.{k}"
+
+
+def shard_exchange(name: str) -> str:
+    """The consistent-hash exchange in front of the shards of ``name``."""
+    return f"{name}.shards"
 
 
 def new_message_id() -> str:

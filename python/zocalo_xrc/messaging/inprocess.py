@@ -7,6 +7,7 @@ import collections
 import itertools
 import logging
 import threading
+import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from .base import (
     TransportError,
     UnroutableError,
     new_message_id,
+    shard_exchange,
+    shard_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ class InProcessBroker:
         self._lock = threading.Condition()
         self._queues: dict[str, _Queue] = {}
         self._exchanges: dict[str, list[tuple[str, str]]] = {"": []}
+        self._hashing: set[str] = set()  # consistent-hash exchanges (the others route by topic)
         self._tasks: collections.deque = collections.deque()
         self._names = itertools.count(1)
         self._closed = False
@@ -88,9 +92,11 @@ class InProcessBroker:
     def new_private_queue(self, owner: int) -> str:
         return self.declare_queue(f"amq.gen-{next(self._names)}", exclusive_to=owner)
 
-    def declare_exchange(self, name: str) -> None:
+    def declare_exchange(self, name: str, consistent_hash: bool = False) -> None:
         with self._lock:
             self._exchanges.setdefault(name, [])
+            if consistent_hash:
+                self._hashing.add(name)
 
     def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         with self._lock:
@@ -122,6 +128,9 @@ class InProcessBroker:
                 targets = [routing_key] if routing_key in self._queues else []
             elif exchange not in self._exchanges:
                 raise TransportError(f"NOT_FOUND - no exchange {exchange!r}")
+            elif exchange in self._hashing:  # one routing key, one queue (a stable hash, not a ring)
+                bound = list(dict.fromkeys(q for _, q in self._exchanges[exchange]))
+                targets = [bound[zlib.crc32(routing_key.encode()) % len(bound)]] if bound else []
             else:
                 targets = list(dict.fromkeys(q for k, q in self._exchanges[exchange] if topic_matches(k, routing_key)))
             if not targets:
@@ -341,9 +350,16 @@ class InProcessTransport(Transport):
     def declare_queue(self, name: str) -> None:
         self.broker.declare_queue(name)
 
-    def declare_work_queue(self, name: str) -> None:
-        dlq = self.broker.declare_queue(f"dlq.{name}")
+    def declare_work_queue(self, name: str, dead_letters: str | None = None) -> None:
+        dlq = self.broker.declare_queue(f"dlq.{dead_letters or name}")
         self.broker.declare_queue(name, dead_letter_to=dlq, single_active=True)
+
+    def declare_shards(self, name: str, count: int) -> None:
+        self.broker.declare_exchange(shard_exchange(name), consistent_hash=True)
+        for k in range(count):
+            if not self.broker.queue_exists(shard_queue(name, k)):
+                self.declare_work_queue(shard_queue(name, k), dead_letters=name)
+                self.broker.bind(shard_queue(name, k), shard_exchange(name), "1")
 
     def queue_exists(self, name: str) -> bool:
         return self.broker.queue_exists(name)

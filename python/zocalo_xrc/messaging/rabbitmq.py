@@ -46,6 +46,8 @@ from .base import (
     TransportError,
     UnroutableError,
     new_message_id,
+    shard_exchange,
+    shard_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -460,16 +462,33 @@ class AmqpTransport(Transport):
     def declare_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_declare(name, durable=True))
 
+    @staticmethod
+    def _declare_work_queue(ch: Any, name: str, dead_letters: str) -> None:
+        ch.queue_declare(f"dlq.{dead_letters}", durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_declare(name, durable=True, arguments={
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": 5,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": f"dlq.{dead_letters}",
+        })
+
     def declare_work_queue(self, name: str) -> None:
+        self._admin(lambda ch: self._declare_work_queue(ch, name, name))
+
+    def declare_shards(self, name: str, count: int) -> None:
         def declare(ch: Any) -> None:
-            ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
-            ch.queue_declare(name, durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-single-active-consumer": True,
-                "x-delivery-limit": 5,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": f"dlq.{name}",
-            })
+            try:
+                ch.exchange_declare(shard_exchange(name), exchange_type="x-consistent-hash", durable=True)
+            except px.ChannelClosedByBroker as e:
+                if e.reply_code == 503:  # COMMAND_INVALID: an exchange type the broker does not know
+                    raise TransportError(
+                        f"{self.settings.url()} has no consistent-hash exchange; enable its plugin there: "
+                        "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange") from None
+                raise
+            for k in range(count):
+                self._declare_work_queue(ch, shard_queue(name, k), name)
+                ch.queue_bind(shard_queue(name, k), shard_exchange(name), routing_key="1")  # weight 1
 
         self._admin(declare)
 

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
 from .._native import XrcResults
 from .._results import GridScan2DResult
@@ -47,34 +47,49 @@ class _Open:
     last_heard: float = 0.0
 
 
-class XrcService:
-    """Consumes ``queue`` on ``transport`` (start with :meth:`start`). All its
-    work happens on the transport's thread; :attr:`completed` counts results
-    sent, :attr:`rejected` messages dead-lettered."""
+class AtomicConsumer:
+    """Consumes ``queue`` on ``transport`` through an atomic subscription
+    (:meth:`Subscription.commit`), from :meth:`start` to :meth:`stop`;
+    subclasses say what :meth:`on_message` does."""
 
-    def __init__(self, transport: Transport, queue: str = "reduce.xray_centering", *, idle_s: float = IDLE_S,
-                 prefetch: int = 65535, clock: Callable[[], float] = time.time) -> None:
-        self.transport, self.queue, self.idle_s, self.prefetch, self.clock = transport, queue, idle_s, prefetch, clock
-        self.assembly = Assembly()
-        self.open: dict[tuple[int, ...], _Open] = {}
-        self.aborted: set[tuple[int, ...]] = set()
-        self.aborted_named: set[tuple[str, ...]] = set()
-        self.completed = 0
-        self.rejected = 0
+    def __init__(self, transport: Transport, queue: str, prefetch: int) -> None:
+        self.transport, self.queue, self.prefetch = transport, queue, prefetch
         self.subscription: Subscription | None = None
-        self.session: Any = None
 
-    def start(self, wait: float | None = 30.0) -> XrcService:
+    def start(self, wait: float | None = 30.0) -> Self:
         self.subscription = self.transport.subscribe(QueueSpec(self.queue), self.on_message, prefetch=self.prefetch,
                                                      wait=wait, atomic=True)
         log.info("consuming %s", self.queue)
         return self
 
     def stop(self) -> None:
-        """Stop consuming; what is held goes back to the queue, for the next service."""
+        """Stop consuming; what is held unacked goes back to the queue, for the next consumer."""
         if self.subscription is not None:
             self.subscription.cancel()
             self.subscription = None
+
+    def on_message(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+
+class XrcService(AtomicConsumer):
+    """Consumes ``queue`` on ``transport`` (start with :meth:`start`). All its
+    work happens on the transport's thread; :attr:`completed` counts results
+    sent, :attr:`rejected` messages dead-lettered. A result no queue takes
+    is kept in ``dlq.<dead_letters>`` (default: ``dlq.<queue>``)."""
+
+    def __init__(self, transport: Transport, queue: str = "reduce.xray_centering", *, idle_s: float = IDLE_S,
+                 prefetch: int = 65535, clock: Callable[[], float] = time.time, dead_letters: str | None = None) -> None:
+        super().__init__(transport, queue, prefetch)
+        self.idle_s, self.clock = idle_s, clock
+        self.dead_letters = dead_letters or queue  # results no queue takes go to dlq.<this>
+        self.assembly = Assembly()
+        self.open: dict[tuple[int, ...], _Open] = {}
+        self.aborted: set[tuple[int, ...]] = set()
+        self.aborted_named: set[tuple[str, ...]] = set()
+        self.completed = 0
+        self.rejected = 0
+        self.session: Any = None
 
     # ---- one message -------------------------------------------------------------
 
@@ -89,7 +104,7 @@ class XrcService:
             return self._reject(delivery, str(e))
         except GroupRejected as e:  # told by the message itself: abort once per group it names
             envelope = Envelope.parse(delivery.body)
-            key = _named_group(envelope)
+            key = named_group(envelope)
             if key not in self.aborted_named:
                 self.aborted_named.add(key)
                 self._commit(envelope.send("abort", {}), [], "abort", None)
@@ -185,18 +200,9 @@ class XrcService:
             if counts:
                 self.completed += 1
             for m in f.result():
-                self._keep_returned(m, what, key)
+                keep_returned(self.transport, self.dead_letters, m, f"the {what} of DCID {key}")
 
         future.add_done_callback(lambda f: self.transport.call_soon(lambda: done(f)))
-
-    def _keep_returned(self, m: Outgoing, what: str, key: tuple[int, ...] | None) -> None:
-        """A message no queue took: keep it in the dead-letter queue, say so."""
-        log.error("the %s of DCID %s was returned: no queue takes %s; a copy goes to dlq.%s",
-                  what, key, m.describe(), self.queue)
-        headers = {**m.headers, "x-zocalo-xrc-returned-from": m.describe()}
-        copy = self.transport.publish("", f"dlq.{self.queue}", m.body, headers, m.message_id)
-        copy.add_done_callback(lambda f: f.exception() and log.error(
-            "the %s of DCID %s is lost: dlq.%s does not take it either (%s)", what, key, self.queue, f.exception()))
 
     # ---- idle groups ----------------------------------------------------------------
 
@@ -220,7 +226,21 @@ class XrcService:
         self._commit(envelope.send("abort", {}), list(held.deliveries.values()), "abort", key)
 
 
-def _named_group(envelope: Envelope) -> tuple[str, ...]:
+def keep_returned(transport: Transport, queue: str, m: Outgoing, what: str) -> None:
+    """``m`` came back: no queue takes it. Keep a copy in ``dlq.<queue>``
+    (with where it was going) and say so."""
+    log.error("%s was returned: no queue takes %s; a copy goes to dlq.%s", what, m.describe(), queue)
+    headers = {**m.headers, "x-zocalo-xrc-returned-from": m.describe()}
+    copy = transport.publish("", f"dlq.{queue}", m.body, headers, m.message_id)
+
+    def lost(f: Future[None]) -> None:
+        if f.exception() is not None:
+            log.error("%s is lost: dlq.%s does not take it either (%s)", what, queue, f.exception())
+
+    copy.add_done_callback(lost)
+
+
+def named_group(envelope: Envelope) -> tuple[str, ...]:
     """The DCIDs a message names for its group, as written (for a group
     that cannot be one)."""
     parameters = envelope.step.get("parameters") or {}

@@ -31,8 +31,10 @@ class WorkflowsTransport(Transport):
     not declare or inspect them."""
 
     def __init__(self, service: CommonService) -> None:
+        if service._transport is None:
+            raise TransportError("the workflows service has no transport yet (make this in initializing())")
         self._service = service
-        self._transport = service._transport
+        self._transport: Any = service._transport
         self._timers: list[threading.Timer] = []
 
     def __repr__(self) -> str:
@@ -63,7 +65,8 @@ class WorkflowsTransport(Transport):
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """On the service's main thread, after what is queued there."""
-        self._service._transport_interceptor(lambda header, message: fn())(None, None)
+        enqueue: Any = self._service._transport_interceptor  # puts work on the service's main queue
+        enqueue(lambda header, message: fn())(None, None)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         timer = threading.Timer(delay, self.call_soon, args=(fn,))
@@ -83,6 +86,9 @@ class WorkflowsTransport(Transport):
 
     def declare_queue(self, name: str) -> None:
         raise self._not_here(f"cannot declare {name}")
+
+    def declare_shards(self, name: str, count: int) -> None:
+        raise self._not_here(f"cannot declare the shards of {name}")
 
     def queue_exists(self, name: str) -> bool:
         raise self._not_here(f"cannot look {name} up")
