@@ -21,6 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def zocalo_config(path: Path, url: str, **blocks: str) -> Path:
+    """A zocalo YAML file at ``path`` whose environment ``xrc-test`` reaches
+    the broker at ``url`` (as guest), with further plugin ``blocks`` (name:
+    YAML flow mapping) after it."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    lines = ["version: 1",
+             f"test-rabbit: {{plugin: pika, host: 127.0.0.1, port: {port}, username: guest, password: guest, vhost: /}}",
+             *(f"{name}: {block}" for name, block in blocks.items()),
+             "environments:", f"  xrc-test: [{', '.join(['test-rabbit', *blocks])}]"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def available() -> bool:
     return (BIN / "rabbitmq-server").exists()
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pika
 import pytest
@@ -20,6 +19,7 @@ import zocalo.configuration
 from workflows.transport.pika_transport import PikaTransport
 
 import zocalo_xrc as zx
+from rabbitmq import zocalo_config
 from test_service import recipe
 from test_service_assembly import CASE_3D, direct_3d
 from test_transport import eventually
@@ -33,14 +33,7 @@ def zocalo_env(rabbit, tmp_path, unique):
     """A zocalo configuration for the test broker, and our transport to it."""
     if rabbit.close_all_connections is None:
         pytest.skip("external broker")
-    url = urlparse(rabbit.url)
-    config = tmp_path / "zocalo.yml"
-    config.write_text(f"""
-version: 1
-test-rabbit: {{plugin: pika, host: 127.0.0.1, port: {url.port}, username: guest, password: guest, vhost: /}}
-environments:
-  xrc-test: [test-rabbit]
-""")
+    config = zocalo_config(tmp_path / "zocalo.yml", rabbit.url)
     t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url), connection_name="test, beamline")
     t.declare_work_queue(QUEUE)
     with pika.BlockingConnection(pika.URLParameters(rabbit.url)) as c:  # as zocalo.configure_rabbitmq makes them
@@ -48,7 +41,8 @@ environments:
             c.channel().exchange_declare(exchange, exchange_type="fanout", durable=True)
     env = {**os.environ, "ZOCALO_CONFIG": str(config)}
     yield t, env, config
-    for name in (QUEUE, f"dlq.{QUEUE}", f"xrc.{unique}", f"dlq.xrc.{unique}", f"abort.{unique}"):
+    for name in (QUEUE, f"dlq.{QUEUE}", f"xrc.{unique}", f"dlq.xrc.{unique}", f"wf.{unique}", f"dlq.wf.{unique}",
+                 f"abort.{unique}"):
         t.delete_queue(name)
     t.close()
 
@@ -78,6 +72,7 @@ def send_as_recipe_wrapper(t, grid, others, beamline):
 def test_zocalo_service_runs_it_with_status_and_shutdown(zocalo_env, unique):
     t, env, config = zocalo_env
     t.declare_results_queue(f"xrc.{unique}")
+    t.declare_results_queue(f"wf.{unique}", routing_key=f"xrc.{unique}")  # a second reader's copy
     t.declare_queue(f"abort.{unique}")
     zocalo_service = shutil.which("zocalo.service") or str(Path(sys.executable).parent / "zocalo.service")
     service = subprocess.Popen([zocalo_service, "-s", "XRayCentering", "-e", "xrc-test"], env=env,
@@ -94,6 +89,17 @@ def test_zocalo_service_runs_it_with_status_and_shutdown(zocalo_env, unique):
         send_as_recipe_wrapper(wt, b, [a["dcid"]], unique)
         assert results.trigger(dcids=a["dcid"]) == direct_3d().sorted(by="max_count")
         results.close()
+        read = queue.Queue()  # the same result, as a workflows service downstream reads it
+
+        def downstream(rw, header, message):
+            read.put((rw.recipe_step, message))
+            wt.ack(header)
+
+        workflows.recipe.wrap_subscribe(wt, f"wf.{unique}", downstream, acknowledgement=True)
+        step, message = read.get(timeout=30)
+        assert step["queue"] == f"xrc.{unique}" and step["parameters"]["dcid"] == str(a["dcid"])
+        assert (message["status"], message["type"]) == ("success", "3d")
+        assert message["results"] == direct_3d().to_dicts()
 
         deadline = time.monotonic() + 30
         mine = None
@@ -109,7 +115,7 @@ def test_zocalo_service_runs_it_with_status_and_shutdown(zocalo_env, unique):
                         "-s", "XRayCentering", "-e", "xrc-test"], env=env, check=True, capture_output=True, timeout=60)
         out, _ = service.communicate(timeout=60)
         assert service.returncode == 0, out
-        assert "3D group DCID 16085800, 16085801: 3d result, 2 found" in out, out
+        assert "3D group DCID 16085800, 16085801 (DCG 77, recipe ID env-16085800): 3d result, 2 found" in out, out
     finally:
         if service.poll() is None:
             service.kill()

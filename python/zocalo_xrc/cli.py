@@ -27,10 +27,12 @@ from . import __version__
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
-from .messaging.config import ConfigurationError, redact
+from .messaging.config import ConfigurationError, default_environment, looks_like_url, redact, zocalo_environment_blocks
 from .geometry import GridGeometry
 from .grid import GridInfo, reshape_grid
 from .service.runner import IDLE_S, XrcService
+from .service.metrics import ServiceMetrics
+from .service.metrics import serve as serve_metrics
 from .service.shards import ShardedService
 from .messaging import TransportError
 
@@ -330,6 +332,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from "
                               "$ZOCALO_CONFIG (default: dodal's environment, bluesky, or dev_bluesky with "
                               "DODAL_TEST_MODE=true)")
+    service.add_argument("-e", "--environment", metavar="ENV", default=None,
+                         help="a zocalo environment of $ZOCALO_CONFIG, as zocalo.service -e takes it (the same as "
+                              "--broker ENV); where it names Graylog, the service logs there too")
     service.add_argument("--declare", action="store_true",
                          help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
                               "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
@@ -340,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--instance", type=_count, default=None, metavar="K",
                          help="with --shards: this instance's number (0, 1, ...); it takes shard K first and stands "
                               "by for the others")
+    service.add_argument("--metrics-port", type=_count, default=None, metavar="PORT",
+                         help="serve Prometheus metrics on this port of 127.0.0.1 (needs prometheus-client: "
+                              "pip install 'zocalo-xrc[metrics]')")
     service.add_argument("--idle-timeout", type=_seconds, default=IDLE_S, metavar="SECONDS",
                          help="abandon a scan that gets no image for this long (default: %(default)s)")
     _logging_options(service, top=False)
@@ -472,6 +480,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _zocalo_logging(broker: str | None) -> None:
+    """Where the zocalo environment the service runs in names Graylog (or
+    zocalo's logging plugin), activate the environment with zocalo itself,
+    as ``zocalo.service`` does."""
+    path = os.environ.get("ZOCALO_CONFIG")
+    if not path or (broker is not None and (broker == "in-process" or looks_like_url(broker))):
+        return  # no environment (connecting says what is missing, if anything)
+    environment = broker or default_environment()
+    if not any(block.get("plugin") in ("graylog", "logging") for _, block in zocalo_environment_blocks(path, environment)):
+        return
+    try:
+        import zocalo.configuration
+    except ImportError:
+        raise CliError(f"environment {environment!r} of {path} sends logs to Graylog; that needs zocalo: "
+                       "pip install 'zocalo-xrc[zocalo]'", EXIT_BROKER) from None
+    zocalo.configuration.from_file(path).activate_environment(environment)
+
+
 def run_service(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -480,19 +506,37 @@ def run_service(args: argparse.Namespace) -> int:
 
     if args.instance is not None and args.shards is None:
         raise CliError("--instance needs --shards", EXIT_USAGE)
+    if args.environment is not None:
+        if args.broker is not None:
+            raise CliError("give --broker or -e ENV, not both", EXIT_USAGE)
+        args.broker = args.environment
     if args.shards == 0:
         raise CliError("--shards: expected at least 1", EXIT_USAGE)
+    try:
+        _zocalo_logging(args.broker)
+    except ConfigurationError as e:
+        raise CliError(str(e), EXIT_BROKER) from e
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            metrics = ServiceMetrics()
+            serve_metrics(args.metrics_port)
+        except ImportError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+        except OSError as e:
+            raise CliError(f"--metrics-port {args.metrics_port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
         transport = connect(args.broker)
         transport.wait_connected(30.0)
         if args.declare and not transport.queue_exists(args.queue):
             transport.declare_work_queue(args.queue)
         if args.shards is None:
-            service: XrcService | ShardedService = XrcService(transport, args.queue, idle_s=args.idle_timeout).start()
+            service: XrcService | ShardedService = XrcService(transport, args.queue, idle_s=args.idle_timeout,
+                                                              metrics=metrics).start()
             how = ""
         else:
             service = ShardedService(transport, args.queue, args.shards, instance=args.instance,
-                                     idle_s=args.idle_timeout).start()
+                                     idle_s=args.idle_timeout, metrics=metrics).start()
             how = f" in {args.shards} shards" + ("" if args.instance is None else f", instance {args.instance}")
     except (ConfigurationError, TransportError) as e:
         raise CliError(str(e), EXIT_BROKER) from e

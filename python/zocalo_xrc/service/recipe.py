@@ -70,6 +70,17 @@ class Envelope:
         step: Mapping[str, Any] = self.recipe[str(self.pointer)]
         return step
 
+    @property
+    def dcgid(self) -> Any:
+        """The data collection group's id where the recipe names one (the
+        current step's parameters first, then any step's), else None."""
+        steps = [self.step, *(s for k, s in self.recipe.items() if k != str(self.pointer))]
+        for step in steps:
+            parameters = step.get("parameters") if isinstance(step, Mapping) else None
+            if isinstance(parameters, Mapping) and parameters.get("dcgid") not in (None, ""):
+                return parameters["dcgid"]
+        return None
+
     def targets(self, output: str) -> list[int]:
         """The steps that ``output`` of the current step leads to."""
         out = self.step.get("output")

@@ -27,6 +27,7 @@ from .._native import XrcResults
 from .._results import GridScan2DResult
 from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport
 from ..messages import is_recipe_envelope
+from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
 from .recipe import Envelope, EnvelopeError
 
@@ -76,11 +77,15 @@ class XrcService(AtomicConsumer):
     """Consumes ``queue`` on ``transport`` (start with :meth:`start`). All its
     work happens on the transport's thread; :attr:`completed` counts results
     sent, :attr:`rejected` messages dead-lettered. A result no queue takes
-    is kept in ``dlq.<dead_letters>`` (default: ``dlq.<queue>``)."""
+    is kept in ``dlq.<dead_letters>`` (default: ``dlq.<queue>``). With
+    ``metrics`` (one :class:`~.metrics.ServiceMetrics` per process), it
+    counts what it does there."""
 
     def __init__(self, transport: Transport, queue: str = "reduce.xray_centering", *, idle_s: float = IDLE_S,
-                 prefetch: int = 65535, clock: Callable[[], float] = time.time, dead_letters: str | None = None) -> None:
+                 prefetch: int = 65535, clock: Callable[[], float] = time.time, dead_letters: str | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
         super().__init__(transport, queue, prefetch)
+        self.metrics = metrics
         self.idle_s, self.clock = idle_s, clock
         self.dead_letters = dead_letters or queue  # results no queue takes go to dlq.<this>
         self.assembly = Assembly()
@@ -117,7 +122,7 @@ class XrcService(AtomicConsumer):
             return self._reject(delivery, str(e))
         except GroupRejected as e:
             return self._reject_group(delivery, e.group, str(e), message.envelope)
-        held = self.open.setdefault(group.dcids, _Open())
+        held = self.open.get(group.dcids) or self._open(group.dcids)
         if message.dcid not in held.envelopes:
             held.envelopes[message.dcid] = message.envelope
         held.last_heard = time.monotonic()
@@ -131,6 +136,18 @@ class XrcService(AtomicConsumer):
         elif len(held.deliveries) == 1:
             self._watch(group.dcids)
 
+    def _open(self, key: tuple[int, ...]) -> _Open:
+        held = self.open[key] = _Open()
+        if self.metrics is not None:
+            self.metrics.open_scans.inc()
+        return held
+
+    def _close(self, key: tuple[int, ...]) -> _Open | None:
+        held = self.open.pop(key, None)
+        if held is not None and self.metrics is not None:
+            self.metrics.open_scans.dec()
+        return held
+
     def _start_afresh(self, session: Any) -> None:
         """A new channel: whatever was held unacked is being delivered again,
         so open groups are rebuilt from those deliveries."""
@@ -141,11 +158,13 @@ class XrcService(AtomicConsumer):
             group = self.assembly.groups.get(key)
             if group is not None:
                 self.assembly.drop(group)
-        self.open.clear()
+            self._close(key)
 
     def _reject(self, delivery: Delivery, why: str) -> None:
         """Dead-letter a message that can never count; it never comes back."""
         self.rejected += 1
+        if self.metrics is not None:
+            self.metrics.rejected.inc()
         log.error("dead-lettering a message on %s: %s", self.queue, why)
         delivery.reject(requeue=False)
 
@@ -153,10 +172,11 @@ class XrcService(AtomicConsumer):
         """A group that cannot be centred: abort it once, dead-letter its messages."""
         if group is not None and group.dcids not in self.aborted:
             self.aborted.add(group.dcids)
-            held = self.open.pop(group.dcids, None)
+            held = self._close(group.dcids)
             self.assembly.drop(group)
             if envelope is not None:
-                self._commit(envelope.send("abort", {}), [], "abort", group.dcids)
+                self._commit(envelope.send("abort", {}), [], "abort", group.dcids,
+                             lambda: self._finished(group, "abort"))
             for d in held.deliveries.values() if held else []:
                 self._reject(d, why)
         self._reject(delivery, why)
@@ -178,13 +198,22 @@ class XrcService(AtomicConsumer):
         newest = group.newest_seen_at
         latency = f"{(self.clock() - newest) * 1e3:.0f} ms after the newest image" if newest else "no image time"
         found = len(result) if isinstance(result, XrcResults) else (1 if result.ok else 0)
-        log.info("%s: %s result, %d found, %s", group.describe(), payload["type"], found, latency)
+        log.info("%s: %s result, %d found, %s", describe(group, envelope), payload["type"], found, latency)
         self.assembly.drop(group)
-        self.open.pop(group.dcids, None)
-        self._commit(sends, list(held.deliveries.values()), "result", group.dcids, counts=True)
+        self._close(group.dcids)
+
+        def sent() -> None:
+            self.completed += 1
+            self._finished(group, "result", None if newest is None else self.clock() - newest)
+
+        self._commit(sends, list(held.deliveries.values()), "result", group.dcids, sent)
+
+    def _finished(self, group: Group, outcome: str, latency_s: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.finished("3d" if len(group.dcids) > 1 else "2d", outcome, latency_s)
 
     def _commit(self, sends: list[Outgoing], acks: list[Delivery], what: str, key: tuple[int, ...] | None,
-                counts: bool = False) -> None:
+                then: Callable[[], None] | None = None) -> None:
         """Publish ``sends`` and ack ``acks`` as one transaction; say what
         became of it once the broker has answered."""
         if not sends:
@@ -197,8 +226,8 @@ class XrcService(AtomicConsumer):
             if error is not None:  # committed whole or not at all: if not, the messages come back
                 log.warning("the %s of DCID %s: %s", what, key, error)
                 return
-            if counts:
-                self.completed += 1
+            if then is not None:
+                then()
             for m in f.result():
                 keep_returned(self.transport, self.dead_letters, m, f"the {what} of DCID {key}")
 
@@ -218,12 +247,21 @@ class XrcService(AtomicConsumer):
         if quiet < self.idle_s:
             self.transport.call_later(self.idle_s - quiet, lambda: self._check_idle(key))
             return
-        log.warning("%s: abandoned after %.0f s without an image; missing: %s", group.describe(), quiet, group.missing())
-        self.open.pop(key, None)
-        self.assembly.drop(group)
         envelope = held.envelopes[min(held.envelopes)]
+        log.warning("%s: abandoned after %.0f s without an image; missing: %s", describe(group, envelope), quiet,
+                    group.missing())
+        self._close(key)
+        self.assembly.drop(group)
         # settled with the abort: abandoned, not to be tried again
-        self._commit(envelope.send("abort", {}), list(held.deliveries.values()), "abort", key)
+        self._commit(envelope.send("abort", {}), list(held.deliveries.values()), "abort", key,
+                     lambda: self._finished(group, "abort"))
+
+
+def describe(group: Group, envelope: Envelope) -> str:
+    """The group, its DCG where the recipe names one, and the recipe ID, for a log line."""
+    extra = [f"DCG {envelope.dcgid}"] if envelope.dcgid is not None else []
+    extra.append(f"recipe ID {envelope.environment.get('ID', '?')}")
+    return f"{group.describe()} ({', '.join(extra)})"
 
 
 def keep_returned(transport: Transport, queue: str, m: Outgoing, what: str) -> None:

@@ -35,6 +35,7 @@ from ..messaging import Delivery, Outgoing, Transport
 from ..messaging.base import shard_exchange, shard_queue
 from .assembly import GroupRejected, MessageRejected, PiaMessage
 from .recipe import Envelope, EnvelopeError
+from .metrics import ServiceMetrics
 from .runner import IDLE_S, AtomicConsumer, XrcService, keep_returned, named_group
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,15 @@ class ShardedService:
     to stand by on every shard at once."""
 
     def __init__(self, transport: Transport, queue: str, shards: int, *, instance: int | None = None,
-                 standby_s: float = STANDBY_S, idle_s: float = IDLE_S, prefetch: int = 65535) -> None:
+                 standby_s: float = STANDBY_S, idle_s: float = IDLE_S, prefetch: int = 65535,
+                 metrics: ServiceMetrics | None = None) -> None:
         if shards < 1:
             raise ValueError(f"shards: expected at least 1, got {shards}")
         self.transport, self.queue, self.shards, self.instance, self.standby_s = \
             transport, queue, shards, instance, standby_s
         self.router = GroupRouter(transport, queue, prefetch=prefetch)
         self.services = [XrcService(transport, shard_queue(queue, k), idle_s=idle_s, prefetch=prefetch,
-                                    dead_letters=queue) for k in range(shards)]
+                                    dead_letters=queue, metrics=metrics) for k in range(shards)]
         self._standby: threading.Timer | None = None
 
     @property

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from workflows.services.common_service import CommonService
 
 from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport, TransportError
+from .metrics import ServiceMetrics
 from .runner import IDLE_S, XrcService
 
 
@@ -185,7 +186,9 @@ class XRayCentering(CommonService):
     idle_s = IDLE_S
 
     def initializing(self) -> None:
-        self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=self.idle_s)
+        # with the frontend's metrics option, the frontend serves prometheus-client's registry: count into it
+        metrics = ServiceMetrics() if self._environment.get("metrics") else None
+        self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=self.idle_s, metrics=metrics)
         self.xrc.start()
 
     def in_shutdown(self) -> None:
