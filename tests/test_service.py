@@ -223,3 +223,41 @@ def test_shards_share_the_scans_and_never_split_one(transport, unique):
         sharded.stop()
         for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}") + tuple(f"{q}.shard.{k}" for k in range(3)):
             transport.delete_queue(name)
+
+
+def test_the_broker_dropping_the_connection_mid_scan_costs_nothing(rabbit, unique):
+    """RabbitMQ closes every connection while the service holds half a scan:
+    the service reconnects, the broker delivers the held images again, the
+    service starts that scan afresh from them, and the result comes once."""
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    transport = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
+    q = f"reduce.xray_centering.{unique}"
+    transport.declare_work_queue(q)
+    transport.declare_results_queue(f"xrc.{unique}")
+    service = XrcService(transport, q).start()
+    try:
+        a, b = CASE_3D["grids"]
+        messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
+            bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+        publish(transport, q, messages[:300])
+        assert eventually(lambda: sum(len(h.deliveries) for h in service.open.values()) == 300)
+        rabbit.close_all_connections()
+        assert eventually(lambda: transport.connected.is_set() and transport.generation == 2, timeout=30)
+        publish(transport, q, messages[300:])
+        assert eventually(lambda: service.completed == 1, timeout=30)
+        assert eventually(lambda: transport.message_count(q) == 0 and transport.message_count(f"xrc.{unique}") == 1)
+        got = queue.Queue()
+        sub = transport.subscribe(QueueSpec(f"xrc.{unique}"), got.put)
+        result = got.get(timeout=10)
+        result.ack()
+        sub.cancel()
+        assert zx.parse_result_message(result.body).results == direct_3d()
+        assert service.completed == 1 and service.rejected == 0
+    finally:
+        service.stop()
+        for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
+            transport.delete_queue(name)
+        transport.close()
