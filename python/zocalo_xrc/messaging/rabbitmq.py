@@ -428,8 +428,9 @@ class AmqpTransport(Transport):
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         with self._lock:
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
-        if not self.on_io_thread():
-            self._wake()
+        # on the I/O thread too: from inside pika's own callbacks (commit-ok, an atomic consumer's
+        # delivery) process_data_events would otherwise block until its time limit
+        self._wake()
 
     def _admin(self, work: Callable[[Any], Any]) -> Any:
         """Run ``work(channel)`` on a channel of its own, so that an error closes
@@ -777,8 +778,9 @@ class _AmqpSubscription(Subscription):
         if channel is None or not channel.is_open:
             future.set_exception(ConnectionLostError("the transaction channel is closed; nothing was committed"))
             return
-        tags = {d._tag for d in acks}
-        if any(d._epoch != self.epoch for d in acks) or not tags <= self.outstanding:
+        epoch = self.epoch
+        tags = {d._tag for d in acks if d._epoch == epoch}
+        if len(tags) != len(acks) or not tags <= self.outstanding:
             future.set_exception(ConnectionLostError(
                 "some deliveries are from a lost channel (the broker delivers them again); nothing was committed"))
             return
@@ -787,13 +789,16 @@ class _AmqpSubscription(Subscription):
                                               message_id=m.message_id or new_message_id())
             channel._impl.basic_publish(m.exchange, m.routing_key, m.body, properties, mandatory=True)
         if tags:
-            keep = min(self.outstanding - tags, default=None)
-            below = [t for t in tags if keep is None or t < keep]
-            if below:
-                channel._impl.basic_ack(max(below), multiple=True)
-            for t in sorted(tags.difference(below)):
-                channel._impl.basic_ack(t)
             self.outstanding -= tags
+            keep = min(self.outstanding, default=None)  # the oldest still held: a multiple ack stops below it
+            if keep is None:
+                channel._impl.basic_ack(max(tags), multiple=True)
+            else:
+                below = [t for t in tags if t < keep]
+                if below:
+                    channel._impl.basic_ack(max(below), multiple=True)
+                for t in sorted(t for t in tags if t > keep):
+                    channel._impl.basic_ack(t)
         self.settled_uncommitted = False
         self.commits.append((future, messages, []))
         channel._impl.tx_commit(self._on_commit_ok)
