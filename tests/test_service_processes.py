@@ -38,7 +38,8 @@ def start_service(url, queue, *options):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     STARTED.append(p)
     line = p.stdout.readline()
-    assert line.startswith("X-ray centring service consuming"), line + p.stderr.read()
+    assert line.startswith(f"X-ray centring service consuming {queue}"), line + p.stderr.read()
+    assert " on RabbitMQ at amqp://guest@127.0.0.1:" in line and "guest:guest" not in line, line
     return p
 
 

@@ -503,6 +503,7 @@ def run_service(args: argparse.Namespace) -> int:
     import threading
 
     from .client import connect
+    from .messaging.rabbitmq import AmqpTransport
 
     if args.instance is not None and args.shards is None:
         raise CliError("--instance needs --shards", EXIT_USAGE)
@@ -540,7 +541,8 @@ def run_service(args: argparse.Namespace) -> int:
             how = f" in {args.shards} shards" + ("" if args.instance is None else f", instance {args.instance}")
     except (ConfigurationError, TransportError) as e:
         raise CliError(str(e), EXIT_BROKER) from e
-    print(f"X-ray centring service consuming {args.queue}{how} on {redact(repr(transport))}", flush=True)
+    where = f"RabbitMQ at {transport.settings.url()}" if isinstance(transport, AmqpTransport) else "the in-process broker"
+    print(f"X-ray centring service consuming {args.queue}{how} on {where}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = EXIT_OK
