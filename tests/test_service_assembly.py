@@ -79,6 +79,25 @@ def test_any_order_and_duplicates_give_the_direct_answer(order, duplicates):
     assert centre(group) == direct_3d()
 
 
+
+@settings(max_examples=25, deadline=None)
+@given(order=st.permutations(range(440)), gaps=st.sets(st.integers(0, 439), min_size=1, max_size=40))
+def test_gaps_never_complete_and_name_what_is_missing(order, gaps):
+    """Images that never come (PIA failed on them): the group never completes,
+    and it can say exactly which are missing, grid by grid."""
+    messages = messages_3d()
+    assembly = Assembly()
+    fates, group = feed(assembly, [messages[i] for i in order if i not in gaps])
+    assert Fate.COMPLETE not in fates and not group.complete
+    expected = {}
+    for i in sorted(gaps):
+        expected.setdefault(messages[i].dcid, []).append(messages[i].file_number)
+    for dcid, numbers in expected.items():
+        shown = ", ".join(map(str, numbers[:20])) + (f" and {len(numbers) - 20} more" if len(numbers) > 20 else "")
+        assert f"DCID {dcid}: images {shown}" in group.missing()
+    if len(expected) == 1:
+        assert ";" not in group.missing()
+
 def test_2d():
     gi = CASE_2D["gridinfo"]
     assembly = Assembly()
