@@ -329,3 +329,21 @@ def test_a_port_that_is_not_rabbitmq_is_named_so():
         stop.set()
         thread.join()
         server.close()
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--shards", "3", "--instance", "5"], "--instance: expected 0..2 with --shards 3, got 5"),
+    (["--instance", "1"], "--instance needs --shards"),
+    (["--shards", "0"], "--shards: expected at least 1"),
+    (["--broker", "in-process", "-e", "dev_bluesky"], "give --broker or -e ENV, not both"),
+])
+def test_service_usage_errors_are_one_line(options, words):
+    one_line_error(run("service", *options), cli.EXIT_USAGE, words)
+
+
+def test_service_on_a_broker_without_its_queue_says_to_declare_it(rabbit, unique):
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    out = run("service", "--queue", f"missing.{unique}", "--broker", rabbit.url)
+    one_line_error(out, cli.EXIT_BROKER, f"there is no queue 'missing.{unique}' on RabbitMQ at amqp://guest@",
+                   "--declare makes it")

@@ -120,3 +120,31 @@ def test_zocalo_service_runs_it_with_status_and_shutdown(zocalo_env, unique):
         if service.poll() is None:
             service.kill()
             service.wait()
+
+
+def test_a_frontend_killed_with_sigterm_takes_its_service_along(zocalo_env):
+    """workflows' frontend dies on SIGTERM and leaves its service process
+    behind; ours notices and stops, handing back the queue."""
+    t, env, config = zocalo_env
+    zocalo_service = shutil.which("zocalo.service") or str(Path(sys.executable).parent / "zocalo.service")
+    frontend = subprocess.Popen([zocalo_service, "-s", "XRayCentering", "-e", "xrc-test"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert eventually(lambda: t.consumer_count(QUEUE) == 1, timeout=60)
+        children = subprocess.run(["pgrep", "-P", str(frontend.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the frontend runs the service in a child process"
+        frontend.terminate()
+        frontend.wait(30)
+
+        def gone(pid):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert eventually(lambda: all(gone(pid) for pid in children), timeout=15)
+        assert eventually(lambda: t.consumer_count(QUEUE) == 0, timeout=15)
+    finally:
+        if frontend.poll() is None:
+            frontend.kill()

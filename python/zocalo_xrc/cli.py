@@ -66,9 +66,9 @@ def exit_codes(command: str | None = None) -> str:
 EXIT_CODES = exit_codes()
 
 BROKER_HELP = (
-    "where Zocalo is: 'in-process' (a broker inside this process, Zocalo's side simulated in it), "
-    "an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from the YAML "
-    "file $ZOCALO_CONFIG (default: %(default)s)"
+    "the broker to talk through: 'in-process' (a broker inside this process), an "
+    "amqp://user:password@host:port/vhost URL, or a zocalo environment name read from the YAML file "
+    "$ZOCALO_CONFIG (default: %(default)s); Zocalo's side is simulated in this process either way"
 )
 
 
@@ -513,6 +513,9 @@ def run_service(args: argparse.Namespace) -> int:
         args.broker = args.environment
     if args.shards == 0:
         raise CliError("--shards: expected at least 1", EXIT_USAGE)
+    if args.instance is not None and args.instance >= args.shards:
+        raise CliError(f"--instance: expected 0..{args.shards - 1} with --shards {args.shards}, got {args.instance}",
+                       EXIT_USAGE)
     try:
         _zocalo_logging(args.broker)
     except ConfigurationError as e:
@@ -528,8 +531,13 @@ def run_service(args: argparse.Namespace) -> int:
             raise CliError(f"--metrics-port {args.metrics_port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
         transport = connect(args.broker)
+        where = f"RabbitMQ at {transport.settings.url()}" if isinstance(transport, AmqpTransport) else \
+            "the in-process broker"
         transport.wait_connected(30.0)
-        if args.declare and not transport.queue_exists(args.queue):
+        if not transport.queue_exists(args.queue):
+            if not args.declare:
+                raise CliError(f"there is no queue {args.queue!r} on {where} (--declare makes it, as Diamond's "
+                               "deployment declares it)", EXIT_BROKER)
             transport.declare_work_queue(args.queue)
         if args.shards is None:
             service: XrcService | ShardedService = XrcService(transport, args.queue, idle_s=args.idle_timeout,
@@ -541,8 +549,8 @@ def run_service(args: argparse.Namespace) -> int:
             how = f" in {args.shards} shards" + ("" if args.instance is None else f", instance {args.instance}")
     except (ConfigurationError, TransportError) as e:
         raise CliError(str(e), EXIT_BROKER) from e
-    where = f"RabbitMQ at {transport.settings.url()}" if isinstance(transport, AmqpTransport) else "the in-process broker"
-    print(f"X-ray centring service consuming {args.queue}{how} on {where}", flush=True)
+    metrics_note = "" if args.metrics_port is None else f"; metrics on http://127.0.0.1:{args.metrics_port}/metrics"
+    print(f"X-ray centring service consuming {args.queue}{how} on {where}{metrics_note}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = EXIT_OK

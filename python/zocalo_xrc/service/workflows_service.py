@@ -14,7 +14,9 @@ workflows transaction, as with ``zocalo-xrc service``.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence
 
@@ -190,6 +192,17 @@ class XRayCentering(CommonService):
         metrics = ServiceMetrics() if self._environment.get("metrics") else None
         self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=self.idle_s, metrics=metrics)
         self.xrc.start()
+        threading.Thread(target=self._end_with_the_frontend, args=(os.getppid(),), daemon=True,
+                         name="X-ray centring: frontend watch").start()
+
+    def _end_with_the_frontend(self, frontend: int) -> None:
+        """The frontend runs this service in a child process and, killed with
+        SIGTERM, leaves it behind, still consuming. Stop when it goes: what is
+        held goes back to the queue, for the next service."""
+        while os.getppid() == frontend:
+            time.sleep(1.0)
+        self.log.warning("the frontend (process %d) is gone; stopping", frontend)
+        self._shutdown()
 
     def in_shutdown(self) -> None:
         xrc = getattr(self, "xrc", None)
