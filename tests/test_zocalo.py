@@ -426,3 +426,28 @@ def test_closing_after_the_connection_is_harmless(rabbit, unique):
     zocalo.close()
     with pytest.raises(zx.TransportError, match="closed"):
         t.publish("", name, b"x", {}).result(5)
+
+
+def test_settle_waiting_then_the_next_collection_whichever_it_is(transport, results_queue):
+    """dodal's contract, for a plan that does not know its DCIDs: what waited
+    before staging is stale (settled, not handed over); the next result is
+    handed over whatever its collection."""
+    publish_result(transport, results_queue, [ROW], dcid=1)
+    publish_result(transport, results_queue, [ROW], dcid=2)
+    zocalo = results_for(transport, results_queue, timeout_s=10)
+    assert eventually(lambda: transport.message_count(results_queue) == 2)
+    assert zocalo.settle_waiting() == 2
+    publish_result(transport, results_queue, [ROW], dcid=3)
+    zocalo.trigger(any_collection=True)
+    assert zocalo.last_message.dcid == 3
+    publish_result(transport, results_queue, [ROW], dcid=4)  # came while nobody waited: held for the next trigger
+    assert eventually(lambda: transport.message_count(results_queue) == 0)
+    assert zocalo.settle_waiting() == 1  # subscribed already: what is held is stale now
+    with pytest.raises(zx.NoResultsFromZocaloError, match="the next collection"):
+        zocalo.trigger(any_collection=True, timeout_s=0.3)
+    with pytest.raises(ValueError, match="any_collection=True names no collection"):
+        zocalo.trigger(dcids=5, any_collection=True)
+    with pytest.raises(ValueError, match="or any_collection=True"):
+        zocalo.trigger()
+    zocalo.close()
+    assert eventually(lambda: transport.message_count(results_queue) == 0)

@@ -418,13 +418,15 @@ class _Waiter(Generic[R]):
     """One caller waiting for one collection's results (I/O thread state)."""
 
     def __init__(self, dcids: frozenset[int], dcgid: int | None) -> None:
-        self.dcids, self.dcgid = dcids, dcgid
+        self.dcids, self.dcgid = dcids, dcgid  # neither: the next collection's, whichever it is
         self.future: Future[tuple[R, ResultMessage, SourceComparison[R] | None]] = Future()
         self.received: dict[Source, _Arrival] = {}
         self.order: list[Source] = []
         self.timer_set = False
 
     def matches(self, m: ResultMessage) -> bool:
+        if not self.dcids and self.dcgid is None:
+            return True
         matched = False
         if self.dcgid is not None and m.dcgid is not None:
             if m.dcgid != self.dcgid:
@@ -440,7 +442,7 @@ class _Waiter(Generic[R]):
         parts = [f"DCID {', '.join(map(str, sorted(self.dcids)))}"] if self.dcids else []
         if self.dcgid is not None:
             parts.append(f"DCGID {self.dcgid}")
-        return " / ".join(parts)
+        return " / ".join(parts) or "the next collection"
 
 
 class _Receiver(_UsesBroker, Generic[R]):
@@ -495,6 +497,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._arrivals = itertools.count()
         self._handed: collections.OrderedDict[str, None] = collections.OrderedDict()  # I/O thread only
         self._waiter: _Waiter[R] | None = None
+        self._stale = 0  # how many of the first deliveries were waiting before settle_waiting()
 
     def subscribe(self, *, timeout_s: float | None = 10.0) -> None:
         """Start consuming results (the first trigger does it if nothing did):
@@ -511,6 +514,33 @@ class _Receiver(_UsesBroker, Generic[R]):
             raise TransportError(f"cannot consume {self._what_queue()} within {timeout_s} s: "
                                  f"{self.transport.trouble() or 'no answer from the broker'}")
         subscription.ready.result()
+
+    def settle_waiting(self, *, timeout_s: float = 10.0) -> int:
+        """Results that wait for this receiver now are stale (a plan stages the
+        device before its collection starts): ack them, and consume from here
+        on. Subscribed already, those are the ones held; else the ones ready
+        in the queue, counted before consuming starts (the queue hands them
+        out first). Returns how many will be settled."""
+        with self._lock:
+            subscribed = self._subscription is not None
+        if subscribed:
+            with self._state:
+                stale, self._held = self._held, []
+            for arrival in stale:
+                self._settle_stale(arrival.delivery, arrival.message)
+            return len(stale)
+        waiting = 0
+        if not self.private_queue and self.transport.queue_exists(self.queue):
+            waiting = self.transport.message_count(self.queue)
+        with self._state:
+            self._stale = waiting
+        self.subscribe(timeout_s=timeout_s)
+        return waiting
+
+    def _settle_stale(self, delivery: Delivery, message: ResultMessage | None) -> None:
+        what = f"DCID {message.dcid} / DCGID {message.dcgid}" if message is not None else "a message"
+        log.info("settling a stale result on %s (%s): it was waiting before this receiver was staged", self.queue, what)
+        delivery.ack()
 
     def _what_queue(self) -> str:
         return "a private results queue" if self.private_queue else self.queue
@@ -568,10 +598,12 @@ class _Receiver(_UsesBroker, Generic[R]):
 
     # ---- the caller's side -------------------------------------------------------
 
-    def _begin(self, dcids: int | Iterable[int] | None, dcgid: int | None) -> _Waiter[R]:
+    def _begin(self, dcids: int | Iterable[int] | None, dcgid: int | None, any_collection: bool) -> _Waiter[R]:
         ids = frozenset([dcids] if isinstance(dcids, int) else (dcids or ()))
-        if not ids and dcgid is None:
-            raise ValueError("trigger: name the collection, with dcids= and/or dcgid=")
+        if not ids and dcgid is None and not any_collection:
+            raise ValueError("trigger: name the collection, with dcids= and/or dcgid= (or any_collection=True)")
+        if (ids or dcgid is not None) and any_collection:
+            raise ValueError("trigger: any_collection=True names no collection; leave out dcids= and dcgid=")
         subscription = self._subscribe()
         with self._lock:
             if self._busy:
@@ -611,23 +643,29 @@ class _Receiver(_UsesBroker, Generic[R]):
         with self._lock:
             self._busy = False
 
-    def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None) -> R:
+    def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *,
+                timeout_s: float | None = None, any_collection: bool = False) -> R:
         """Wait for the results of the collection with these DCIDs and/or this
         DCGID; sorted by ``sort_key``, largest first. An empty ``XrcResults``
-        means no crystal; :class:`NoResultsFromZocaloError` means no answer."""
+        means no crystal; :class:`NoResultsFromZocaloError` means no answer.
+        ``any_collection=True``: the first result that came since subscribing
+        (:meth:`subscribe`, :meth:`settle_waiting`) or the last trigger, for
+        whatever collection, as dodal's device takes it when a plan does not
+        know its DCIDs."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        waiter = self._begin(dcids, dcgid)
+        waiter = self._begin(dcids, dcgid, any_collection)
         try:
             return self._finish(wait_for(waiter.future, timeout, self._give_up(waiter, timeout)))
         finally:
             self._end(waiter)
 
     async def trigger_async(
-        self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None
+        self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None,
+        any_collection: bool = False,
     ) -> R:
         """:meth:`trigger` for asyncio: the event loop keeps running meanwhile."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        waiter = self._begin(dcids, dcgid)
+        waiter = self._begin(dcids, dcgid, any_collection)
         try:
             outcome = await wait_for_async(waiter.future, timeout, self._give_up(waiter, timeout))
             return self._finish(outcome)
@@ -637,6 +675,12 @@ class _Receiver(_UsesBroker, Generic[R]):
     # ---- the I/O thread's side ---------------------------------------------------
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        with self._state:
+            stale = self._stale > 0
+            if stale:
+                self._stale -= 1
+        if stale:
+            return self._settle_stale(delivery, None)
         if not is_recipe_envelope(delivery.headers):
             log.error("rejecting a message on %s: not a recipe envelope (no workflows-recipe header)", self.queue)
             delivery.reject(requeue=False)
