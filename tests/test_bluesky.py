@@ -17,7 +17,19 @@ import zocalo_xrc as zx
 from test_service import bodies, publish
 from test_service_assembly import CASE_3D, direct_3d
 from test_transport import eventually
-from zocalo_xrc.bluesky import NO_SAMPLE_ID, NoResultsFromZocaloError, ZocaloResults
+from ophyd_async.core import soft_signal_rw
+from ophyd_async.sim import SimMotor
+
+from zocalo_xrc.bluesky import (
+    NO_SAMPLE_ID,
+    ZOCALO_HW_READ,
+    NoCollectionsError,
+    NoResultsFromZocaloError,
+    ZocaloCallback,
+    ZocaloResults,
+    start_infos_from_omega_map,
+)
+from zocalo_xrc.messaging import QueueSpec
 from zocalo_xrc.service.runner import XrcService
 
 
@@ -164,3 +176,119 @@ def test_dodals_way_of_reading_the_rows(RE, loop, unique):
     assert [r["max_voxel"] for r in rows] == [w["max_voxel"] for w in want]
     assert [r["sample_id"] for r in rows] == [CASE_3D["sample_id"]] * len(want)
     assert json.dumps(rows)  # plain Python values
+
+
+# ---- the callback, in a plan shaped like Hyperion's --------------------------------------------------
+
+
+class SimulatedPia:
+    """Zocalo's per-image analysis, as far as this test needs it: when every
+    grid of the scan has ended, every image's spot count goes to the service
+    (the project's own), as GPU PIA's recipe step sends them."""
+
+    def __init__(self, transport, work_queue, messages, dcids):
+        self.transport, self.work_queue, self.messages, self.dcids = transport, work_queue, messages, set(dcids)
+        self.seen = []
+        self.ended = set()
+        self.subscription = transport.subscribe(QueueSpec("processing_recipe"), self.on_message)
+
+    def on_message(self, delivery):
+        parameters = json.loads(delivery.body)["parameters"]
+        self.seen.append(parameters)
+        delivery.ack()
+        if parameters["event"] == "end":
+            self.ended.add(parameters["ispyb_dcid"])
+            if self.ended == self.dcids:
+                for body in self.messages:
+                    self.transport.publish("", self.work_queue, body, {"workflows-recipe": True})
+
+
+def test_a_hyperion_shaped_plan_triggers_zocalo_reads_the_result_and_moves_there(RE, loop, unique):
+    transport, q = loop
+    transport.declare_queue("processing_recipe")
+    a, messages = scan(unique)
+    b = CASE_3D["grids"][1]
+    xy, xz = (zx.GridInfo.from_ispyb(g["gridinfo"]) for g in CASE_3D["grids"])
+    pia = SimulatedPia(transport, q, messages, [a["dcid"], b["dcid"]])
+    zocalo = device(transport, unique)
+    callback = ZocaloCallback("do_fgs", connection=transport, results=zocalo,
+                              start_info_generator_factory=lambda: start_infos_from_omega_map([0, 90]))
+    RE.subscribe(callback)
+    x, y, z = SimMotor("x"), SimMotor("y"), SimMotor("z")
+    writer = soft_signal_rw(str, "ins_10_31", name="eiger_odin_file_writer_id")
+    geometry = zx.GridGeometry(x_start_mm=-1.2, x_step_mm=xy.dx_mm, x_steps=xy.steps_x, y_start_mm=0.35,
+                               y_step_mm=xy.dy_mm, y_steps=xy.steps_y, z_start_mm=0.1, z_step_mm=xz.dy_mm,
+                               z_steps=xz.steps_y)
+    md = {"subplan_name": "do_fgs", "omega_to_scan_spec": {"0": xy.steps_x * xy.steps_y, "90": xz.steps_x * xz.steps_y},
+          "grid_plane_to_id_map": {"0": a["dcid"], "90": b["dcid"]}}
+
+    def plan():
+        yield from ensure_connected(zocalo, x, y, z, writer)
+        yield from bps.stage(zocalo, wait=True)
+        yield from bps.open_run(md=md)
+        yield from bps.create(name=ZOCALO_HW_READ)  # the detector's file: the callback sends the starts now
+        yield from bps.read(writer)
+        yield from bps.save()
+        yield from bps.close_run()  # ... and the ends: PIA runs, the service centres
+        yield from bps.trigger(zocalo, wait=True)
+        com = yield from bps.rd(zocalo.centre_of_mass)  # the best first; in boxes, each box's corner at k
+        centre = geometry.boxes_to_mm(tuple(c - 0.5 for c in com[0]))  # box k centred on k (docs/algorithm.md)
+        yield from bps.mv(x, centre[0], y, centre[1], z, centre[2])
+        yield from bps.unstage(zocalo, wait=True)
+        return centre
+
+    centre = RE(plan()).plan_result
+    want = geometry.to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
+    np.testing.assert_allclose(centre, want)
+    positions = [RE(bps.rd(m)).plan_result for m in (x, y, z)]
+    np.testing.assert_allclose(positions, want)
+    starts = [p for p in pia.seen if p["event"] == "start"]
+    assert [(p["ispyb_dcid"], p["filename"], p["start_frame_index"], p["number_of_frames"], p["message_index"])
+            for p in starts] == [(a["dcid"], "ins_10_31", 0, xy.steps_x * xy.steps_y, 0),
+                                 (b["dcid"], "ins_10_31", xy.steps_x * xy.steps_y, xz.steps_x * xz.steps_y, 1)]
+    assert sorted(p["ispyb_dcid"] for p in pia.seen if p["event"] == "end") == [a["dcid"], b["dcid"]]
+    pia.subscription.cancel()
+
+
+def test_a_triggering_run_with_no_collection_is_an_error(RE, transport):
+    callback = ZocaloCallback("do_fgs", connection=transport,
+                              start_info_generator_factory=lambda: start_infos_from_omega_map([0]))
+    RE.subscribe(callback)
+    md = {"subplan_name": "do_fgs", "omega_to_scan_spec": {"0": 4}, "grid_plane_to_id_map": {"0": 5}}
+    with pytest.raises(NoCollectionsError, match="no collection"):
+        RE(_run(md))
+
+
+def _run(md):
+    yield from bps.open_run(md=md)
+    yield from bps.close_run()
+
+
+def test_as_the_emit_target_of_another_callback_and_a_refused_trigger_stops_the_plan(RE, transport, unique):
+    """mx-bluesky's ISPyB callback adds the DCIDs to the start document and
+    emits to this one. With no processing_recipe queue to take the starts,
+    the broker refuses them: the plan sees the error at once, not 180 s on."""
+    transport.delete_queue("processing_recipe")
+    callback = ZocaloCallback("do_fgs", connection=transport,
+                              start_info_generator_factory=lambda: start_infos_from_omega_map([0]))
+
+    def ispyb(name, doc):  # what mx-bluesky's ISPyB callback does before emitting
+        if name == "start" and doc.get("subplan_name") == "do_fgs":
+            doc = {**doc, "grid_plane_to_id_map": {"0": 5150}}
+        callback(name, doc)
+
+    RE.subscribe(ispyb)
+    writer = soft_signal_rw(str, "ins_11", name="eiger_odin_file_writer_id")
+
+    def plan():
+        yield from ensure_connected(writer)
+        yield from bps.open_run(md={"subplan_name": "do_fgs", "omega_to_scan_spec": {"0": 4}})
+        yield from bps.create(name=ZOCALO_HW_READ)
+        yield from bps.read(writer)
+        yield from bps.save()
+        yield from bps.close_run()
+
+    t0 = time.monotonic()
+    with pytest.raises(zx.UnroutableError, match="processing_recipe"):
+        RE(plan())
+    assert time.monotonic() - t0 < 30

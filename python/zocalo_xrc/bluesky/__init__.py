@@ -1,6 +1,24 @@
 """Bluesky's side: an ophyd-async device that reads Zocalo's X-ray centring
-results into a plan (``pip install 'zocalo-xrc[bluesky]'``)."""
+results into a plan, and a document callback that triggers Zocalo for a
+plan's collections (``pip install 'zocalo-xrc[bluesky]'``)."""
 
+from .callback import (
+    FILENAME_KEY,
+    ZOCALO_HW_READ,
+    NoCollectionsError,
+    ZocaloCallback,
+    start_infos_from_omega_map,
+)
 from .device import NO_SAMPLE_ID, NoResultsFromZocaloError, ZocaloResults, ZocaloSource
 
-__all__ = ["NO_SAMPLE_ID", "NoResultsFromZocaloError", "ZocaloResults", "ZocaloSource"]
+__all__ = [
+    "FILENAME_KEY",
+    "NO_SAMPLE_ID",
+    "ZOCALO_HW_READ",
+    "NoCollectionsError",
+    "NoResultsFromZocaloError",
+    "ZocaloCallback",
+    "ZocaloResults",
+    "ZocaloSource",
+    "start_infos_from_omega_map",
+]
