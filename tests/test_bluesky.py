@@ -61,6 +61,14 @@ def scan(unique, shift=0):
         bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
 
 
+def grid_geometry():
+    """Where the example scan was taken (as examples/gridscan_plan.py says)."""
+    xy, xz = (zx.GridInfo.from_ispyb(g["gridinfo"]) for g in CASE_3D["grids"])
+    return zx.GridGeometry(x_start_mm=-1.2, x_step_mm=xy.dx_mm, x_steps=xy.steps_x, y_start_mm=0.35,
+                           y_step_mm=xy.dy_mm, y_steps=xy.steps_y, z_start_mm=0.1, z_step_mm=xz.dy_mm,
+                           z_steps=xz.steps_y)
+
+
 def device(transport, unique, **kwargs):
     kwargs.setdefault("timeout_s", 20)
     return ZocaloResults(name="zocalo", channel=f"xrc.{unique}", connection=transport, results_source="GPU", **kwargs)
@@ -216,9 +224,7 @@ def test_a_hyperion_shaped_plan_triggers_zocalo_reads_the_result_and_moves_there
     RE.subscribe(callback)
     x, y, z = SimMotor("x"), SimMotor("y"), SimMotor("z")
     writer = soft_signal_rw(str, "ins_10_31", name="eiger_odin_file_writer_id")
-    geometry = zx.GridGeometry(x_start_mm=-1.2, x_step_mm=xy.dx_mm, x_steps=xy.steps_x, y_start_mm=0.35,
-                               y_step_mm=xy.dy_mm, y_steps=xy.steps_y, z_start_mm=0.1, z_step_mm=xz.dy_mm,
-                               z_steps=xz.steps_y)
+    geometry = grid_geometry()
     md = {"subplan_name": "do_fgs", "omega_to_scan_spec": {"0": xy.steps_x * xy.steps_y, "90": xz.steps_x * xz.steps_y},
           "grid_plane_to_id_map": {"0": a["dcid"], "90": b["dcid"]}}
 
@@ -292,3 +298,27 @@ def test_as_the_emit_target_of_another_callback_and_a_refused_trigger_stops_the_
     with pytest.raises(zx.UnroutableError, match="processing_recipe"):
         RE(plan())
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("where", ["in-process", "rabbitmq"])
+def test_the_example_plan_runs_and_moves_to_the_best_crystal(where, request):
+    """examples/gridscan_plan.py as a user runs it, in-process and on RabbitMQ."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    broker = "in-process" if where == "in-process" else request.getfixturevalue("rabbit").url
+    out = subprocess.run([sys.executable, str(root / "examples" / "gridscan_plan.py"), "--broker", broker],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    x, y, z = grid_geometry().to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
+    assert f"moved to x {x:.4f} mm, y {y:.4f} mm, z {z:.4f} mm" in out.stdout, out.stdout
+    assert out.stdout.startswith(f"{len(direct_3d())} crystal(s)")
+    if where == "rabbitmq":
+        from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+        t = AmqpTransport(zx.ConnectionSettings.from_url(broker))
+        for name in ("reduce.xray_centering.gpu", "dlq.reduce.xray_centering.gpu", "xrc.example", "dlq.xrc.example",
+                     "xrc.example.abort"):
+            t.delete_queue(name)
+        t.close()
