@@ -71,7 +71,8 @@ def grid_geometry():
 
 def device(transport, unique, **kwargs):
     kwargs.setdefault("timeout_s", 20)
-    return ZocaloResults(name="zocalo", channel=f"xrc.{unique}", connection=transport, results_source="GPU", **kwargs)
+    kwargs.setdefault("results_source", "GPU")
+    return ZocaloResults(name="zocalo", channel=f"xrc.{unique}", connection=transport, **kwargs)
 
 
 def test_a_plan_reads_the_result_of_its_scan(RE, loop, unique):
@@ -322,3 +323,25 @@ def test_the_example_plan_runs_and_moves_to_the_best_crystal(where, request):
                      "xrc.example.abort"):
             t.delete_queue(name)
         t.close()
+
+
+@pytest.mark.parametrize("source, want", [("GPU", 2), ("CPU", 1), ("EITHER", 1)])
+def test_the_results_source_as_dodals_and_the_first_of_either(RE, transport, unique, source, want):
+    """CPU and GPU results for one collection: the chosen source's, or
+    whichever came first; unread results stay for the next reader."""
+    transport.declare_results_queue(f"xrc.{unique}")
+    zocalo = device(transport, unique, timeout_s=10, results_source=source)
+    one = zx.XrcResults(direct_3d()[:1])
+    two = direct_3d()
+
+    def plan():
+        yield from bps.stage(zocalo, wait=True)
+        for results, gpu in ((one, False), (two, True)):
+            body = zx.build_result_message(results, dcid=7, dcgid=8, gpu=gpu, beamline=unique)
+            transport.publish("results", f"xrc.{unique}", body, {"workflows-recipe": True}).result(10)
+        yield from bps.trigger(zocalo, wait=True)
+        return (yield from bps.rd(zocalo.n_voxels))
+
+    assert len(RE(plan()).plan_result) == want
+    transport.delete_queue(f"xrc.{unique}")
+    transport.delete_queue(f"dlq.xrc.{unique}")
