@@ -345,3 +345,25 @@ def test_the_results_source_as_dodals_and_the_first_of_either(RE, transport, uni
     assert len(RE(plan()).plan_result) == want
     transport.delete_queue(f"xrc.{unique}")
     transport.delete_queue(f"dlq.xrc.{unique}")
+
+
+def test_made_before_there_is_a_broker_configured(RE, monkeypatch):
+    """A beamline makes its devices and callbacks at start-up, broker or not:
+    the configuration is read when first needed, and a missing one is then a
+    clear error."""
+    monkeypatch.delenv("ZOCALO_CONFIG", raising=False)
+    zocalo = ZocaloResults(name="zocalo", zocalo_environment="dev_bluesky", results_source="GPU")
+    callback = ZocaloCallback("do_fgs", "dev_bluesky", lambda: start_infos_from_omega_map([0]))
+    assert zocalo.results_source == "GPU" and callback.triggering_plan == "do_fgs"
+    with pytest.raises(zx.ConfigurationError, match="ZOCALO_CONFIG"):
+        zocalo.receiver
+
+
+def test_frames_from_the_scan_points_mx_bluesky_puts_in_the_start_document():
+    """mx-bluesky's start document: omega -> the scan's points by axis."""
+    generator = start_infos_from_omega_map([0, 90])
+    next(generator)
+    points = {"0": {"sam_x": np.zeros(240), "sam_y": np.zeros(240)}, "90": {"sam_x": np.zeros(200), "sam_z": np.zeros(200)}}
+    infos = generator.send({"omega_to_scan_spec": points, "grid_plane_to_id_map": {"0": 1001, "90": 1002}})
+    assert [(i.ispyb_dcid, i.start_frame_index, i.number_of_frames, i.message_index) for i in infos] == \
+        [(1001, 0, 240, 0), (1002, 240, 200, 1)]

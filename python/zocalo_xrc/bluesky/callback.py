@@ -20,7 +20,7 @@ takes mx-bluesky's start-info generators as they are.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 from bluesky.callbacks import CallbackBase
@@ -45,8 +45,8 @@ class NoCollectionsError(RuntimeError):
 
 def start_infos_from_omega_map(omega_positions: Iterable[int]) -> StartInfoGenerator:
     """mx-bluesky's generator for grid scans keyed by omega: the run's start
-    document carries ``omega_to_scan_spec`` (omega -> the number of frames,
-    or a scan spec whose ``frames()`` or ``len()`` counts them) and
+    document carries ``omega_to_scan_spec`` (omega -> the scan's points by
+    axis, as mx-bluesky writes it; or a number of frames, or a scan spec) and
     ``grid_plane_to_id_map`` (omega -> DCID). Frames are numbered on through
     the grids, message index by grid."""
     doc = yield []
@@ -60,8 +60,12 @@ def start_infos_from_omega_map(omega_positions: Iterable[int]) -> StartInfoGener
 
 
 def _frames(spec: Any) -> int:
+    """Frames of a grid: a count; a scan spec (``frames()``); or, as
+    mx-bluesky's start documents carry it, the scan's points by axis."""
     if isinstance(spec, int):
         return spec
+    if isinstance(spec, Mapping):
+        return len(next(iter(spec.values())))
     if hasattr(spec, "frames"):
         return len(spec.frames())
     return len(spec)
@@ -90,10 +94,19 @@ class ZocaloCallback(CallbackBase):
         if zocalo_environment is not None and connection is not None:
             raise ValueError("give zocalo_environment or connection, not both")
         self.triggering_plan = triggering_plan
-        self.trigger = ZocaloTrigger(connection if connection is not None else zocalo_environment)
+        self._connection: Connection = connection if connection is not None else zocalo_environment
+        self._trigger: ZocaloTrigger | None = None
         self.results = results
         self._factory = start_info_generator_factory
         self._reset()
+
+    @property
+    def trigger(self) -> ZocaloTrigger:
+        """The trigger, made when first needed: the configuration is read then,
+        as mx-bluesky's callback reads it (not when the callback is made)."""
+        if self._trigger is None:
+            self._trigger = ZocaloTrigger(self._connection)
+        return self._trigger
 
     def _reset(self) -> None:
         self.run_uid: str | None = None

@@ -79,13 +79,13 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
             raise ValueError("give zocalo_environment or connection, not both")
         if not channel.startswith("xrc."):
             raise ValueError(f"channel: expected xrc.<beamline>, got {channel!r}")
-        self.channel, self.timeout_s, self.results_source = channel, timeout_s, _source(results_source)
+        self.channel, self.timeout_s, self.results_source = channel, timeout_s, results_source  # as given (dodal's)
         self.sort_key = str(getattr(sort_key, "value", sort_key))
-        self._receiver = client.ZocaloResults(
-            connection if connection is not None else zocalo_environment,
-            beamline=channel.removeprefix("xrc."), queue=channel, sort_key=self.sort_key,  # type: ignore[arg-type]
-            timeout_s=timeout_s, source=self.results_source, compare_sources=compare_sources,
-        )
+        if self.sort_key not in ("max_count", "total_count", "n_voxels"):
+            raise ValueError(f"sort_key must be max_count, total_count or n_voxels, got {sort_key!r}")
+        self._connection = connection if connection is not None else zocalo_environment
+        self._source, self._compare_sources = _source(results_source), compare_sources
+        self._receiver: client.ZocaloResults | None = None
         self._expected: tuple[frozenset[int], int | None] | None = None
         self._staged = False
 
@@ -108,7 +108,15 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
     @property
     def receiver(self) -> client.ZocaloResults:
         """The client underneath (:attr:`~zocalo_xrc.ZocaloResults.last_message`,
-        :attr:`~zocalo_xrc.ZocaloResults.last_comparison`)."""
+        :attr:`~zocalo_xrc.ZocaloResults.last_comparison`), made when first
+        needed: the broker configuration is read then, not when the device is
+        made (a beamline makes its devices before it has a broker)."""
+        if self._receiver is None:
+            self._receiver = client.ZocaloResults(
+                self._connection, beamline=self.channel.removeprefix("xrc."), queue=self.channel,
+                sort_key=self.sort_key,  # type: ignore[arg-type]
+                timeout_s=self.timeout_s, source=self._source, compare_sources=self._compare_sources,
+            )
         return self._receiver
 
     def expect(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None) -> None:
@@ -121,7 +129,7 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
     @AsyncStatus.wrap
     async def stage(self) -> None:
         """Subscribe, settling what was waiting (stale results) at once."""
-        await asyncio.to_thread(self._receiver.settle_waiting)
+        await asyncio.to_thread(self.receiver.settle_waiting)
         self._staged = True
 
     @AsyncStatus.wrap
@@ -129,7 +137,8 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
         """Release the queue: results not read stay there for the next reader."""
         self._staged = False
         self._expected = None
-        await asyncio.to_thread(self._receiver.close)
+        if self._receiver is not None:
+            await asyncio.to_thread(self._receiver.close)
 
     @AsyncStatus.wrap
     async def trigger(self) -> None:
@@ -137,10 +146,10 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
             await self.stage()
         expected, self._expected = self._expected, None
         if expected is None:
-            results = await self._receiver.trigger_async(any_collection=True)
+            results = await self.receiver.trigger_async(any_collection=True)
         else:
-            results = await self._receiver.trigger_async(dcids=expected[0], dcgid=expected[1])
-        message = self._receiver.last_message
+            results = await self.receiver.trigger_async(dcids=expected[0], dcgid=expected[1])
+        message = self.receiver.last_message
         assert message is not None
         self._put(results, message.dcid, message.dcgid)
 
