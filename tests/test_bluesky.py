@@ -367,3 +367,23 @@ def test_frames_from_the_scan_points_mx_bluesky_puts_in_the_start_document():
     infos = generator.send({"omega_to_scan_spec": points, "grid_plane_to_id_map": {"0": 1001, "90": 1002}})
     assert [(i.ispyb_dcid, i.start_frame_index, i.number_of_frames, i.message_index) for i in infos] == \
         [(1001, 0, 240, 0), (1002, 240, 200, 1)]
+
+
+def test_unstaging_leaves_unread_results_for_the_next_reader(RE, transport, unique):
+    transport.declare_results_queue(f"xrc.{unique}")
+    zocalo = device(transport, unique, timeout_s=10)
+
+    def plan():
+        yield from bps.stage(zocalo, wait=True)
+        for dcid in (1, 2):
+            body = zx.build_result_message(direct_3d(), dcid=dcid, dcgid=8, gpu=True, beamline=unique)
+            transport.publish("results", f"xrc.{unique}", body, {"workflows-recipe": True}).result(10)
+        yield from bps.trigger(zocalo, wait=True)
+        dcid = yield from bps.rd(zocalo.ispyb_dcid)
+        yield from bps.unstage(zocalo, wait=True)
+        return dcid
+
+    assert RE(plan()).plan_result == 1
+    assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 1)  # DCID 2's, for whoever reads next
+    transport.delete_queue(f"xrc.{unique}")
+    transport.delete_queue(f"dlq.xrc.{unique}")
