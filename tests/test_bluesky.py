@@ -14,7 +14,7 @@ from bluesky.utils import FailedStatus
 from ophyd_async.plan_stubs import ensure_connected
 
 import zocalo_xrc as zx
-from test_service import bodies, publish
+from test_service import publish, scan
 from test_service_assembly import CASE_3D, direct_3d
 from test_transport import eventually
 from ophyd_async.core import soft_signal_rw
@@ -55,12 +55,6 @@ def loop(transport, unique):
         transport.delete_queue(name)
 
 
-def scan(unique, shift=0):
-    a, b = ({**g, "dcid": g["dcid"] + shift} for g in CASE_3D["grids"])
-    return a, bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-        bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
-
-
 def grid_geometry():
     """Where the example scan was taken (as examples/gridscan_plan.py says)."""
     xy, xz = (zx.GridInfo.from_ispyb(g["gridinfo"]) for g in CASE_3D["grids"])
@@ -79,10 +73,10 @@ def test_a_plan_reads_the_result_of_its_scan(RE, loop, unique):
     transport, q = loop
     zocalo = device(transport, unique)
     RE(ensure_connected(zocalo))
-    stale_scan, stale = scan(unique, shift=1000)
+    _, _, stale = scan(unique, shift=1000)
     publish(transport, q, stale)  # a scan finished before this plan: its result waits in xrc.<unique>
     assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 1)
-    a, messages = scan(unique)
+    a, _, messages = scan(unique)
     documents = []
 
     def plan():
@@ -118,8 +112,8 @@ def test_the_expected_collection_only(RE, loop, unique):
     transport, q = loop
     zocalo = device(transport, unique)
     RE(ensure_connected(zocalo))
-    other, first = scan(unique, shift=500)
-    a, messages = scan(unique)
+    _, _, first = scan(unique, shift=500)
+    a, _, messages = scan(unique)
 
     def plan():
         yield from bps.stage(zocalo, wait=True)
@@ -164,7 +158,7 @@ def test_dodals_way_of_reading_the_rows(RE, loop, unique):
     transport, q = loop
     zocalo = device(transport, unique)
     RE(ensure_connected(zocalo))
-    a, messages = scan(unique)
+    a, _, messages = scan(unique)
 
     def plan():
         yield from bps.stage(zocalo, wait=True)
@@ -215,9 +209,8 @@ class SimulatedPia:
 def test_a_hyperion_shaped_plan_triggers_zocalo_reads_the_result_and_moves_there(RE, loop, unique):
     transport, q = loop
     transport.declare_queue("processing_recipe")
-    a, messages = scan(unique)
-    b = CASE_3D["grids"][1]
-    xy, xz = (zx.GridInfo.from_ispyb(g["gridinfo"]) for g in CASE_3D["grids"])
+    a, b, messages = scan(unique)
+    xy, xz = (zx.GridInfo.from_ispyb(g["gridinfo"]) for g in (a, b))
     pia = SimulatedPia(transport, q, messages, [a["dcid"], b["dcid"]])
     zocalo = device(transport, unique)
     callback = ZocaloCallback("do_fgs", connection=transport, results=zocalo,

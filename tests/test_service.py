@@ -40,6 +40,14 @@ def bodies(grid, others, beamline, **parameters):
             for k, n in enumerate(grid["counts"], 1)]
 
 
+def scan(beamline, shift=0):
+    """The two grids of the 3D example, as a scan with DCIDs of its own
+    (shifted by ``shift``), and every image of both, as PIA sends them."""
+    a, b = ({**g, "dcid": g["dcid"] + shift} for g in CASE_3D["grids"])
+    return a, b, bodies(a, [b["dcid"]], beamline, sample_id=CASE_3D["sample_id"]) + \
+        bodies(b, [a["dcid"]], beamline, sample_id=CASE_3D["sample_id"])
+
+
 @pytest.fixture
 def setup(transport, unique):
     """The service's queue (dead-lettering to dlq.), the results queue, the abort queue."""
@@ -77,9 +85,7 @@ def abort_messages(transport, name, n, timeout=10):
 
 def test_a_3d_scan_out_of_order_with_duplicates(setup):
     transport, q, unique, service, zocalo = setup
-    a, b = CASE_3D["grids"]
-    messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-        bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+    a, b, messages = scan(unique)
     random.Random(3).shuffle(messages)
     publish(transport, q, messages[:100] + messages[:20] + messages[100:])  # 20 redelivered
     results = zocalo.trigger(dcids=[a["dcid"], b["dcid"]], dcgid=77)
@@ -168,9 +174,7 @@ def test_a_stopped_service_hands_its_scan_to_the_next(transport, unique):
     zocalo = zx.ZocaloResults(transport, beamline=unique, timeout_s=20, source=zx.Source.GPU)
     zocalo.subscribe()
     try:
-        a, b = CASE_3D["grids"]
-        messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-            bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+        a, b, messages = scan(unique)
         publish(transport, q, messages[:300])
         assert eventually(lambda: sum(len(h.deliveries) for h in first.open.values()) == 300)
         first.stop()
@@ -201,10 +205,8 @@ def test_shards_share_the_scans_and_never_split_one(transport, unique):
     try:
         scans = []
         for k in range(9):
-            a, b = ({**g, "dcid": g["dcid"] + 10 * k} for g in CASE_3D["grids"])
+            a, b, messages = scan(unique, shift=10 * k)
             scans.append(a["dcid"])
-            messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-                bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
             random.Random(k).shuffle(messages)
             publish(transport, q, messages)
         publish(transport, q, [b"{not json"])
@@ -239,9 +241,7 @@ def test_the_broker_dropping_the_connection_mid_scan_costs_nothing(rabbit, uniqu
     transport.declare_results_queue(f"xrc.{unique}")
     service = XrcService(transport, q).start()
     try:
-        a, b = CASE_3D["grids"]
-        messages = bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-            bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
+        a, b, messages = scan(unique)
         publish(transport, q, messages[:300])
         assert eventually(lambda: sum(len(h.deliveries) for h in service.open.values()) == 300)
         rabbit.close_all_connections()

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 import zocalo_xrc as zx
 from rabbitmq import free_port, zocalo_config
-from test_service import HEADERS, bodies, publish
+from test_service import bodies, publish
 from test_service_assembly import CASE_2D
 from test_transport import eventually
 from zocalo_xrc.messaging.inprocess import InProcessBroker

@@ -12,8 +12,8 @@ import time
 import pytest
 
 import zocalo_xrc as zx
-from test_service import HEADERS, bodies
-from test_service_assembly import CASE_3D, direct_3d
+from test_service import HEADERS, scan
+from test_service_assembly import direct_3d
 from test_transport import eventually
 from zocalo_xrc.messaging import QueueSpec
 from zocalo_xrc.messaging.rabbitmq import AmqpTransport
@@ -53,13 +53,6 @@ def rabbitmq(rabbit, unique):
     for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
         t.delete_queue(name)
     t.close()
-
-
-def scan(unique, shift=0):
-    """The two grids of the 3D example, as a scan with DCIDs of its own."""
-    a, b = ({**g, "dcid": g["dcid"] + shift} for g in CASE_3D["grids"])
-    return a, b, bodies(a, [b["dcid"]], unique, sample_id=CASE_3D["sample_id"]) + \
-        bodies(b, [a["dcid"]], unique, sample_id=CASE_3D["sample_id"])
 
 
 def each_result_once(t, results, n):
