@@ -723,7 +723,7 @@ class _AmqpSubscription(Subscription):
 
     def settle(self, epoch: int, tag: int, requeue: bool | None) -> None:
         def run() -> None:
-            if epoch != self.epoch or tag not in self.outstanding:
+            if epoch != self.epoch or tag not in self.outstanding or not self.channel.is_open:
                 log.debug("delivery %s is from a lost channel: the broker delivers it again", tag)
                 return
             self.outstanding.discard(tag)
