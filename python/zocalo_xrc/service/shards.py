@@ -30,7 +30,6 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from .._native import pia_fields
 from ..messaging import Delivery, Outgoing, Transport
 from ..messaging.base import shard_exchange, shard_queue
 from .assembly import GroupRejected, MessageRejected, PiaMessage
@@ -50,9 +49,6 @@ BATCH = 4096
 def group_key(body: bytes) -> str:
     """The routing key of a message's group: its DCIDs, ascending, joined by
     dots; ``""`` for a message with no readable group."""
-    fields = pia_fields(body)
-    if fields is not None:
-        return ".".join(map(str, fields[1]))
     try:
         return ".".join(map(str, PiaMessage.parse(body).group_dcids))
     except GroupRejected:
