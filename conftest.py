@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 import rabbitmq  # noqa: E402
+from mariadb import mariadb_url  # noqa: E402,F401 (a private MariaDB server per session)
 
 
 @pytest.fixture(scope="session")
