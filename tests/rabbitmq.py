@@ -97,6 +97,12 @@ class RabbitMQ:
             self.ctl("add_user", user, password)
             self.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
 
+    def vhost(self, name: str) -> str:
+        """A vhost of its own (guest may use it): the URL to reach it."""
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "test: the broker drops every connection")
 

@@ -190,7 +190,13 @@ class XRayCentering(CommonService):
     def initializing(self) -> None:
         # with the frontend's metrics option, the frontend serves prometheus-client's registry: count into it
         metrics = ServiceMetrics() if self._environment.get("metrics") else None
-        self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=self.idle_s, metrics=metrics)
+        # in a local Zocalo, its configuration sets the idle time and names the logbook
+        from ..local import logbook
+        from ..local.settings import Settings
+
+        idle_s = Settings.of(self.config).idle_s or self.idle_s
+        logbook.attach(self)
+        self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=idle_s, metrics=metrics)
         self.xrc.start()
         threading.Thread(target=self._end_with_the_frontend, args=(os.getppid(),), daemon=True,
                          name="X-ray centring: frontend watch").start()

@@ -1,0 +1,83 @@
+"""Mimas: decides which processing runs for a data collection.
+
+The beamline sends ``{"recipes": ["mimas"], "parameters": {"ispyb_dcid": N,
+"event": "start"|"end", ...}}``; the dispatcher fills in what ISPyB knows of
+the collection and hands it to this service on the ``mimas`` queue. For a
+grid scan (ISPyB has its grid), Mimas asks the dispatcher for
+
+* GPU per-image analysis at ``start`` (it follows the detector as it
+  writes; results carry ``"gpu": true``), and
+* CPU per-image analysis at ``end`` (the data is all written),
+
+each feeding X-ray centring, so each yields one result per scan. Which of the
+two run is the ``zocalo_xrc.pia`` setting (``gpu``, ``cpu`` or both). Other
+collections need nothing here, and say so in the log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Mapping
+
+import workflows.recipe
+from workflows.services.common_service import CommonService
+
+from . import logbook
+from .settings import Settings
+
+GPU_RECIPE = "per-image-analysis-gridscan-gpu"
+CPU_RECIPE = "per-image-analysis-gridscan"
+#: what the beamline's start message says about the frames, passed on to per-image analysis
+FRAME_KEYS = ("filename", "start_frame_index", "number_of_frames", "message_index")
+
+
+def given(value: Any) -> Any:
+    """A recipe parameter the dispatcher could not fill stays ``"{name}"``: None."""
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return None
+    return value
+
+
+def decide(parameters: Mapping[str, Any], pia: frozenset[str]) -> tuple[list[dict[str, Any]], str]:
+    """The dispatcher requests for one Mimas step, and why (for the log)."""
+    event, dcid = given(parameters.get("event")), given(parameters.get("dcid"))
+    if dcid is None:
+        return [], "no DCID: nothing to run"
+    if not isinstance(given(parameters.get("gridinfo")), Mapping) or not parameters["gridinfo"]:
+        kind = given(parameters.get("experiment_type")) or "unknown"
+        return [], f"DCID {dcid} ({kind}) is not a grid scan: nothing to run"
+    wanted = {"start": ("gpu", GPU_RECIPE), "end": ("cpu", CPU_RECIPE)}.get(event)
+    if wanted is None:
+        return [], f"DCID {dcid}: unknown event {event!r}: nothing to run"
+    kind, recipe = wanted
+    if kind not in pia:
+        return [], f"DCID {dcid} {event}: {kind.upper()} per-image analysis is off here"
+    request: dict[str, Any] = {"ispyb_dcid": int(dcid), "guid": str(uuid.uuid4())}
+    if given(parameters.get("guid")):
+        request["parent_guid"] = parameters["guid"]
+    for key in FRAME_KEYS:
+        if given(parameters.get(key)) is not None:
+            request[key] = parameters[key]
+    return [{"recipes": [recipe], "parameters": request}], f"DCID {dcid} {event}: {recipe} as {request['guid']}"
+
+
+class Mimas(CommonService):
+    """The ``mimas`` queue's service for the local Zocalo."""
+
+    _service_name = "Mimas (zocalo-xrc)"
+    _logger_name = "zocalo_xrc.local.mimas"
+
+    def initializing(self) -> None:
+        self.settings = Settings.of(self.config)
+        logbook.attach(self)
+        workflows.recipe.wrap_subscribe(self._transport, "mimas", self.on_step, acknowledgement=True,
+                                        log_extender=self.extend_log)
+
+    def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
+        requests, why = decide(rw.recipe_step.get("parameters") or {}, self.settings.pia)
+        txn = self._transport.transaction_begin(subscription_id=header["subscription"])
+        self._transport.ack(header, transaction=txn)
+        for request in requests:
+            self._transport.send("processing_recipe", request, transaction=txn)
+        self._transport.transaction_commit(txn)
+        self.log.info("Mimas: %s", why)

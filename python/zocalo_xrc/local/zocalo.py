@@ -1,0 +1,341 @@
+"""Local Zocalo: the whole loop from trigger to result, on one machine.
+
+::
+
+    beamline --processing_recipe--> Dispatcher (zocalo's, ISPyB filters) --> Mimas
+    Mimas --processing_recipe--> Dispatcher --> per-image analysis (simulated, GPU at start / CPU at end)
+      --> X-ray centring (this project's service) --results exchange, xrc.<beamline>--> beamline
+
+Every part is a ``workflows`` service configured by one zocalo configuration
+(environment ``local``): recipe directory, logbook, the local settings and,
+on RabbitMQ, the broker. :class:`LocalZocalo` runs them
+
+* in threads of this process, on the in-process broker (the default) or on
+  RabbitMQ, each through its own workflows transport; or
+* as separate ``zocalo.service -s NAME -e local`` processes on RabbitMQ
+  (``processes=True``; what ``zocalo-xrc local up`` does), restarted if they die.
+
+ISPyB is the ``ispyb`` package's schema on SQLite (the default, a file in the
+state directory) or any SQLAlchemy URL (MariaDB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..messaging import ConnectionSettings, InProcessBroker, Transport, TransportError
+from ..messaging.config import looks_like_url
+from . import ispyb
+from .logbook import Logbook
+from .scan import Scan
+from .settings import Settings
+
+log = logging.getLogger("zocalo_xrc.local")
+
+ENVIRONMENT = "local"
+#: queues the services listen on, declared as Diamond's deployment declares them
+PLAIN_QUEUES = ("processing_recipe", "mimas", "per_image_analysis", "per_image_analysis.gpu", "xrc.abort")
+WORK_QUEUES = ("reduce.xray_centering", "reduce.xray_centering.gpu")
+
+
+def recipe_directory() -> Path:
+    """The recipes shipped in the package (``mimas``, per-image analysis of grid scans)."""
+    return Path(str(resources.files("zocalo_xrc.local") / "recipes"))
+
+
+def default_scan() -> Path:
+    """The demo's scan: a model of two crystals on a 60 x 30 + 60 x 30 grid."""
+    return Path(str(resources.files("zocalo_xrc.local") / "scans" / "crystals3d.json"))
+
+
+class BrokerInUseError(TransportError):
+    """The broker already has a Zocalo: a second would take its messages."""
+
+
+def default_state_directory() -> Path:
+    """Where ``zocalo-xrc local`` keeps ISPyB, the scans' data and the logbook
+    unless told: ``$XDG_STATE_HOME/zocalo-xrc`` (``~/.local/state/zocalo-xrc``)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "zocalo-xrc"
+
+
+def services(settings: Settings) -> list[str]:
+    """The workflows services (entry point names) a local Zocalo runs."""
+    names = ["Dispatcher", "Mimas"]
+    if "gpu" in settings.pia:
+        names += ["PerImageAnalysisGPU", "XRayCenteringGPU"]
+    if "cpu" in settings.pia:
+        names += ["PerImageAnalysis", "XRayCentering"]
+    return names
+
+
+def service_class(name: str) -> type:
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group="workflows.services") if e.name == name]
+    if not found:
+        raise LookupError(f"no workflows service {name!r} is installed")
+    return found[0].load()
+
+
+@dataclass(frozen=True)
+class StateDirectory:
+    """The files of one local Zocalo: ISPyB (SQLite), scan data, logbook, configuration."""
+
+    path: Path
+
+    @property
+    def ispyb_url(self) -> str:
+        return f"sqlite:///{self.path / 'ispyb.sqlite'}"
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def logbook(self) -> Path:
+        return self.path / "logbook"
+
+    @property
+    def zocalo_config(self) -> Path:
+        return self.path / "zocalo.yaml"
+
+
+def zocalo_config_text(state: StateDirectory, settings: Settings, broker: ConnectionSettings | None) -> str:
+    """The zocalo configuration (YAML) of a local Zocalo: environment ``local``."""
+    import json
+
+    storage = {"plugin": "storage", "zocalo.recipe_directory": str(recipe_directory()),
+               "zocalo.dispatcher.logbook_location": str(state.logbook), **settings.storage()}
+    blocks: dict[str, Any] = {"storage": storage}
+    if broker is not None:
+        blocks["rabbitmq"] = {"plugin": "pika", "host": broker.host, "port": broker.port,
+                              "username": broker.username, "password": broker.password.reveal(),
+                              "vhost": broker.vhost}
+    lines = ["version: 1"]  # JSON values are YAML: no quoting rules of our own
+    for name, block in blocks.items():
+        lines.append(f"{name}:")
+        lines += [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in block.items()]
+    lines += ["environments:", f"  {ENVIRONMENT}: {json.dumps(list(blocks))}"]
+    return "\n".join(lines) + "\n"
+
+
+class LocalZocalo:
+    """The local Zocalo's services, ISPyB and logbook; a context manager.
+
+    ``broker``: None for the in-process broker (this process's embedded one,
+    so that ``connection="in-process"`` clients reach it), or an amqp:// URL.
+    ``ispyb``: a SQLAlchemy URL; None for SQLite in the state directory.
+    ``state``: a directory to keep; None for a temporary one.
+    """
+
+    def __init__(self, *, broker: str | None = None, ispyb_url: str | None = None, state: Path | str | None = None,
+                 settings: Settings = Settings(), processes: bool = False) -> None:
+        if processes and broker is None:
+            raise ValueError("separate service processes need a broker they can all reach: give an amqp:// URL")
+        if broker is not None and not looks_like_url(broker):
+            raise ValueError("broker: expected an amqp:// URL")
+        self.broker_settings = ConnectionSettings.from_url(broker) if broker is not None else None
+        self._temporary = state is None
+        self.state = StateDirectory(Path(tempfile.mkdtemp(prefix="zocalo-xrc-local-")) if state is None else Path(state))
+        self.ispyb_url = ispyb_url or self.state.ispyb_url
+        self.settings, self.processes = settings, processes
+        self.broker: InProcessBroker | None = None
+        self._threads: list[Any] = []
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.db = ispyb.Ispyb(self.ispyb_url)  # a bad URL is an error now, before anything starts
+
+    @property
+    def where(self) -> str:
+        """The broker, without its password."""
+        return self.broker_settings.url() if self.broker_settings else "the in-process broker"
+
+    def __repr__(self) -> str:
+        return f"LocalZocalo({self.where}, state={str(self.state.path)!r})"
+
+    def describe(self) -> str:
+        """One line: broker, ISPyB, what runs and where the state is (no passwords)."""
+        kept = "temporary" if self._temporary else str(self.state.path)
+        run = "processes" if self.processes else "threads of this process"
+        return (f"{self.where}, ISPyB {self.db.url}, per-image analysis "
+                f"{'+'.join(sorted(self.settings.pia)).upper()} at {self.settings.frame_rate:g} frames/s, "
+                f"services as {run}, state {kept}")
+
+    # lifecycle
+    def __enter__(self) -> LocalZocalo:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        for d in (self.state.path, self.state.data, self.state.logbook):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db.create_schema()
+        self._write_config()
+        with self.transport() as admin:
+            if admin.queue_exists("processing_recipe") and admin.consumer_count("processing_recipe"):
+                raise BrokerInUseError(
+                    f"processing_recipe on {self.where} already has a consumer: a Zocalo (a dispatcher) is running "
+                    "there, and a second would take its messages; use a broker (or vhost) of your own")
+            for name in PLAIN_QUEUES:
+                admin.declare_queue(name)
+            for name in WORK_QUEUES:
+                admin.declare_work_queue(name)
+        try:
+            if self.processes:
+                self._start_processes(timeout)
+            else:
+                self._start_threads(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("local Zocalo up: %s", self)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for thread in reversed(self._threads):
+            thread.stop()
+        self._threads.clear()
+        for child in self._children.values():
+            child.terminate()
+        for name, child in self._children.items():
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 10 s; killing it", name)
+                child.kill()
+        self._children.clear()
+        self.db.close()
+        if not self.processes:
+            ispyb.configure(None)
+        if self._temporary:
+            shutil.rmtree(self.state.path, ignore_errors=True)
+
+    def _write_config(self) -> None:
+        text = zocalo_config_text(self.state, self.settings, self.broker_settings)
+        path = self.state.zocalo_config
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold the broker's password
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    def _configuration(self) -> Any:
+        import zocalo.configuration
+
+        config = zocalo.configuration.from_file(str(self.state.zocalo_config))
+        config.activate_environment(ENVIRONMENT)
+        return config
+
+    def _start_threads(self, timeout: float) -> None:
+        from ..messaging.workflows_inprocess import InProcessWorkflowsTransport
+        from .host import ServiceThread
+
+        ispyb.configure(self.ispyb_url)  # for the dispatcher's ISPyB filters in this process
+        config = self._configuration()
+        if self.broker_settings is None:
+            from ..messaging import embedded_broker
+
+            self.broker = embedded_broker()
+        for name in services(self.settings):
+            if self.broker is not None:
+                transport: Any = InProcessWorkflowsTransport(self.broker)
+            else:
+                from workflows.transport.pika_transport import PikaTransport
+
+                transport = PikaTransport()  # the configuration's pika plugin set where it connects
+            thread = ServiceThread(service_class(name), transport, environment={"config": config}, name=name)
+            thread.start(timeout)
+            self._threads.append(thread)
+
+    def _start_processes(self, timeout: float) -> None:
+        for name in services(self.settings):
+            self._children[name] = self._spawn(name)
+        self._supervisor = threading.Thread(target=self._supervise, name="local Zocalo supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        command = Path(sys.executable).with_name("zocalo.service")
+        env = dict(os.environ, ZOCALO_CONFIG=str(self.state.zocalo_config), ZOCALO_XRC_ISPYB=self.ispyb_url)
+        log.info("starting %s: zocalo.service -s %s -e %s", name, name, ENVIRONMENT)
+        return subprocess.Popen([str(command), "-s", name, "-e", ENVIRONMENT], env=env)
+
+    def _supervise(self) -> None:
+        """A service process that dies is reported and started again."""
+        while not self._stopping.wait(1.0):
+            for name, child in list(self._children.items()):
+                if child.poll() is not None and not self._stopping.is_set():
+                    log.error("%s exited with status %s; starting it again", name, child.returncode)
+                    self._children[name] = self._spawn(name)
+
+    # for clients
+    def transport(self) -> Transport:
+        """A transport of this project's own faces to the local Zocalo's broker
+        (for ``ZocaloTrigger``/``ZocaloResults``, or declaring queues)."""
+        if self.broker_settings is None:
+            from ..messaging import InProcessTransport, embedded_broker
+
+            return InProcessTransport(embedded_broker())
+        from ..messaging.rabbitmq import AmqpTransport
+
+        return AmqpTransport(self.broker_settings)
+
+    @property
+    def connection(self) -> str:
+        """What a client gives as ``connection=`` to reach this local Zocalo."""
+        if self.broker_settings is None:
+            return "in-process"
+        raise AttributeError("on RabbitMQ, clients connect with the broker's URL")
+
+    def add_scan(self, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
+        """Register a simulated grid scan in ISPyB: its data (the scan file,
+        standing in for the detector's) goes to the state directory."""
+        with self.transport() as admin:  # where Diamond's deployment keeps results for the beamline
+            admin.declare_results_queue(f"xrc.{scan.beamline}")
+        return register_scan(self.db, self.state, scan, name)
+
+    def per_image_analysis(self) -> list[Any]:
+        """The running per-image analysis services (in-process only): their ``progress``."""
+        return [t.service for t in self._threads if hasattr(t.service, "progress")]
+
+    @property
+    def logbook(self) -> Logbook:
+        return Logbook(self.state.logbook)
+
+
+def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
+    """Write a scan's data file and register the scan in ISPyB."""
+    import json
+
+    state.data.mkdir(parents=True, exist_ok=True)
+    filename = name or f"scan_{uuid.uuid4().hex[:8]}"
+    template = f"{filename}.json"
+    (state.data / template).write_text(json.dumps(scan.to_dict()) + "\n")
+    return db.add_scan(beamline=scan.beamline, grids=[g.to_ispyb() for g in scan.grids],
+                       experiment_type=scan.experiment_type, sample_id=scan.sample_id,
+                       image_directory=str(state.data), file_template=template)
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
+__all__: Sequence[str] = ["LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "services"]
