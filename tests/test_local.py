@@ -173,3 +173,52 @@ def test_the_logbook_shows_every_message_of_a_run(local):
                   for run in local.logbook.run(x["guid"]) if "gpu" in (x["what"] or "").lower()]
     results = {(e["guid"], e["t"]) for run in everything for e in run.entries if e.get("exchange") == "results"}
     assert len(results) == 1
+
+
+def test_local_up_runs_each_service_as_a_zocalo_service_process(rabbit, mariadb_url, tmp_path):
+    """``zocalo-xrc local up``: zocalo.service processes on RabbitMQ, one per
+    service; a scan registered with ``local add-scan`` by another process and
+    triggered by a client gets its result; a killed service is started again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if not hasattr(rabbit, "vhost"):
+        pytest.skip("an external broker: no vhost of our own")
+    url = rabbit.vhost(f"up-{uuid.uuid4().hex[:8]}")
+    state = tmp_path / "state"
+    common = ["--state", str(state), "--ispyb", mariadb_url]
+    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, *common,
+                           "--frame-rate", "20000", "--pia", "gpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        assert "local Zocalo up" in up.stdout.readline()
+        added = subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "add-scan", str(EXAMPLES / "scan3d.json"),
+                                "--json", *common], capture_output=True, text=True, check=True)
+        registered = json.loads(added.stdout)
+        assert "password" not in added.stdout + added.stderr and url.split("@")[0] not in added.stdout
+        with ZocaloResults(url, private_queue=True, source=Source.GPU, timeout_s=60) as r:
+            r.subscribe()
+            t = ZocaloTrigger(url, timeout_s=10)
+            t.run_start(*(ZocaloStartInfo(s["parameters"]["ispyb_dcid"], registered["filename"],
+                                          s["parameters"]["start_frame_index"], s["parameters"]["number_of_frames"],
+                                          s["parameters"]["message_index"]) for s in registered["starts"]))
+            t.run_end(*registered["dcids"])
+            got = r.trigger(dcids=registered["dcids"], dcgid=registered["dcgid"])
+        assert got.to_dicts() == expected(Scan.load(EXAMPLES / "scan3d.json")).to_dicts()
+        listing = subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "logbook", "--state", str(state),
+                                  "--dcid", str(registered["dcids"][0])], capture_output=True, text=True, check=True)
+        assert "Mimas" in listing.stdout
+        guid = listing.stdout.split()[0]
+        book = subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "logbook", guid, "--state", str(state)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "per-image message(s)" in book and "dispatcher's record" in book
+    finally:
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not [line for line in subprocess.run(["pgrep", "-af", str(state)], capture_output=True, text=True).stdout
+                .splitlines() if "pgrep" not in line]  # every service process is gone
+    del os

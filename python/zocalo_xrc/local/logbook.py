@@ -113,6 +113,8 @@ def describe(message: Any) -> dict[str, Any] | None:
         if "dcid" in parameters:
             entry["dcid"] = parameters["dcid"]
         entry["payload"] = _abridged(message.get("payload"))
+        if not message.get("recipe-path") and parameters:  # a run's first step: what it was asked to do
+            entry["parameters"] = _abridged(parameters)
         return entry if entry["guid"] else None
     parameters = message.get("parameters")
     if isinstance(parameters, Mapping) and "recipes" in message:  # a request to the dispatcher
@@ -204,17 +206,25 @@ def format_run(runs: list[Run], *, every_image: bool = False) -> str:
         if run.dispatch:
             lines.append(f"  dispatcher's record: {run.dispatch}")
         images: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        shown: list[Any] = []  # lines, or the key of a group of per-image messages, in time order
         for e in run.entries:
             payload = e.get("payload")
             if isinstance(payload, Mapping) and "file-number" in payload and not every_image:
-                images.setdefault((e["service"], e["dir"]), []).append(e)
+                key = (e["service"], e["dir"])
+                if key not in images:
+                    shown.append(key)
+                images.setdefault(key, []).append(e)
+            else:
+                shown.append(_line(e))
+        for item in shown:
+            if isinstance(item, str):
+                lines.append(item)
                 continue
-            lines.append(_line(e))
-        for (service, direction), group in images.items():
+            group = images[item]
             first, last = group[0], group[-1]
-            lines.append(f"  {_clock(first['t'])}..{_clock(last['t'])} {service} {direction} "
-                         f"{len(group)} per-image message(s) ({'to' if direction == 'out' else 'from'} "
-                         f"{first['queue']}; --every-image lists them)")
+            lines.append(f"  {_clock(first['t'])}..{_clock(last['t'])} {first['service']} "
+                         f"{'->' if first['dir'] == 'out' else '<-'} {first['queue']}: {len(group)} per-image "
+                         f"message(s) (--every-image lists them)")
     return "\n".join(lines)
 
 
@@ -222,7 +232,9 @@ def _line(e: Mapping[str, Any]) -> str:
     where = f"{e.get('exchange')}/{e['queue']}" if e.get("exchange") else e["queue"]
     step = f" step {e['step']} ({e.get('step_service')})" if "step" in e else ""
     arrow = "->" if e["dir"] == "out" else "<-"
-    return f"  {_clock(e['t'])} {e['service']} {arrow} {where}{step}: {json.dumps(e.get('payload'), default=str)}"
+    said = e.get("parameters") if e.get("payload") in ([], {}, None) and "parameters" in e else e.get("payload")
+    text = said if isinstance(said, str) else json.dumps(said, default=str)
+    return f"  {_clock(e['t'])} {e['service']} {arrow} {where}{step}: {text}"
 
 
 def _clock(t: float) -> str:

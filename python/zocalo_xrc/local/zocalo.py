@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,11 @@ from .settings import Settings
 log = logging.getLogger("zocalo_xrc.local")
 
 ENVIRONMENT = "local"
-#: queues the services listen on, declared as Diamond's deployment declares them
-PLAIN_QUEUES = ("processing_recipe", "mimas", "per_image_analysis", "per_image_analysis.gpu", "xrc.abort")
-WORK_QUEUES = ("reduce.xray_centering", "reduce.xray_centering.gpu")
+#: queues the services listen on (and the abort step's)
+SERVICE_QUEUES = ("processing_recipe", "mimas", "per_image_analysis", "per_image_analysis.gpu",
+                  "reduce.xray_centering", "reduce.xray_centering.gpu", "xrc.abort")
+#: broadcasts every workflows frontend uses: commands in, status out
+BROADCASTS = ("command", "transient.status")
 
 
 def recipe_directory() -> Path:
@@ -193,10 +196,13 @@ class LocalZocalo:
                 raise BrokerInUseError(
                     f"processing_recipe on {self.where} already has a consumer: a Zocalo (a dispatcher) is running "
                     "there, and a second would take its messages; use a broker (or vhost) of your own")
-            for name in PLAIN_QUEUES:
-                admin.declare_queue(name)
-            for name in WORK_QUEUES:
-                admin.declare_work_queue(name)
+            # as zocalo.configure_rabbitmq sets Diamond's up: every service's queue a quorum queue with a
+            # delivery limit, dead-lettering to dlq.<queue> (one already there is left as it is)
+            for name in SERVICE_QUEUES:
+                if not admin.queue_exists(name):
+                    admin.declare_work_queue(name)
+            for name in BROADCASTS:
+                admin.declare_broadcast(name)
         try:
             if self.processes:
                 self._start_processes(timeout)
@@ -212,14 +218,16 @@ class LocalZocalo:
         for thread in reversed(self._threads):
             thread.stop()
         self._threads.clear()
+        # a workflows frontend killed alone leaves its service process running: stop each one's process group
         for child in self._children.values():
-            child.terminate()
+            _signal_group(child, signal.SIGTERM)
         for name, child in self._children.items():
             try:
                 child.wait(10)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in 10 s; killing it", name)
-                child.kill()
+                _signal_group(child, signal.SIGKILL)
+                child.wait()
         self._children.clear()
         self.db.close()
         if not self.processes:
@@ -272,7 +280,7 @@ class LocalZocalo:
         command = Path(sys.executable).with_name("zocalo.service")
         env = dict(os.environ, ZOCALO_CONFIG=str(self.state.zocalo_config), ZOCALO_XRC_ISPYB=self.ispyb_url)
         log.info("starting %s: zocalo.service -s %s -e %s", name, name, ENVIRONMENT)
-        return subprocess.Popen([str(command), "-s", name, "-e", ENVIRONMENT], env=env)
+        return subprocess.Popen([str(command), "-s", name, "-e", ENVIRONMENT], env=env, start_new_session=True)
 
     def _supervise(self) -> None:
         """A service process that dies is reported and started again."""
@@ -317,13 +325,20 @@ class LocalZocalo:
         return Logbook(self.state.logbook)
 
 
+def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
     """Write a scan's data file and register the scan in ISPyB."""
     import json
 
     state.data.mkdir(parents=True, exist_ok=True)
-    filename = name or f"scan_{uuid.uuid4().hex[:8]}"
-    template = f"{filename}.json"
+    filename = name or "scan"
+    template = f"{filename}_{uuid.uuid4().hex[:8]}.json"  # scans may share a detector file name
     (state.data / template).write_text(json.dumps(scan.to_dict()) + "\n")
     return db.add_scan(beamline=scan.beamline, grids=[g.to_ispyb() for g in scan.grids],
                        experiment_type=scan.experiment_type, sample_id=scan.sample_id,

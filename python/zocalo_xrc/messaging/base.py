@@ -211,6 +211,12 @@ class Transport(ABC):
         """Declare a plain durable queue (``processing_recipe``, say)."""
 
     @abstractmethod
+    def declare_broadcast(self, name: str) -> None:
+        """Declare a durable fanout exchange for broadcasts, as Zocalo's
+        deployment has ``command`` and ``transient.status`` (every workflows
+        frontend listens to the first and reports on the second)."""
+
+    @abstractmethod
     def queue_exists(self, name: str) -> bool: ...
 
     @abstractmethod

@@ -350,6 +350,9 @@ class InProcessTransport(Transport):
     def declare_queue(self, name: str) -> None:
         self.broker.declare_queue(name)
 
+    def declare_broadcast(self, name: str) -> None:
+        self.broker.declare_exchange(name)
+
     def declare_work_queue(self, name: str, dead_letters: str | None = None) -> None:
         dlq = self.broker.declare_queue(f"dlq.{dead_letters or name}")
         self.broker.declare_queue(name, dead_letter_to=dlq, single_active=True)

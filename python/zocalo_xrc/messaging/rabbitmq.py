@@ -463,6 +463,9 @@ class AmqpTransport(Transport):
     def declare_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_declare(name, durable=True))
 
+    def declare_broadcast(self, name: str) -> None:
+        self._admin(lambda ch: ch.exchange_declare(name, exchange_type="fanout", durable=True))
+
     @staticmethod
     def _declare_work_queue(ch: Any, name: str, dead_letters: str) -> None:
         ch.queue_declare(f"dlq.{dead_letters}", durable=True, arguments={"x-queue-type": "quorum"})

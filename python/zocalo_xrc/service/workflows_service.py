@@ -90,6 +90,9 @@ class WorkflowsTransport(Transport):
     def declare_queue(self, name: str) -> None:
         raise self._not_here(f"cannot declare {name}")
 
+    def declare_broadcast(self, name: str) -> None:
+        raise self._not_here(f"cannot declare {name}")
+
     def declare_shards(self, name: str, count: int) -> None:
         raise self._not_here(f"cannot declare the shards of {name}")
 
