@@ -97,11 +97,11 @@ class RabbitMQ:
             self.ctl("add_user", user, password)
             self.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
 
-    def vhost(self, name: str) -> str:
-        """A vhost of its own (guest may use it): the URL to reach it."""
+    def vhost(self, name: str, user: str = "guest", password: str = "guest") -> str:
+        """A vhost of its own (``user`` may use it): the URL to reach it."""
         self.ctl("add_vhost", name)
-        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+        self.ctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/{name}"
 
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "test: the broker drops every connection")

@@ -24,7 +24,9 @@ from zocalo_xrc.client import NoResultsFromZocaloError, Source
 from zocalo_xrc.geometry import GridGeometry
 from zocalo_xrc.local.scan import Scan
 from zocalo_xrc.local.settings import Settings
-from zocalo_xrc.local.zocalo import LocalZocalo, default_scan
+from zocalo_xrc.local.zocalo import default_scan
+
+from local_zocalo import running
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FAST = Settings(frame_rate=20000.0, idle_s=3.0)
@@ -32,15 +34,7 @@ FAST = Settings(frame_rate=20000.0, idle_s=3.0)
 
 @pytest.fixture(scope="module", params=["in-process+sqlite", "rabbitmq+mariadb"])
 def local(request):
-    if request.param == "in-process+sqlite":
-        with LocalZocalo(settings=FAST) as z:
-            yield z
-        return
-    rabbit = request.getfixturevalue("rabbit")
-    if not hasattr(rabbit, "vhost"):
-        pytest.skip("an external broker: no vhost of our own")
-    url = rabbit.vhost(f"local-{uuid.uuid4().hex[:8]}")
-    with LocalZocalo(broker=url, ispyb_url=request.getfixturevalue("mariadb_url"), settings=FAST) as z:
+    with running(request, request.param.split("+")[0], FAST, mariadb=request.param.endswith("mariadb")) as z:
         yield z
 
 
@@ -181,23 +175,41 @@ def test_local_up_runs_each_service_as_a_zocalo_service_process(rabbit, mariadb_
     triggered by a client gets its result; a killed service is started again."""
     import os
     import signal
+
+    import zocalo_xrc as zx
     import subprocess
     import sys
 
     if not hasattr(rabbit, "vhost"):
         pytest.skip("an external broker: no vhost of our own")
-    url = rabbit.vhost(f"up-{uuid.uuid4().hex[:8]}")
+    vhost = f"up-{uuid.uuid4().hex[:8]}"
+    url = rabbit.vhost(vhost)
     state = tmp_path / "state"
-    common = ["--state", str(state), "--ispyb", mariadb_url]
-    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, *common,
-                           "--frame-rate", "20000", "--pia", "gpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    config = tmp_path / "zocalo.yml"  # the broker by environment name: no password on the command line
+    config.write_text(f"version: 1\nr: {{plugin: pika, host: 127.0.0.1, port: {rabbit.port}, username: guest, "
+                      f"password: guest, vhost: {vhost}}}\nenvironments: {{lab: [r]}}\n")
+    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", "lab", "--state", str(state),
+                           "--ispyb", mariadb_url, "--frame-rate", "20000", "--pia", "gpu"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "ZOCALO_CONFIG": str(config)})
     try:
         assert "local Zocalo up" in up.stdout.readline()
+        # dodal's device consumes xrc.i03 and never declares it: the local Zocalo has
+        from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+        with AmqpTransport(zx.ConnectionSettings.from_url(url)) as admin:
+            assert admin.queue_exists("xrc.i03") and not admin.queue_exists("xrc.i04")
+            # registered from another directory, with a relative state directory and a scan on i04
+            i04 = tmp_path / "i04.json"
+            i04.write_text(json.dumps({**json.loads((EXAMPLES / "scan2d.json").read_text()), "beamline": "i04"}))
+            subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "add-scan", str(i04), "--state", "state",
+                            "--ispyb", mariadb_url], cwd=tmp_path, capture_output=True, text=True, check=True)
+            assert admin.queue_exists("xrc.i04")
         added = subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "add-scan", str(EXAMPLES / "scan3d.json"),
-                                "--json", *common], capture_output=True, text=True, check=True)
+                                "--json", "--state", "state", "--ispyb", mariadb_url], cwd=tmp_path,
+                               capture_output=True, text=True, check=True)
         registered = json.loads(added.stdout)
-        assert "password" not in added.stdout + added.stderr and url.split("@")[0] not in added.stdout
+        assert mariadb_url.split("@")[0] not in added.stdout + added.stderr
         with ZocaloResults(url, private_queue=True, source=Source.GPU, timeout_s=60) as r:
             r.subscribe()
             t = ZocaloTrigger(url, timeout_s=10)
@@ -206,6 +218,7 @@ def test_local_up_runs_each_service_as_a_zocalo_service_process(rabbit, mariadb_
                                           s["parameters"]["message_index"]) for s in registered["starts"]))
             t.run_end(*registered["dcids"])
             got = r.trigger(dcids=registered["dcids"], dcgid=registered["dcgid"])
+        r.transport.close()  # the process's connection to this test's own vhost
         assert got.to_dicts() == expected(Scan.load(EXAMPLES / "scan3d.json")).to_dicts()
         listing = subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "logbook", "--state", str(state),
                                   "--dcid", str(registered["dcids"][0])], capture_output=True, text=True, check=True)
@@ -221,4 +234,30 @@ def test_local_up_runs_each_service_as_a_zocalo_service_process(rabbit, mariadb_
     assert "Traceback" not in err, err[-3000:]
     assert not [line for line in subprocess.run(["pgrep", "-af", str(state)], capture_output=True, text=True).stdout
                 .splitlines() if "pgrep" not in line]  # every service process is gone
-    del os
+
+
+def test_the_journal_records_a_send_inside_a_transaction_once_it_commits(tmp_path):
+    from zocalo_xrc.local.logbook import Journal, Logbook
+    from zocalo_xrc.messaging import InProcessBroker
+    from zocalo_xrc.messaging.workflows_inprocess import InProcessWorkflowsTransport
+
+    broker = InProcessBroker()
+    broker.declare_queue("q")
+    transport = InProcessWorkflowsTransport(broker)
+    transport.add_middleware(Journal(tmp_path / "journal", "a service"))
+    transport.connect()
+
+    def request(guid):
+        return {"recipes": ["mimas"], "parameters": {"guid": guid, "ispyb_dcid": 1}}
+
+    txn = transport.transaction_begin()
+    transport.send("q", request("aborted"), transaction=txn)
+    transport.transaction_abort(txn)
+    txn = transport.transaction_begin()
+    transport.send("q", request("committed"), transaction=txn)
+    assert not list(Logbook(tmp_path).entries())  # not sent yet
+    transport.transaction_commit(txn)
+    transport.send("q", request("at once"))
+    assert [e["guid"] for e in Logbook(tmp_path).entries()] == ["committed", "at once"]
+    transport.disconnect()
+    broker.close()

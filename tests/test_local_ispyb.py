@@ -156,16 +156,21 @@ def test_gridinfo_falls_back_to_the_group_as_diamonds_lookup_does(db, unique):
     assert zx.GridInfo.from_ispyb(db.parameters(r.dcids[0])["ispyb_dc_info"]["gridinfo"]) == zx.GridInfo.from_ispyb(XY)
 
 
-def test_an_unknown_dcid_names_the_dcid_and_the_database(db):
+def test_an_unknown_dcid_names_the_dcid_and_the_database(db, caplog):
     with pytest.raises(li.UnknownDcidError) as e:
         db.parameters(987654321)
     assert isinstance(e.value, LookupError)
     assert "987654321" in str(e.value) and db.url in str(e.value)
+    # the filters: one warning line each, and the request goes on without ISPyB's values (Mimas then says
+    # there is nothing to run), not rejected into the dispatcher's requeue-until-dead-lettered loop
     li.configure(db.engine.url.render_as_string(hide_password=False))
-    with pytest.raises(LookupError, match="987654321"):
-        li.ispyb_dc_info({}, {"ispyb_dcid": 987654321})
-    with pytest.raises(LookupError, match="987654321"):
-        li.ispyb_dcg_dcids({}, {"ispyb_dcid": "987654321"})
+    with caplog.at_level(logging.WARNING, logger=li.__name__):
+        for f, dcid in ((li.ispyb_dc_info, 987654321), (li.ispyb_dcg_dcids, "987654321")):
+            message, parameters = {"recipes": ["mimas"]}, {"ispyb_dcid": dcid}
+            assert f(message, parameters) == (message, parameters)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("987654321" in w and db.url in w for w in warnings)
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def test_bad_scans_are_refused_naming_what_is_wrong(tmp_path):

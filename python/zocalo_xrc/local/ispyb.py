@@ -648,8 +648,9 @@ def ispyb_dc_info(message: dict[str, Any], parameters: dict[str, Any]) -> tuple[
     """Zocalo dispatcher filter: when the parameters name an ``ispyb_dcid``,
     add what ISPyB knows of it (every key of :meth:`Ispyb.parameters` but
     ``ispyb_dcg_dcids``). No ``ispyb_dcid``, or no database configured in
-    this process (a warning, once): the inputs unchanged. An unknown DCID
-    raises, and the dispatcher rejects the message."""
+    this process (a warning, once), or a DCID ISPyB does not hold (a
+    warning): the inputs unchanged. A DCID that is not a number raises, and
+    the dispatcher rejects the message."""
     found = _filter_lookup(parameters, info=True, group=False)
     return (message, parameters) if found is None else (message, {**parameters, **found})
 
@@ -674,7 +675,11 @@ def _filter_lookup(parameters: Mapping[str, Any], *, info: bool, group: bool) ->
         if warn:
             log.warning("ISPyB filters pass messages through unchanged: %s", e)
         return None
-    return database(url)._lookup(_dcid(parameters["ispyb_dcid"]), info=info, group=group)
+    try:
+        return database(url)._lookup(_dcid(parameters["ispyb_dcid"]), info=info, group=group)
+    except UnknownDcidError as e:  # a request for a collection ISPyB does not hold: says so, and goes on
+        log.warning("%s: the request goes on without ISPyB's values", e)
+        return None
 
 
 def _dcid(value: Any) -> int:

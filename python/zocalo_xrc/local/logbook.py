@@ -48,6 +48,7 @@ class Journal(BaseTransportMiddleware):
         self.service = service
         self._lock = threading.Lock()
         self._file = open(self.path, "a", buffering=1)  # a line at a time: readers see whole lines
+        self._pending: dict[Any, list[tuple[str, Any, str | None]]] = {}  # sends inside a transaction
 
     def close(self) -> None:
         with self._lock:
@@ -75,11 +76,33 @@ class Journal(BaseTransportMiddleware):
 
     def send(self, call_next: Callable[..., Any], destination: str, message: Any, **kwargs: Any) -> None:
         call_next(destination, message, **kwargs)
-        self.record("out", destination, message, kwargs.get("exchange"))
+        self._sent(destination, message, **kwargs)
 
     def raw_send(self, call_next: Callable[..., Any], destination: str, message: Any, **kwargs: Any) -> None:
         call_next(destination, message, **kwargs)
-        self.record("out", destination, message, kwargs.get("exchange"))
+        self._sent(destination, message, **kwargs)
+
+    def _sent(self, destination: str, message: Any, transaction: Any = None, exchange: str | None = None,
+              **_: Any) -> None:
+        """A send is in the journal once it has happened: inside a
+        transaction, when the transaction commits."""
+        if transaction is None:
+            self.record("out", destination, message, exchange)
+        else:
+            with self._lock:
+                self._pending.setdefault(transaction, []).append((destination, message, exchange))
+
+    def transaction_commit(self, call_next: Callable[..., Any], transaction_id: Any = None, **kwargs: Any) -> None:
+        with self._lock:
+            sends = self._pending.pop(transaction_id, [])
+        call_next(transaction_id, **kwargs)  # a commit that fails sent nothing: nothing to record
+        for destination, message, exchange in sends:
+            self.record("out", destination, message, exchange)
+
+    def transaction_abort(self, call_next: Callable[..., Any], transaction_id: Any = None, **kwargs: Any) -> None:
+        with self._lock:
+            self._pending.pop(transaction_id, None)
+        call_next(transaction_id, **kwargs)
 
 
 def attach(service: Any) -> Journal | None:
@@ -106,7 +129,8 @@ def describe(message: Any) -> dict[str, Any] | None:
         return None
     if "recipe" in message and "recipe-pointer" in message:  # a recipe envelope
         environment = message.get("environment") or {}
-        step = (message.get("recipe") or {}).get(str(message["recipe-pointer"])) or {}
+        recipe, pointer = message.get("recipe") or {}, message["recipe-pointer"]
+        step = recipe.get(str(pointer)) or recipe.get(pointer) or {}  # a workflows Recipe keys steps by int
         parameters = step.get("parameters") or {}
         entry: dict[str, Any] = {"guid": environment.get("ID"), "step": message["recipe-pointer"],
                                  "step_service": step.get("service")}

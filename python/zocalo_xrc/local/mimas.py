@@ -43,6 +43,8 @@ def decide(parameters: Mapping[str, Any], pia: frozenset[str]) -> tuple[list[dic
     event, dcid = given(parameters.get("event")), given(parameters.get("dcid"))
     if dcid is None:
         return [], "no DCID: nothing to run"
+    if given(parameters.get("gridinfo")) is None and given(parameters.get("experiment_type")) is None:
+        return [], f"DCID {dcid} is not in ISPyB (or the dispatcher has no ISPyB filter): nothing to run"
     if not isinstance(given(parameters.get("gridinfo")), Mapping) or not parameters["gridinfo"]:
         kind = given(parameters.get("experiment_type")) or "unknown"
         return [], f"DCID {dcid} ({kind}) is not a grid scan: nothing to run"

@@ -137,8 +137,8 @@ class PerImageAnalysis(CommonService):
             frames = Frames.for_step(rw.recipe_step.get("parameters") or {}, rate=self.settings.frame_rate,
                                      follow_detector=self.follows_detector)
         except StepError as e:
-            self.log.error("per-image analysis cannot run: %s; rejecting the step", e)
-            self._transport.nack(header)
+            self.log.error("per-image analysis cannot run: %s; dead-lettering the step", e)
+            self._transport.nack(header, requeue=False)  # it would fail the same way again
             return
         progress = self.progress[frames.dcid] = GridProgress(frames.dcid, len(frames.numbers))
         threading.Thread(target=self._play, args=(rw, header, frames, progress), daemon=True,

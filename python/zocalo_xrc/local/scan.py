@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -209,8 +209,3 @@ def _non_negative(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ScanFileError(f"{key}: expected a number >= 0, got {quoted(value)}")
     return float(value)
-
-
-def frames_in_order(counts: Sequence[int]) -> list[tuple[int, int]]:
-    """``(file-number, spots)`` for every image, 1-based, in acquisition order."""
-    return [(n, int(c)) for n, c in enumerate(counts, 1)]

@@ -29,14 +29,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..messaging import ConnectionSettings, InProcessBroker, Transport, TransportError
+from ..messaging import ConfigurationError, ConnectionSettings, InProcessBroker, Transport, TransportError
 from ..messaging.config import looks_like_url
 from . import ispyb
 from .logbook import Logbook
@@ -51,6 +50,8 @@ SERVICE_QUEUES = ("processing_recipe", "mimas", "per_image_analysis", "per_image
                   "reduce.xray_centering", "reduce.xray_centering.gpu", "xrc.abort")
 #: broadcasts every workflows frontend uses: commands in, status out
 BROADCASTS = ("command", "transient.status")
+#: the results queue beamline code expects to find (each registered scan's beamline gets its own too)
+DEFAULT_RESULTS_QUEUE = "xrc.i03"
 
 
 def recipe_directory() -> Path:
@@ -144,15 +145,17 @@ class LocalZocalo:
     ``state``: a directory to keep; None for a temporary one.
     """
 
-    def __init__(self, *, broker: str | None = None, ispyb_url: str | None = None, state: Path | str | None = None,
-                 settings: Settings = Settings(), processes: bool = False) -> None:
+    def __init__(self, *, broker: str | ConnectionSettings | None = None, ispyb_url: str | None = None,
+                 state: Path | str | None = None, settings: Settings = Settings(), processes: bool = False) -> None:
         if processes and broker is None:
             raise ValueError("separate service processes need a broker they can all reach: give an amqp:// URL")
-        if broker is not None and not looks_like_url(broker):
+        if isinstance(broker, str) and not looks_like_url(broker):
             raise ValueError("broker: expected an amqp:// URL")
-        self.broker_settings = ConnectionSettings.from_url(broker) if broker is not None else None
+        self.broker_settings = ConnectionSettings.from_url(broker) if isinstance(broker, str) else broker
         self._temporary = state is None
-        self.state = StateDirectory(Path(tempfile.mkdtemp(prefix="zocalo-xrc-local-")) if state is None else Path(state))
+        # absolute: services in other processes and directories find the scans' data by it
+        self.state = StateDirectory(Path(tempfile.mkdtemp(prefix="zocalo-xrc-local-")) if state is None
+                                    else Path(state).resolve())
         self.ispyb_url = ispyb_url or self.state.ispyb_url
         self.settings, self.processes = settings, processes
         self.broker: InProcessBroker | None = None
@@ -160,6 +163,8 @@ class LocalZocalo:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._client: Transport | None = None
         self.db = ispyb.Ispyb(self.ispyb_url)  # a bad URL is an error now, before anything starts
 
     @property
@@ -191,7 +196,7 @@ class LocalZocalo:
             d.mkdir(parents=True, exist_ok=True)
         self.db.create_schema()
         self._write_config()
-        with self.transport() as admin:
+        with self._connect() as admin:
             if admin.queue_exists("processing_recipe") and admin.consumer_count("processing_recipe"):
                 raise BrokerInUseError(
                     f"processing_recipe on {self.where} already has a consumer: a Zocalo (a dispatcher) is running "
@@ -203,6 +208,8 @@ class LocalZocalo:
                     admin.declare_work_queue(name)
             for name in BROADCASTS:
                 admin.declare_broadcast(name)
+            # results go to the results exchange; dodal's device consumes xrc.i03 and never declares it
+            admin.declare_results_queue(DEFAULT_RESULTS_QUEUE)
         try:
             if self.processes:
                 self._start_processes(timeout)
@@ -215,6 +222,10 @@ class LocalZocalo:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
         for thread in reversed(self._threads):
             thread.stop()
         self._threads.clear()
@@ -292,8 +303,15 @@ class LocalZocalo:
 
     # for clients
     def transport(self) -> Transport:
-        """A transport of this project's own faces to the local Zocalo's broker
-        (for ``ZocaloTrigger``/``ZocaloResults``, or declaring queues)."""
+        """This project's transport to the local Zocalo's broker, for
+        ``ZocaloTrigger``, ``ZocaloResults`` and the Bluesky device: one, made
+        on first use and closed when the local Zocalo stops."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self) -> Transport:
         if self.broker_settings is None:
             from ..messaging import InProcessTransport, embedded_broker
 
@@ -312,8 +330,7 @@ class LocalZocalo:
     def add_scan(self, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
         """Register a simulated grid scan in ISPyB: its data (the scan file,
         standing in for the detector's) goes to the state directory."""
-        with self.transport() as admin:  # where Diamond's deployment keeps results for the beamline
-            admin.declare_results_queue(f"xrc.{scan.beamline}")
+        self.transport().declare_results_queue(f"xrc.{scan.beamline}")  # as Diamond has it for every beamline
         return register_scan(self.db, self.state, scan, name)
 
     def per_image_analysis(self) -> list[Any]:
@@ -332,10 +349,27 @@ def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
         pass
 
 
+def prepare_results_queue(state: StateDirectory, beamline: str) -> None:
+    """Where a local Zocalo on RabbitMQ keeps its state (``local up``):
+    declare ``xrc.<beamline>`` on its broker, bound to ``results``, as
+    Diamond's deployment has it for every beamline. Nothing to do without one."""
+    if not state.zocalo_config.exists():
+        return
+    try:
+        settings = ConnectionSettings.from_zocalo_config(ENVIRONMENT, state.zocalo_config)
+    except ConfigurationError:
+        return  # an in-process local Zocalo's configuration: no broker outside it
+    from ..messaging.rabbitmq import AmqpTransport
+
+    with AmqpTransport(settings) as admin:
+        admin.declare_results_queue(f"xrc.{beamline}")
+
+
 def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
     """Write a scan's data file and register the scan in ISPyB."""
     import json
 
+    state = StateDirectory(state.path.resolve())  # ISPyB keeps where the data is for other processes
     state.data.mkdir(parents=True, exist_ok=True)
     filename = name or "scan"
     template = f"{filename}_{uuid.uuid4().hex[:8]}.json"  # scans may share a detector file name
@@ -345,12 +379,4 @@ def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str 
                        image_directory=str(state.data), file_template=template)
 
 
-def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
-__all__: Sequence[str] = ["LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "services"]
+__all__ = ["BrokerInUseError", "LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "services"]
