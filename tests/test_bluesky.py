@@ -302,20 +302,18 @@ def test_the_example_plan_runs_and_moves_to_the_best_crystal(where, request):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    broker = "in-process" if where == "in-process" else request.getfixturevalue("rabbit").url
-    out = subprocess.run([sys.executable, str(root / "examples" / "gridscan_plan.py"), "--broker", broker],
+    options = []
+    if where == "rabbitmq":
+        rabbit = request.getfixturevalue("rabbit")
+        if not hasattr(rabbit, "vhost"):
+            pytest.skip("an external broker: no vhost of our own")
+        options = ["--broker", rabbit.vhost(f"example-{time.monotonic_ns()}")]
+    out = subprocess.run([sys.executable, str(root / "examples" / "gridscan_plan.py"), *options],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     x, y, z = grid_geometry().to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
     assert f"moved to x {x:.4f} mm, y {y:.4f} mm, z {z:.4f} mm" in out.stdout, out.stdout
     assert out.stdout.startswith(f"{len(direct_3d())} crystal(s)")
-    if where == "rabbitmq":
-        from zocalo_xrc.messaging.rabbitmq import AmqpTransport
-        t = AmqpTransport(zx.ConnectionSettings.from_url(broker))
-        for name in ("reduce.xray_centering.gpu", "dlq.reduce.xray_centering.gpu", "xrc.example", "dlq.xrc.example",
-                     "xrc.example.abort"):
-            t.delete_queue(name)
-        t.close()
 
 
 @pytest.mark.parametrize("source, want", [("GPU", 2), ("CPU", 1), ("EITHER", 1)])

@@ -34,7 +34,7 @@ from .service.runner import IDLE_S, XrcService
 from .service.metrics import ServiceMetrics
 from .service.metrics import serve as serve_metrics
 from .service.shards import ShardedService
-from .messaging import TransportError
+from .messaging import ConnectionSettings, TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
 
@@ -47,13 +47,13 @@ EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 #: What each exit code means, and which commands can end with it.
 _MEANINGS = [
-    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service"),
-    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo"),
-    (EXIT_USAGE, "the command line is wrong", "centre demo service"),
-    (EXIT_BROKER, "the broker configuration is wrong, or the broker cannot be reached", "demo service"),
+    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service local"),
+    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo local"),
+    (EXIT_USAGE, "the command line is wrong", "centre demo service local"),
+    (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached", "demo service local"),
     (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
-    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service"),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service local"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service local"),
 ]
 
 
@@ -226,13 +226,16 @@ def check_plot_path(out: Path) -> None:
 
 
 def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], out: Path,
-         geometry: GridGeometry | None = None) -> None:
+         geometry: GridGeometry | None = None,
+         crystals: Sequence[tuple[Sequence[float], Sequence[float]]] = ()) -> None:
     """Heat maps of the grid(s) with each result's centre of mass and bounding
     box, ranked, and the best centre written on the figure: in mm (relative
-    to the centre of the first box) when ``geometry`` is known, else in boxes."""
+    to the centre of the first box) when ``geometry`` is known, else in boxes.
+    ``crystals``: where a model put crystals, ``(centre, size)`` in the same
+    frame, drawn as dashed outlines."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Ellipse, Patch, Rectangle
 
     results = list(result) if isinstance(result, XrcResults) else ([result] if result.ok else [])
     unit = "mm" if geometry is not None else "boxes"
@@ -262,6 +265,10 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
             ax.plot(c[0], c[j], "x", color=colour, ms=10, mew=2)
             ax.annotate(f"#{rank}", (hi[0], lo[j]), color="white", fontsize=8, ha="left", va="bottom")
             handles.append(Line2D([], [], color=colour, lw=1.5, label=f"#{rank}: max count {r.max_count:g}"))
+        for centre, size in crystals:
+            ax.add_patch(Ellipse((centre[0], centre[j]), size[0], size[j], fill=False, edgecolor="cyan", ls="--", lw=1))
+        if crystals:
+            handles.append(Line2D([], [], color="cyan", ls="--", label="crystal in the model"))
         if results:
             handles += [Line2D([], [], color="black", marker="x", ls="", label="centre of mass"),
                         Patch(fill=False, edgecolor="black", label="bounding box")]
@@ -310,16 +317,53 @@ def _parser() -> argparse.ArgumentParser:
                              "(any format matplotlib writes: .png, .pdf, .svg, ...; needs the [plot] extra)")
     _logging_options(centre, top=False)
     demo = _command(
-        commands, "demo", "trigger Zocalo for a 3D scan and wait for its results",
-        "Trigger Zocalo for a 3D grid scan (start and end of both grids), then wait for its X-ray centring results. "
-        "Zocalo's side is simulated in this process: it centres the file's counts and publishes the result as "
-        "Diamond's service does.")
-    demo.add_argument("file", type=Path, help="a 3D case file: its counts stand in for Zocalo's spot finding")
-    demo.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT", default="in-process", help=BROKER_HELP)
-    demo.add_argument("--beamline", default="i03", help="results come on xrc.BEAMLINE (default: %(default)s)")
-    demo.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
-                      help="how long to wait for the broker's confirms and for Zocalo's results (default: %(default)s)")
+        commands, "demo", "run one grid scan through a local Zocalo, from trigger to result",
+        "Start a local Zocalo (zocalo's dispatcher, Mimas, simulated per-image analysis, the X-ray centring "
+        "service, ISPyB), register a grid scan in ISPyB, trigger it as dodal does, and wait for its results: "
+        "prints the best crystal in boxes and mm and the time from the last frame to the result, and draws the "
+        "grids. In this process by default (in-process broker, SQLite); --broker and --ispyb run it on RabbitMQ "
+        "and MariaDB.")
+    demo.add_argument("file", type=Path, nargs="?", default=None,
+                      help="a scan file: recorded counts (examples/scan3d.json) or a crystal model "
+                           "(default: a modelled 3D scan of two crystals, 60 x 30 + 60 x 30)")
+    _local_options(demo)
+    demo.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                      help="how long to wait for Zocalo's results (default: %(default)s)")
+    demo.add_argument("--plot", type=Path, default=Path("demo.png"), metavar="OUT.png",
+                      help="where to draw the grids with the crystals found, in mm (default: %(default)s; "
+                           "needs the [plot] extra; 'none' for no picture)")
     _logging_options(demo, top=False)
+    local = _command(commands, "local", "run a local Zocalo for other clients, register scans, read its logbook",
+                     "A local Zocalo on one machine: 'up' runs its services as separate zocalo.service processes "
+                     "on RabbitMQ, 'add-scan' registers a simulated grid scan in its ISPyB, 'logbook' shows every "
+                     "message of a recipe run.")
+    actions = local.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = actions.add_parser("up", help="run the local Zocalo's services on RabbitMQ until stopped",
+                            description="Run zocalo's dispatcher, Mimas, simulated per-image analysis and the X-ray "
+                                        "centring service as zocalo.service processes on RabbitMQ, restarting any that "
+                                        "dies, until SIGTERM or Ctrl-C. Clients (dodal, Hyperion's tests, "
+                                        "ZocaloTrigger) trigger scans registered with 'add-scan'.")
+    _local_options(up, broker_required=True)
+    _logging_options(up, top=False)
+    add = actions.add_parser("add-scan", help="register a simulated grid scan in ISPyB",
+                             description="Register a grid scan (data collection group, data collections, GridInfo) "
+                                         "in the local Zocalo's ISPyB, with its data for simulated per-image analysis; "
+                                         "prints the DCIDs and the start messages to send.")
+    add.add_argument("file", type=Path, help="a scan file: recorded counts or a crystal model")
+    add.add_argument("--name", default=None, help="the detector file name the beamline sends (default: made up)")
+    add.add_argument("--json", action="store_true", help="print what was registered as JSON")
+    _state_options(add)
+    _logging_options(add, top=False)
+    book = actions.add_parser("logbook", help="every message of a recipe run (no GUID: list the runs)",
+                              description="Show every message of a recipe run and the runs it started, from the "
+                                          "dispatcher's logbook and the services' journals; without a GUID, list "
+                                          "the runs the logbook knows.")
+    book.add_argument("guid", nargs="?", default=None, help="a recipe run's GUID")
+    book.add_argument("--dcid", type=_count, default=None, help="only runs of this DCID (when listing)")
+    book.add_argument("--every-image", action="store_true", help="list per-image messages one by one")
+    book.add_argument("--state", type=Path, default=None, metavar="DIR",
+                      help="the local Zocalo's state directory (default: $XDG_STATE_HOME/zocalo-xrc)")
+    _logging_options(book, top=False)
     service = _command(
         commands, "service", "run the X-ray centring service: per-image spot counts in, results out",
         "Consume per-image analysis messages (recipe envelopes) from a queue, centre each grid scan once all its "
@@ -352,6 +396,42 @@ def _parser() -> argparse.ArgumentParser:
                          help="abandon a scan that gets no image for this long (default: %(default)s)")
     _logging_options(service, top=False)
     return parser
+
+
+def _state_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", type=Path, default=None, metavar="DIR",
+                        help="where ISPyB (SQLite), the scans' data and the logbook live "
+                             "(default: $XDG_STATE_HOME/zocalo-xrc; the demo: a temporary directory)")
+    parser.add_argument("--ispyb", default=None, metavar="URL",
+                        help="ISPyB as a SQLAlchemy URL, e.g. mysql+pymysql://user:password@127.0.0.1/ispyb "
+                             "(default: SQLite in the state directory)")
+
+
+def _local_options(parser: argparse.ArgumentParser, *, broker_required: bool = False) -> None:
+    if broker_required:
+        parser.add_argument("--broker", metavar="URL|ENVIRONMENT", required=True,
+                            help="RabbitMQ as amqp://user:password@host:port/vhost, or a zocalo environment of "
+                                 "$ZOCALO_CONFIG (keeps the password off the command line)")
+    else:
+        parser.add_argument("--broker", metavar="URL", default=None,
+                            help="RabbitMQ as amqp://user:password@host:port/vhost (default: the in-process broker)")
+    _state_options(parser)
+    parser.add_argument("--pia", default="gpu,cpu", metavar="gpu,cpu",
+                        help="which per-image analysis runs: GPU at start, CPU at end, or both (default: %(default)s)")
+    parser.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
+                        help="frames per second the simulated detector writes (default: %(default)s)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="abandon a scan whose images stop coming for this long (default: the service's, "
+                             f"{IDLE_S:g} s)")
+
+
+def _local_settings(args: argparse.Namespace) -> Any:
+    from .local.settings import Settings
+
+    try:
+        return Settings(pia=Settings.parse_pia(args.pia), frame_rate=args.frame_rate, idle_s=args.idle_timeout)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
 
 
 def _seconds(text: str) -> float:
@@ -396,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args)
     try:
-        return {"demo": run_demo, "service": run_service, "centre": run_centre}[args.command](args)
+        return {"demo": run_demo, "service": run_service, "centre": run_centre, "local": run_local}[args.command](args)
     except CliError as e:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
@@ -448,35 +528,175 @@ def run_centre(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from . import demo
-    from .messages import ResultPayloadError
-    from .client import NoResultsFromZocaloError
+def _scan(path: Path | None) -> Any:
+    from .local.scan import Scan
+    from .local.zocalo import default_scan
 
     try:
-        case = load_case(args.file)
-        if "grids" not in case:
-            raise CaseError(f"{args.file} is a 2D case; the demo needs a 3D case ({{\"grids\": [...]}})")
-        scans = scans_of(case)
+        return Scan.load(path if path is not None else default_scan())
     except (OSError, ValueError) as e:
-        _input_error(e, args.file)
+        _input_error(e, path or Path("(the default scan)"))
+
+
+def _local_errors(e: Exception) -> CliError:
+    """A local Zocalo's failure as one line: broker, database or files
+    (their messages never hold a password)."""
+    if isinstance(e, OSError) and not isinstance(e, TimeoutError):
+        return CliError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", EXIT_FILE)
+    return CliError(str(e) or type(e).__name__, EXIT_BROKER)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .client import NoResultsFromZocaloError
+    from .local.ispyb import IspybError
+
+    scan = _scan(args.file)
+    plot_to = None if str(args.plot).lower() == "none" else args.plot
+    if plot_to is not None:
+        check_plot_path(plot_to)
+    settings = _local_settings(args)
     try:
-        run = demo.Demo(case, scans, args.broker, beamline=args.beamline, name=args.file.stem)
-    except ConfigurationError as e:
-        raise CliError(str(e), EXIT_BROKER) from e
-    print(f"Triggering Zocalo for DCIDs {scans[0].dcid} and {scans[1].dcid} through {run.broker}", flush=True)
+        run = demo.Demo(scan, broker=args.broker, ispyb_url=args.ispyb, settings=settings,
+                        state=str(args.state) if args.state else None, name=(args.file.stem if args.file else "demo"))
+    except (ValueError, ConfigurationError) as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    print(f"Local Zocalo: {run.local.describe()}", flush=True)
     try:
-        results = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr))
-    except (demo.ZocaloFailed, NoResultsFromZocaloError, ResultPayloadError) as e:
+        outcomes = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr), announce=print)
+    except NoResultsFromZocaloError as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
-    except (TransportError, ConfigurationError, TimeoutError) as e:
-        raise CliError(str(e) or type(e).__name__, EXIT_BROKER) from e
-    print("Zocalo's results:")
-    xy, xz = scans
-    print(format_3d(results, (xy.grid.steps_x, xy.grid.steps_y, xz.grid.steps_y)))
-    if len(results):
-        position = geometry_of([xy.grid, xz.grid]).to_motor(results[0])
-        print("best crystal, relative to the first box (mm): x = {:.4f}, y = {:.4f}, z = {:.4f}".format(*position.centre_mm))
+    except (TransportError, ConfigurationError, IspybError, OSError, TimeoutError) as e:
+        raise _local_errors(e) from e
+    geometry = geometry_of(list(scan.grids))
+    for o in outcomes:
+        timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame" if o.after_last_frame_s is not None
+                  else f"{o.after_end_s * 1e3:.1f} ms after the end")
+        print(f"\n{o.source.value.upper()} results ({timing}):")
+        if isinstance(o.results, XrcResults):
+            xy, xz = scan.grids
+            print(format_3d(o.results, (xy.steps_x, xy.steps_y, xz.steps_y)))
+        else:
+            print("\n".join(format_2d(r) for r in o.results) or "  no crystal found")
+        best = list(o.results)[:1]
+        if best and (not isinstance(best[0], GridScan2DResult) or best[0].ok):
+            p = geometry.to_motor(best[0])
+            print("  best crystal, from the centre of the first box (mm): " +
+                  ", ".join(f"{n} = {v:.4f}" for n, v in zip("xyz", p.centre_mm)))
+    if plot_to is not None and outcomes and run.registered is not None:
+        shown = [(f"{'xy' if k == 0 else 'xz'} (DCID {d})", reshape_grid(scan.counts(k), g))
+                 for k, (d, g) in enumerate(zip(run.registered.dcids, scan.grids))]
+        first = outcomes[0].results
+        result = first if isinstance(first, XrcResults) else (first[0] if first else None)
+        if result is not None:  # the model's crystals, moved to the frame of the first box's centre
+            half = (0.5 * scan.grids[0].dx_mm, 0.5 * scan.grids[0].dy_mm, 0.5 * scan.grids[-1].dy_mm)
+            truth = [([c - h for c, h in zip(x.centre_mm, half)], x.size_mm) for x in scan.crystals]
+            plot(result, shown, plot_to, geometry, truth)
+            print(f"\nplot written to {plot_to}")
+    if args.state:
+        print(f"logbook: zocalo-xrc local logbook --state {args.state}")
+    return EXIT_OK
+
+
+def run_local(args: argparse.Namespace) -> int:
+    return {"up": run_local_up, "add-scan": run_local_add_scan, "logbook": run_local_logbook}[args.action](args)
+
+
+def run_local_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .local.zocalo import LocalZocalo, default_state_directory
+
+    settings = _local_settings(args)
+    try:
+        broker = args.broker if looks_like_url(args.broker) else ConnectionSettings.from_zocalo_config(args.broker)
+        local = LocalZocalo(broker=broker, ispyb_url=args.ispyb, state=args.state or default_state_directory(),
+                            settings=settings, processes=True)
+    except ConfigurationError as e:
+        raise CliError(str(e), EXIT_BROKER) from None
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        local.start()
+    except Exception as e:
+        raise _local_errors(e) from e
+    print(f"local Zocalo up: {local.describe()}", flush=True)
+    print(f"register scans with: zocalo-xrc local add-scan FILE --state {local.state.path}"
+          + (" --ispyb URL" if args.ispyb else ""), flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        local.stop()
+    return EXIT_OK
+
+
+def run_local_add_scan(args: argparse.Namespace) -> int:
+    from .local.ispyb import Ispyb, IspybError
+    from .local.zocalo import StateDirectory, default_state_directory, prepare_results_queue, register_scan
+
+    scan = _scan(args.file)
+    state = StateDirectory((args.state or default_state_directory()).resolve())
+    try:
+        with Ispyb(args.ispyb or state.ispyb_url) as db:
+            db.create_schema()
+            name = args.name or args.file.stem
+            registered = register_scan(db, state, scan, name)
+        prepare_results_queue(state, scan.beamline)
+    except (IspybError, OSError, ValueError, TransportError) as e:
+        raise _local_errors(e) from e
+    starts: list[dict[str, Any]] = []
+    first = 0
+    for k, (dcid, grid) in enumerate(zip(registered.dcids, scan.grids)):
+        starts.append({"recipes": ["mimas"], "parameters": {
+            "ispyb_dcid": dcid, "filename": name, "start_frame_index": first, "number_of_frames": grid.image_count,
+            "message_index": k, "event": "start"}})
+        first += grid.image_count
+    if args.json:
+        print(json.dumps({"dcgid": registered.dcgid, "dcids": list(registered.dcids), "beamline": registered.beamline,
+                          "visit": registered.visit, "filename": name, "starts": starts}))
+        return EXIT_OK
+    kind = "3D" if len(scan.grids) == 2 else "2D"
+    grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(registered.dcids, scan.grids))
+    print(f"registered a {kind} grid scan on {registered.beamline} ({registered.visit}): DCG {registered.dcgid}, "
+          f"DCIDs {grids}, detector file {name!r}")
+    print("trigger it as dodal does (dodal.devices.zocalo: one start per grid, then one end per grid):")
+    for k, s in enumerate(starts):
+        p = s["parameters"]
+        print(f"  trigger.run_start(ZocaloStartInfo({p['ispyb_dcid']}, {name!r}, {p['start_frame_index']}, "
+              f"{p['number_of_frames']}, {k}))")
+    for dcid in registered.dcids:
+        print(f"  trigger.run_end({dcid})")
+    print(f"results come on xrc.{registered.beamline} (exchange 'results')")
+    return EXIT_OK
+
+
+def run_local_logbook(args: argparse.Namespace) -> int:
+    from .local.logbook import Logbook, format_run
+    from .local.zocalo import StateDirectory, default_state_directory
+
+    book = Logbook(StateDirectory(args.state or default_state_directory()).logbook)
+    if not book.location.is_dir():
+        raise CliError(f"no logbook at {book.location} (give the local Zocalo's --state)", EXIT_FILE)
+    if args.guid is None:
+        import time as _time
+
+        runs = [r for r in book.runs() if args.dcid is None or str(r["dcid"]) == str(args.dcid)]
+        for r in runs:
+            started = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["t"]))
+            parent = f" (started by {r['parent']})" if r["parent"] else ""
+            print(f"{r['guid']}  {started}  DCID {r['dcid']}  {r['what']}  {r['messages']} message(s){parent}")
+        if not runs:
+            print("no runs in the logbook" + (f" for DCID {args.dcid}" if args.dcid is not None else ""))
+        return EXIT_OK
+    found = book.run(args.guid)
+    if not found:
+        raise CliError(f"the logbook at {book.location} has no run {args.guid}", EXIT_FILE)
+    print(format_run(found, every_image=args.every_image))
     return EXIT_OK
 
 

@@ -1,80 +1,31 @@
-"""``zocalo-xrc demo``: trigger Zocalo for a 3D grid scan and wait for its results.
+"""``zocalo-xrc demo``: one grid scan through a local Zocalo, from trigger to result.
 
-A plan tells Zocalo a 3D grid scan has started and ended, then waits for the
-X-ray centring results of that collection. Zocalo's side (spot finding and
-the centring service) is played in this process by :class:`SimulatedZocalo`:
-it centres the scan's recorded spot counts with this library's core and
-publishes the result to ``xrc.<beamline>`` on the ``results`` exchange, as
-Diamond's service does. If it cannot (grids that disagree, say), the demo
-says so at once instead of waiting for a result that will never come.
+The demo starts a local Zocalo (:mod:`zocalo_xrc.local`: zocalo's dispatcher,
+Mimas, simulated per-image analysis, this project's X-ray centring service,
+ISPyB), registers the scan in ISPyB, and then does what a beamline does:
+it triggers Zocalo exactly as dodal does (a ``start`` per grid, then an
+``end`` per grid once the detector is done), waits for the results with
+:class:`~zocalo_xrc.client.ZocaloResults`, and reports the best crystal and
+how long the result took after the last frame.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import sys
+import threading
 import time
 from concurrent.futures import Future
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO, Union
 
 from ._native import XrcResults
-from .centring import GridScan, centre_3d_scans
-from .messages import build_result_message
-from .messaging import Delivery, QueueSpec, Transport, TransportError
-from .client import PROCESSING_QUEUE, Connection, ZocaloResults, ZocaloStartInfo, ZocaloTrigger
+from .client import Source, ZocaloResults, ZocaloResults2D, ZocaloStartInfo, ZocaloTrigger
+from .local.ispyb import RegisteredScan
+from .local.scan import Scan
+from .local.settings import Settings
+from .local.zocalo import LocalZocalo
 
-log = logging.getLogger("zocalo_xrc.demo")
-
-
-class ZocaloFailed(RuntimeError):
-    """Zocalo's side could not process the collection."""
-
-
-class BrokerInUseError(TransportError):
-    """The broker already has a Zocalo of its own: the demo will not compete with it."""
-
-
-class SimulatedZocalo:
-    """Zocalo's part of the demo: once every grid of the group has ended,
-    centre the recorded counts and publish the result. A failure is set on
-    :attr:`failure` (and logged) instead of being lost on the I/O thread."""
-
-    def __init__(self, transport: Transport, scans: list[GridScan], dcgid: int, beamline: str,
-                 sample_id: int | None = None) -> None:
-        self.transport, self.scans, self.dcgid, self.beamline, self.sample_id = transport, scans, dcgid, beamline, sample_id
-        self.ended: set[int] = set()
-        self.failure: Future[None] = Future()
-        transport.declare_queue(PROCESSING_QUEUE)
-        listening = transport.consumer_count(PROCESSING_QUEUE)
-        if listening:
-            raise BrokerInUseError(
-                f"{PROCESSING_QUEUE} already has {listening} consumer(s) on this broker: a real Zocalo may be "
-                "listening, and the simulated one would take its messages; use a broker of your own or in-process"
-            )
-        self.subscription = transport.subscribe(QueueSpec(PROCESSING_QUEUE), self.on_message)
-
-    def on_message(self, delivery: Delivery) -> None:
-        delivery.ack()
-        try:
-            parameters = json.loads(delivery.body)["parameters"]
-            if parameters["event"] != "end":
-                return
-            self.ended.add(parameters["ispyb_dcid"])
-            if self.ended >= {s.dcid for s in self.scans}:  # once per start..end of the group
-                last = max(self.ended)
-                self.ended.clear()
-                results = centre_3d_scans(*self.scans, sample_id=self.sample_id)
-                body = build_result_message(results, dcid=last, dcgid=self.dcgid, beamline=self.beamline)
-                self.transport.publish("results", f"xrc.{self.beamline}", body, {"workflows-recipe": True})
-        except Exception as e:  # Zocalo's side failed: tell the waiting plan
-            log.info("simulated Zocalo could not process the collection: %s", e)
-            if not self.failure.done():
-                self.failure.set_exception(ZocaloFailed(f"Zocalo could not process the collection: {e}"))
-
-    def close(self) -> None:
-        self.subscription.cancel()
+Results = Union[XrcResults, tuple[Any, ...]]
 
 
 class Progress:
@@ -84,18 +35,24 @@ class Progress:
     def __init__(self, stream: TextIO = sys.stderr, every_s: float = 5.0) -> None:
         self.stream, self.every_s = stream, every_s
         self.tty = stream.isatty()
-        self._last = -every_s
+        self._last = 0.0  # in a log, nothing for work shorter than every_s
         self._open = False
 
-    def waiting(self, what: str, elapsed: float, timeout: float) -> None:
-        line = f"waiting for {what}: {elapsed:.0f} s of {timeout:g} s"
+    def show(self, line: str, elapsed: float) -> None:
         if self.tty:
-            self.stream.write("\r" + line)
+            self.stream.write("\r\033[K" + line)
             self._open = True
         elif elapsed - self._last >= self.every_s:
             self.stream.write(line + "\n")
             self._last = elapsed
         self.stream.flush()
+
+    def bar(self, what: str, done: int, total: int, elapsed: float, width: int = 30) -> None:
+        filled = width * done // max(total, 1)
+        self.show(f"{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({elapsed:.1f} s)", elapsed)
+
+    def waiting(self, what: str, elapsed: float, timeout: float) -> None:
+        self.show(f"waiting for {what}: {elapsed:.0f} s of {timeout:g} s", elapsed)
 
     def done(self) -> None:
         if self._open:
@@ -104,59 +61,113 @@ class Progress:
             self._open = False
 
 
+@dataclass
+class Outcome:
+    """One source's result for the scan, and when it came."""
+
+    source: Source
+    results: Results
+    arrived_at: float  # unix time
+    after_last_frame_s: float | None  # of this source's per-image analysis
+    after_end_s: float
+
+
 class Demo:
-    """One run of the demo on a 3D case: ``broker`` is ``"in-process"``, an
-    ``amqp://`` URL or a zocalo environment name (see :func:`zocalo.resolve`);
-    a bad one is an error here, before anything is sent."""
+    """One run of the demo: ``broker`` None (in-process) or an amqp:// URL;
+    ``ispyb_url`` None (SQLite in the local Zocalo's state directory) or a
+    SQLAlchemy URL."""
 
-    def __init__(self, case: dict[str, Any], scans: list[GridScan], broker: Connection = "in-process", *,
-                 beamline: str = "i03", dcgid: int = 1, name: str = "demo") -> None:
-        self.case, self.scans, self.beamline, self.dcgid, self.name = case, scans, beamline, dcgid, name
-        self.trigger = ZocaloTrigger(broker)
-        self.broker = self.trigger.broker
+    def __init__(self, scan: Scan, *, broker: str | None = None, ispyb_url: str | None = None,
+                 settings: Settings = Settings(), state: str | None = None, name: str = "demo") -> None:
+        self.scan, self.name, self.settings = scan, name, settings
+        self.local = LocalZocalo(broker=broker, ispyb_url=ispyb_url, state=state, settings=settings)
+        self.registered: RegisteredScan | None = None
+        self.last_frame_at: dict[Source, float] = {}
 
-    def run(self, timeout_s: float = 30.0, progress: Progress | None = None) -> XrcResults:
-        """Trigger, wait; the results, or :class:`ZocaloFailed`,
-        :class:`NoResultsFromZocaloError` or a :class:`TransportError`."""
-        self.trigger.timeout_s = timeout_s
-        transport = self.trigger.transport
-        transport.wait_connected(timeout_s)
-        zocalo_side = SimulatedZocalo(transport, self.scans, self.dcgid, self.beamline, self.case.get("sample_id"))
-        try:
-            with ZocaloResults(transport, beamline=self.beamline, timeout_s=timeout_s) as zocalo:
-                zocalo.subscribe()
-                xy, xz = self.scans
-                frames = xy.grid.image_count
-                self.trigger.run_start(
-                    ZocaloStartInfo(xy.dcid, self.name, 0, frames, 0),
-                    ZocaloStartInfo(xz.dcid, self.name, frames, xz.grid.image_count, 1),
-                )
-                t0 = time.perf_counter()
-                self.trigger.run_end(xy.dcid, xz.dcid)
-                results = asyncio.run(self._wait(zocalo, zocalo_side, timeout_s, progress))
-                log.info("results %.1f ms after the end of the scan", (time.perf_counter() - t0) * 1e3)
-                return results
-        finally:
-            zocalo_side.close()
+    @property
+    def sources(self) -> list[Source]:
+        return [s for s in (Source.GPU, Source.CPU) if s.value in self.settings.pia]
 
-    async def _wait(self, zocalo: ZocaloResults, zocalo_side: SimulatedZocalo, timeout_s: float,
-                    progress: Progress | None) -> XrcResults:
-        """The results, or Zocalo's failure as soon as it is known."""
-        xy, xz = self.scans
-        results = asyncio.ensure_future(zocalo.trigger_async(dcids=[xy.dcid, xz.dcid], dcgid=self.dcgid))
-        failed = asyncio.wrap_future(zocalo_side.failure)
+    def run(self, timeout_s: float = 60.0, progress: Progress | None = None,
+            announce: Callable[[str], None] = lambda line: None) -> list[Outcome]:
+        """Register, trigger, play, wait: each source's results, or
+        :class:`~zocalo_xrc.client.NoResultsFromZocaloError` /
+        :class:`TransportError`."""
+        with self.local:
+            self.registered = scan = self.local.add_scan(self.scan, name=self.name)
+            kind = "3D" if len(self.scan.grids) == 2 else "2D"
+            announce(f"registered a {kind} grid scan in ISPyB: DCG {scan.dcgid}, DCIDs "
+                     + ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(scan.dcids, self.scan.grids)))
+            transport = self.local.transport()
+            receiver = ZocaloResults if len(self.scan.grids) == 2 else ZocaloResults2D
+            receivers = {s: receiver(transport, beamline=self.scan.beamline, private_queue=True, source=s,
+                                     timeout_s=timeout_s) for s in self.sources}
+            for r in receivers.values():
+                r.subscribe()
+            arrivals = {s: self._wait(r, scan, timeout_s) for s, r in receivers.items()}
+            trigger = ZocaloTrigger(transport, timeout_s=10.0)
+            first = 0
+            starts = []
+            for k, (dcid, grid) in enumerate(zip(scan.dcids, self.scan.grids)):
+                starts.append(ZocaloStartInfo(dcid, self.name, first, grid.image_count, k))
+                first += grid.image_count
+            trigger.run_start(*starts)
+            announce("sent start for each grid to processing_recipe (recipe mimas), as dodal does")
+            self._play(Source.GPU, scan, progress, timeout_s)
+            trigger.run_end(*scan.dcids)
+            ended = time.time()
+            announce("sent end for each grid")
+            if Source.CPU in arrivals:
+                self._play(Source.CPU, scan, progress, timeout_s)
+            outcomes = []
+            for source, arrival in arrivals.items():
+                results, arrived_at = arrival.result()
+                last = self.last_frame_at.get(source)
+                outcomes.append(Outcome(source, results, arrived_at, None if last is None else arrived_at - last,
+                                        arrived_at - ended))
+            for r in receivers.values():
+                r.close()
+            return outcomes
+
+    def _wait(self, receiver: Any, scan: RegisteredScan, timeout_s: float) -> Future[tuple[Results, float]]:
+        """Wait in a thread, so that the result's arrival time is its own."""
+        future: Future[tuple[Results, float]] = Future()
+
+        def wait() -> None:
+            try:
+                results = receiver.trigger(dcids=scan.dcids, dcgid=scan.dcgid)
+                future.set_result((results, time.time()))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=wait, daemon=True, name=f"demo: {receiver.source.value} results").start()
+        return future
+
+    def _play(self, source: Source, scan: RegisteredScan, progress: Progress | None, timeout_s: float) -> None:
+        """Follow per-image analysis of ``source`` until every frame is sent."""
+        services = [s for s in self.local.per_image_analysis() if s.follows_detector == (source is Source.GPU)]
+        if not services:  # not run here: the detector's time passes all the same
+            if source is Source.GPU:
+                time.sleep(sum(g.image_count for g in self.scan.grids) / self.settings.frame_rate)
+            return
+        service = services[0]
+        what = f"{source.value.upper()} per-image analysis"
         start = time.monotonic()
-        try:
-            while True:
-                done, _ = await asyncio.wait({results, failed}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                if failed in done:
-                    failed.result()  # raises ZocaloFailed
-                if results in done:
-                    return results.result()
-                if progress is not None:
-                    progress.waiting(f"Zocalo's results for DCIDs {xy.dcid}, {xz.dcid}", time.monotonic() - start, timeout_s)
-        finally:
-            for f in (results, failed):
-                f.cancel()
+        total = sum(g.image_count for g in self.scan.grids)
+        while True:
+            grids = [service.progress.get(d) for d in scan.dcids]
+            sent = sum(g.sent for g in grids if g is not None)
+            finished = all(g is not None and g.done.is_set() for g in grids)
+            elapsed = time.monotonic() - start
             if progress is not None:
-                progress.done()
+                progress.bar(what, sent, total, elapsed)
+            if finished:
+                break
+            if elapsed > timeout_s:
+                raise TimeoutError(f"{what}: only {sent} of {total} frames in {timeout_s:g} s")
+            time.sleep(0.1)
+        if progress is not None:
+            progress.done()
+        seen = [g.last_seen_at for g in grids if g is not None and g.last_seen_at is not None]
+        if seen:
+            self.last_frame_at[source] = max(seen)
