@@ -333,9 +333,15 @@ class LocalZocalo:
         self.transport().declare_results_queue(f"xrc.{scan.beamline}")  # as Diamond has it for every beamline
         return register_scan(self.db, self.state, scan, name)
 
+    @property
+    def services(self) -> dict[str, Any]:
+        """The services running in this process's threads, by name (none
+        when they are processes)."""
+        return {t.name: t.service for t in self._threads}
+
     def per_image_analysis(self) -> list[Any]:
-        """The running per-image analysis services (in-process only): their ``progress``."""
-        return [t.service for t in self._threads if hasattr(t.service, "progress")]
+        """The per-image analysis services running here: their ``progress``."""
+        return [s for s in self.services.values() if hasattr(s, "progress")]
 
     @property
     def logbook(self) -> Logbook:
