@@ -117,6 +117,13 @@ def attach(service: Any) -> Journal | None:
     return journal
 
 
+def detach(service: Any) -> None:
+    """Close the journal :func:`attach` gave a service (at its shutdown)."""
+    journal = getattr(service, "journal", None)
+    if journal is not None:
+        journal.close()
+
+
 def describe(message: Any) -> dict[str, Any] | None:
     """The journal's view of a message: its run, its step and its payload
     (abridged). None for a message of no run (status broadcasts)."""

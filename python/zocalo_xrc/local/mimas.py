@@ -71,9 +71,12 @@ class Mimas(CommonService):
 
     def initializing(self) -> None:
         self.settings = Settings.of(self.config)
-        logbook.attach(self)
+        self.journal = logbook.attach(self)
         workflows.recipe.wrap_subscribe(self._transport, "mimas", self.on_step, acknowledgement=True,
                                         log_extender=self.extend_log)
+
+    def in_shutdown(self) -> None:
+        logbook.detach(self)
 
     def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
         requests, why = decide(rw.recipe_step.get("parameters") or {}, self.settings.pia)

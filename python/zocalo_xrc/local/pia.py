@@ -123,7 +123,7 @@ class PerImageAnalysis(CommonService):
         self.settings = Settings.of(self.config)
         self.progress: dict[int, GridProgress] = {}
         self._stopping = threading.Event()
-        logbook.attach(self)
+        self.journal = logbook.attach(self)
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
         workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
                                         prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
@@ -131,6 +131,7 @@ class PerImageAnalysis(CommonService):
     def in_shutdown(self) -> None:
         if hasattr(self, "_stopping"):
             self._stopping.set()
+        logbook.detach(self)
 
     def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
         try:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -75,7 +76,7 @@ def default_state_directory() -> Path:
     return Path(base) / "zocalo-xrc"
 
 
-def services(settings: Settings) -> list[str]:
+def service_names(settings: Settings) -> list[str]:
     """The workflows services (entry point names) a local Zocalo runs."""
     names = ["Dispatcher", "Mimas"]
     if "gpu" in settings.pia:
@@ -270,7 +271,7 @@ class LocalZocalo:
             from ..messaging import embedded_broker
 
             self.broker = embedded_broker()
-        for name in services(self.settings):
+        for name in service_names(self.settings):
             if self.broker is not None:
                 transport: Any = InProcessWorkflowsTransport(self.broker)
             else:
@@ -282,8 +283,24 @@ class LocalZocalo:
             self._threads.append(thread)
 
     def _start_processes(self, timeout: float) -> None:
-        for name in services(self.settings):
+        for name in service_names(self.settings):
             self._children[name] = self._spawn(name)
+        # up once every service consumes its queue (or say which has not)
+        queues = {"Dispatcher": "processing_recipe", "Mimas": "mimas", "PerImageAnalysisGPU": "per_image_analysis.gpu",
+                  "XRayCenteringGPU": "reduce.xray_centering.gpu", "PerImageAnalysis": "per_image_analysis",
+                  "XRayCentering": "reduce.xray_centering"}
+        waiting = {name: queues[name] for name in self._children}
+        deadline = time.monotonic() + timeout
+        with self._connect() as admin:
+            while waiting:
+                for name, child in self._children.items():
+                    if child.poll() is not None:
+                        raise RuntimeError(f"{name} (zocalo.service -s {name}) exited with status {child.returncode} "
+                                           "while starting; its log is above")
+                waiting = {n: q for n, q in waiting.items() if not admin.consumer_count(q)}
+                if waiting and time.monotonic() > deadline:
+                    raise TimeoutError(f"not consuming within {timeout:g} s: {', '.join(sorted(waiting))}")
+                time.sleep(0.2)
         self._supervisor = threading.Thread(target=self._supervise, name="local Zocalo supervisor", daemon=True)
         self._supervisor.start()
 
@@ -319,13 +336,6 @@ class LocalZocalo:
         from ..messaging.rabbitmq import AmqpTransport
 
         return AmqpTransport(self.broker_settings)
-
-    @property
-    def connection(self) -> str:
-        """What a client gives as ``connection=`` to reach this local Zocalo."""
-        if self.broker_settings is None:
-            return "in-process"
-        raise AttributeError("on RabbitMQ, clients connect with the broker's URL")
 
     def add_scan(self, scan: Scan, name: str | None = None) -> ispyb.RegisteredScan:
         """Register a simulated grid scan in ISPyB: its data (the scan file,
@@ -385,4 +395,4 @@ def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str 
                        image_directory=str(state.data), file_template=template)
 
 
-__all__ = ["BrokerInUseError", "LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "services"]
+__all__ = ["BrokerInUseError", "LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "service_names"]

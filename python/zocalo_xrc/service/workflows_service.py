@@ -198,7 +198,7 @@ class XRayCentering(CommonService):
         from ..local.settings import Settings
 
         idle_s = Settings.of(self.config).idle_s or self.idle_s
-        logbook.attach(self)
+        self.journal = logbook.attach(self)
         self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=idle_s, metrics=metrics)
         self.xrc.start()
         threading.Thread(target=self._end_with_the_frontend, args=(os.getppid(),), daemon=True,
@@ -214,6 +214,9 @@ class XRayCentering(CommonService):
         self._shutdown()
 
     def in_shutdown(self) -> None:
+        from ..local import logbook
+
+        logbook.detach(self)
         xrc = getattr(self, "xrc", None)
         if xrc is not None:
             self.log.info("X-ray centring stopping: %d result(s) sent, %d message(s) dead-lettered, %d open scan(s)",
