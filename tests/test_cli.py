@@ -3,6 +3,7 @@
 
 import importlib.metadata
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -175,7 +176,7 @@ def test_demo_runs_the_whole_loop_in_process(tmp_path):
     assert tables == 2 * table_lines(run("centre", EXAMPLES / "scan3d.json").stdout)
     assert out.stdout.count("best crystal, from the centre of the first box (mm): x = ") == 2
     assert "ms after the last frame" in out.stdout and plot.stat().st_size > 10_000
-    assert "Mimas: DCID 1 start: per-image-analysis-gridscan-gpu" in out.stderr  # -v: the services' log at INFO
+    assert re.search(r"Mimas: DCID \d+ start: per-image-analysis-gridscan-gpu", out.stderr)  # -v: services' log
 
 
 def test_progress_is_a_bar_on_a_terminal_and_a_line_now_and_then_in_a_log():
@@ -190,12 +191,16 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_now_and_then_in_a_log():
     tty, log = Terminal(), io.StringIO()
     for stream in (tty, log):
         p = Progress(stream, every_s=5.0)
-        for done, elapsed in ((0, 0.0), (900, 1.0), (1800, 5.5), (3600, 7.0)):
-            p.bar("GPU per-image analysis", done, 3600, elapsed, width=10)
+        for done, elapsed in ((0, 0.0), (900, 1.0), (1800, 5.5), (2700, 6.0), (3600, 7.0)):
+            p.bar("GPU per-image analysis", done, 3600, elapsed, width=10, finished=done == 3600)
         p.done()
     assert "\rGPU per-image analysis [##........] 900/3600 (1.0 s)" in tty.getvalue().replace("\x1b[K", "")
     assert tty.getvalue().endswith("\r\x1b[K")  # the bar is gone when the work is done
-    assert log.getvalue() == "GPU per-image analysis [#####.....] 1800/3600 (5.5 s)\n"
+    assert log.getvalue() == ("GPU per-image analysis [#####.....] 1800/3600 (5.5 s)\n"  # now and then,
+                              "GPU per-image analysis [##########] 3600/3600 (7.0 s)\n")  # and the end
+    quiet = io.StringIO()  # work shorter than a log line's interval: nothing at all
+    Progress(quiet).bar("GPU per-image analysis", 3600, 3600, 0.5, finished=True)
+    assert quiet.getvalue() == ""
 
 
 def test_demo_of_a_2d_scan_with_gpu_analysis_only(tmp_path):
@@ -231,6 +236,18 @@ def test_demo_with_a_bad_password_says_so_in_one_line(rabbit):
 
 def test_demo_with_a_broker_that_is_not_a_url_says_so_in_one_line():
     one_line_error(run("demo", "--broker", "dev_bluesky"), cli.EXIT_USAGE, "expected an amqp:// URL")
+    one_line_error(run("local", "up", "--broker", "in-process"), cli.EXIT_USAGE,
+                   "local up runs each service as a process of its own")
+
+
+def test_a_demo_that_cannot_start_leaves_no_state_behind(tmp_path):
+    """Its temporary state directory may hold the broker's password."""
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    one_line_error(run("demo", "--broker", f"amqp://u:{SECRET}@127.0.0.1:1/", env=env), cli.EXIT_BROKER,
+                   "connection refused")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_grids_that_disagree_are_refused_before_anything_starts(tmp_path):
@@ -249,7 +266,8 @@ def test_a_scan_that_never_completes_ends_at_the_deadline_with_one_line(tmp_path
     bad = tmp_path / "lost.json"
     bad.write_text(json.dumps(scan))
     out = run("demo", bad, "--timeout", "3", "--pia", "gpu", "--plot", "none", "--frame-rate", "5000", timeout=60)
-    one_line_error(out, cli.EXIT_ZOCALO, "no X-ray centring results for DCID 1 / DCGID 1 within 3.0 s")
+    line = one_line_error(out, cli.EXIT_ZOCALO, "no X-ray centring results for DCID ")
+    assert re.fullmatch(r"zocalo-xrc demo: no X-ray centring results for DCID \d+ / DCGID \d+ within 3.0 s", line)
 
 
 @pytest.fixture
@@ -316,6 +334,7 @@ def test_a_reader_that_goes_away_is_no_error_message():
     (["--broker", ""], cli.EXIT_USAGE, "expected an amqp:// URL"),
     (["--broker", f"AMQP:/gda:{SECRET}@h"], cli.EXIT_USAGE, "not an amqp URL: ********@h"),
     (["--ispyb", f"mysql://gda:{SECRET}@h:x/db"], cli.EXIT_USAGE, "ISPyB: not an SQLAlchemy database URL"),
+    (["--ispyb", f"mysql://gda:{SECRET}@h/db"], cli.EXIT_USAGE, "no database driver MySQLdb here; use mysql+pymysql://"),
     (["--pia", "tpu"], cli.EXIT_USAGE, "per-image analysis: expected gpu, cpu or both, got 'tpu'"),
     (["--frame-rate", "0"], cli.EXIT_USAGE, "frame rate: expected frames per second > 0"),
 ])

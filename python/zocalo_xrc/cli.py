@@ -556,8 +556,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if plot_to is not None:
         check_plot_path(plot_to)
     settings = _local_settings(args)
+    broker = None if args.broker == "in-process" else args.broker
     try:
-        run = demo.Demo(scan, broker=args.broker, ispyb_url=args.ispyb, settings=settings,
+        run = demo.Demo(scan, broker=broker, ispyb_url=args.ispyb, settings=settings,
                         state=str(args.state) if args.state else None, name=(args.file.stem if args.file else "demo"))
     except (ValueError, ConfigurationError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
@@ -609,6 +610,10 @@ def run_local_up(args: argparse.Namespace) -> int:
     from .local.zocalo import LocalZocalo, default_state_directory
 
     settings = _local_settings(args)
+    if args.broker == "in-process":
+        raise CliError("--broker: local up runs each service as a process of its own, and they meet on RabbitMQ: "
+                       "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)",
+                       EXIT_USAGE)
     try:
         broker = args.broker if looks_like_url(args.broker) else ConnectionSettings.from_zocalo_config(args.broker)
         local = LocalZocalo(broker=broker, ispyb_url=args.ispyb, state=args.state or default_state_directory(),
@@ -627,9 +632,7 @@ def run_local_up(args: argparse.Namespace) -> int:
     print(f"register scans with: zocalo-xrc local add-scan FILE --state {local.state.path}"
           + (" --ispyb URL" if args.ispyb else ""), flush=True)
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()  # SIGTERM: exit 0, as a service; Ctrl-C: 130, as every command
     finally:
         local.stop()
     return EXIT_OK

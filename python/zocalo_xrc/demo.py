@@ -47,9 +47,13 @@ class Progress:
             self._last = elapsed
         self.stream.flush()
 
-    def bar(self, what: str, done: int, total: int, elapsed: float, width: int = 30) -> None:
+    def bar(self, what: str, done: int, total: int, elapsed: float, width: int = 30, finished: bool = False) -> None:
+        """``finished``: the last call for this work (in a log, always a line)."""
         filled = width * done // max(total, 1)
-        self.show(f"{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({elapsed:.1f} s)", elapsed)
+        line = f"{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({elapsed:.1f} s)"
+        if finished and not self.tty and self._last > 0:  # a log that showed the work going on shows its end
+            self._last = -self.every_s
+        self.show(line, elapsed)
 
     def waiting(self, what: str, elapsed: float, timeout: float) -> None:
         self.show(f"waiting for {what}: {elapsed:.0f} s of {timeout:g} s", elapsed)
@@ -160,7 +164,7 @@ class Demo:
             finished = all(g is not None and g.done.is_set() for g in grids)
             elapsed = time.monotonic() - start
             if progress is not None:
-                progress.bar(what, sent, total, elapsed)
+                progress.bar(what, sent, total, elapsed, finished=finished)
             if finished:
                 break
             if elapsed > timeout_s:

@@ -24,6 +24,7 @@ import decimal
 import functools
 import logging
 import os
+import secrets
 import threading
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -135,7 +136,11 @@ class Ispyb:
             event.listen(engine, "connect", _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
         elif backend in ("mysql", "mariadb"):
-            engine = sa.create_engine(parsed, pool_pre_ping=True, pool_recycle=3600)
+            try:
+                engine = sa.create_engine(parsed, pool_pre_ping=True, pool_recycle=3600)
+            except ImportError as e:  # mysql:// means MySQLdb, which is not installed: name the one that is
+                raise ValueError(f"ISPyB: {self.url}: no database driver {e.name or ''} here; "
+                                 "use mysql+pymysql://user:password@host:port/database") from None
         else:
             raise ValueError(f"ISPyB: {self.url}: unsupported database {backend!r} (use sqlite or mysql+pymysql)")
         self._engine: sqlalchemy.Engine = engine
@@ -225,7 +230,8 @@ class Ispyb:
                         sa.select(sa.func.count()).select_from(m.DataCollectionGroup)
                         .where(m.DataCollectionGroup.sessionId == session_id)) or 0)
                     dcg = m.DataCollectionGroup(sessionId=session_id, experimentType=experiment_type, startTime=now,
-                                                comments="zocalo-xrc local ISPyB")
+                                                comments="zocalo-xrc local ISPyB",
+                                                dataCollectionGroupId=_first_id(s, m.DataCollectionGroup))
                     s.add(dcg)
                     s.flush()
                     dcids: list[int] = []
@@ -237,6 +243,7 @@ class Ispyb:
                             axisStart=90.0 * i, axisEnd=90.0 * i, axisRange=0.0, overlap=0.0,
                             numberOfImages=grid.image_count, startImageNumber=start, numberOfPasses=1,
                             imageDirectory=image_directory, fileTemplate=file_template,
+                            dataCollectionId=_first_id(s, m.DataCollection),
                         )
                         s.add(dc)
                         s.flush()
@@ -454,6 +461,18 @@ def _beamline_session(s: Session, beamline: str, now: datetime.datetime) -> tupl
     s.add(session)
     s.flush()
     return int(session.sessionId), f"{PROPOSAL_CODE}{number}-1"
+
+
+def _first_id(s: Session, model: Any) -> int | None:
+    """The id of a table's first row: somewhere random in 10,000,000..99,999,999
+    (then the database counts on from there). A fresh ISPyB never hands out
+    DCIDs 1, 2, ... again, so the results an earlier local Zocalo left on a
+    broker never pass for a new scan's. None once the table has rows."""
+    import sqlalchemy as sa
+
+    if s.scalar(sa.select(sa.func.count()).select_from(model)):
+        return None
+    return 10_000_000 + secrets.randbelow(90_000) * 1000
 
 
 def _check_grids(grids: Any) -> list[GridInfo]:
@@ -677,8 +696,9 @@ def _filter_lookup(parameters: Mapping[str, Any], *, info: bool, group: bool) ->
         return None
     try:
         return database(url)._lookup(_dcid(parameters["ispyb_dcid"]), info=info, group=group)
-    except UnknownDcidError as e:  # a request for a collection ISPyB does not hold: says so, and goes on
-        log.warning("%s: the request goes on without ISPyB's values", e)
+    except UnknownDcidError as e:  # a request for a collection ISPyB does not hold: says so (once), and goes on
+        if info:
+            log.warning("%s: the request goes on without ISPyB's values", e)
         return None
 
 

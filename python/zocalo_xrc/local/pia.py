@@ -81,7 +81,8 @@ class Frames:
             raise StepError(f"dcg_dcids: expected a list of DCIDs, got {others!r:.60}")
         directory, template = given(parameters.get("image_directory")), given(parameters.get("image_template"))
         if not directory or not template:
-            raise StepError(f"DCID {dcid}: ISPyB gave no image directory/template (is the dispatcher's ISPyB filter on?)")
+            raise StepError(f"DCID {dcid}: ISPyB gave no image directory/template (ISPyB does not hold the DCID, "
+                            "or the dispatcher's ISPyB filter is off)")
         path = Path(directory) / template
         try:
             scan = Scan.load(path)

@@ -193,6 +193,14 @@ class LocalZocalo:
         self.stop()
 
     def start(self, timeout: float = 30.0) -> None:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()  # a temporary state directory goes too: it may hold the broker's password
+            raise
+        log.info("local Zocalo up: %s", self)
+
+    def _start(self, timeout: float) -> None:
         for d in (self.state.path, self.state.data, self.state.logbook):
             d.mkdir(parents=True, exist_ok=True)
         self.db.create_schema()
@@ -211,17 +219,17 @@ class LocalZocalo:
                 admin.declare_broadcast(name)
             # results go to the results exchange; dodal's device consumes xrc.i03 and never declares it
             admin.declare_results_queue(DEFAULT_RESULTS_QUEUE)
-        try:
-            if self.processes:
-                self._start_processes(timeout)
-            else:
-                self._start_threads(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        log.info("local Zocalo up: %s", self)
+        if self.processes:
+            self._start_processes(timeout)
+        else:
+            self._start_threads(timeout)
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Stop every service, after up to ``drain_s`` for the work already
+        queued (a dispatch, a Mimas step) to be taken: what the services
+        hold unfinished goes back to its queue."""
+        if self._threads and not self._stopping.is_set():
+            self._drain(drain_s)
         self._stopping.set()
         with self._lock:
             client, self._client = self._client, None
@@ -246,6 +254,16 @@ class LocalZocalo:
             ispyb.configure(None)
         if self._temporary:
             shutil.rmtree(self.state.path, ignore_errors=True)
+
+    def _drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        try:
+            with self._connect() as admin:
+                queues = [q for q in SERVICE_QUEUES if q != "xrc.abort" and admin.queue_exists(q)]
+                while any(admin.message_count(q) for q in queues) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except TransportError as e:
+            log.warning("not waiting for queued work: %s", e)
 
     def _write_config(self) -> None:
         text = zocalo_config_text(self.state, self.settings, self.broker_settings)
