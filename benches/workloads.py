@@ -36,4 +36,28 @@ def noisy():
     return rng.poisson(2, (100, 60)).astype(np.int64), rng.poisson(2, (100, 60)).astype(np.int64)
 
 
-WORKLOADS = {"typical 60x30x30": typical, "large 200x100x100": large, "noisy 100x60x60": noisy}
+def huge():
+    """1000 x 500 x 500, three crystals along the pin, light noise: 250 million
+    voxels, which the dense peers would have to allocate several times over."""
+    crystals = [(150, 120, 300, 10, 7, 7, 320), (520, 330, 140, 6, 5, 5, 260), (830, 210, 420, 5, 4, 4, 220)]
+    return _scan(1000, 500, 500, crystals, 0.5, 4)
+
+
+def tiny():
+    """1 x 1 x 1: what a call costs when there is nothing to compute."""
+    return np.ones((1, 1), np.int64), np.ones((1, 1), np.int64)
+
+
+WORKLOADS = {
+    "typical 60x30x30": typical,
+    "large 200x100x100": large,
+    "noisy 100x60x60": noisy,
+    "huge 1000x500x500": huge,
+    "tiny 1x1x1": tiny,
+}
+
+# Workloads whose dense volume the peers cannot allocate (int64 volume, a float
+# copy, a mask and labels: ~6 GB for 250 million voxels): only ours runs there.
+DENSE_TOO_LARGE = {
+    "huge 1000x500x500": "dense peers skipped: 250 million voxels, ~2 GB per int64 copy of the volume and they make several",
+}

@@ -61,17 +61,77 @@ except MemoryError as e:
     assert out.stdout.startswith("MemoryError: no memory for more than")
 
 
-@pytest.mark.parametrize("after_s", [0.3, 0.8, 1.4])
-def test_ctrl_c_stops_a_long_call_whatever_it_is_doing(after_s):
-    """Scanning, labelling or summing: a signal stops the call within moments."""
+def test_time_and_memory_follow_the_runs_not_the_volume():
+    """4 billion voxels, half of them kept, in a million runs: a fraction of a
+    second (reading every voxel, 64 at a time, took 3 s) and memory little
+    beyond the grids and the runs."""
+    out = python("""
+import time
+import numpy as np, zocalo_xrc as zx
+xy = np.ones((1000, 1000), np.int64)
+xz = np.zeros((1000, 4000), np.int64)
+xz[:, 1000:3000] = 5
+xz[:, 2000] = 6
+t0 = time.monotonic()
+(r,) = zx.centre_3d(xy, xz, threshold=0.5)
+print(r.n_voxels, time.monotonic() - t0)
+""")
+    assert out.returncode == 0, out.stderr
+    n_voxels, seconds, peak_mb = out.stdout.split()
+    assert int(n_voxels) == 1000 * 1000 * 2000, out.stdout
+    assert float(seconds) < 1.0 and int(peak_mb) < 300, out.stdout
+
+
+def test_a_cut_off_of_its_own_in_every_row_is_bounded_too():
+    """1.5 million rows, each with a cut-off of its own and one run: the most
+    memory per run the core needs (~100 bytes)."""
+    out = python("""
+import numpy as np, zocalo_xrc as zx
+ny, nz = 2**20, 2**19
+xy = np.tile(np.arange(1, ny + 1, dtype=np.int64), 2).reshape(2, ny)
+xz = np.tile(np.arange(1, nz + 1, dtype=np.int64), 2).reshape(2, nz)
+(r,) = zx.centre_3d(xy, xz)
+print(r.n_voxels)
+""")
+    assert out.returncode == 0, out.stderr
+    n_voxels, peak_mb = out.stdout.split()
+    assert int(n_voxels) == 443573206838 and int(peak_mb) < 400
+
+
+LONG_CALLS = {
+    # 50 million runs, a run at every other z of 12,288 rows (~700 MB)
+    "many runs": """
+xy = np.ones((1, 12288), np.int64)
+xz = np.tile(np.array([1, 0], np.int64), 4096).reshape(1, 8192)
+call = lambda: zx.centre_3d(xy, xz, max_runs=2**32 - 1)
+""",
+    # a multi-sample pin scans its regions' rows: 1.6e9 voxels, every one
+    # kept (~4 s)
+    "multi-sample scan": """
+n = 40_000
+call = lambda: zx.centre_3d(np.ones((1, n), np.int64), np.ones((1, n), np.int64), well_limits=[(0, 1)],
+                            multipin_sample_ids={1: 5})
+""",
+}
+
+
+@pytest.mark.parametrize("call, after_s", [
+    # making runs, labelling them, summing them: ~0.5 s on a quiet machine, 2 s on a busy one
+    ("many runs", 0.05), ("many runs", 0.15), ("many runs", 0.3),
+    ("multi-sample scan", 0.2), ("multi-sample scan", 0.8), ("multi-sample scan", 1.4),
+])
+def test_ctrl_c_stops_a_long_call_whatever_it_is_doing(call, after_s):
+    """Scanning, making runs, labelling or summing: a signal stops the call
+    within moments. (Time follows the input and the runs, so a long call
+    needs many runs, or a multi-sample pin's scan.)"""
     out = python(f"""
 import os, signal, threading, time
 import numpy as np, zocalo_xrc as zx
-n = 40_000  # 1.6e9 voxels, every one kept: ~2 s of work
+{LONG_CALLS[call]}
 threading.Timer({after_s}, os.kill, (os.getpid(), signal.SIGINT)).start()
 t0 = time.monotonic()
 try:
-    zx.centre_3d(np.ones((1, n), np.int64), np.ones((1, n), np.int64))
+    call()
     print("finished after", time.monotonic() - t0)
 except KeyboardInterrupt:
     print("interrupted after", time.monotonic() - t0)

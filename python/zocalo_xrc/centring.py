@@ -76,12 +76,15 @@ def centre_3d(
     shape ``(nx, nz)``, both laid out ``A[x][...]`` (see :func:`reshape_grid`).
     Results come sorted by ``total_count``, largest first.
 
-    Memory beyond the inputs is ~24 bytes per *run* (a stretch of kept voxels
-    along z) plus ~280 per separate region (its statistics and result), with
-    at most ``max_runs`` runs (default 2^21: ~50 MB of runs, ~650 MB at
-    worst, when every run is a region of its own): a volume that splits into more raises ``ValueError``;
-    memory that cannot be had, ``MemoryError``. Time is the scanned rows' voxels / 64 plus the runs, and
-    the call stops on Ctrl-C (it checks for signals every few ms)."""
+    Memory beyond the inputs is a few words per x, y and z, ~12 to ~100 bytes
+    per *run* (a stretch of kept voxels along z; the more distinct cut-offs
+    the rows have, the more) plus ~280 per separate region (its statistics
+    and result), with at most ``max_runs`` runs (default 2^21: at most ~200 MB
+    of runs, ~600 MB when every run is a region of its own): a volume that
+    splits into more raises ``ValueError``; memory that cannot be had,
+    ``MemoryError``. Time is the grids read once plus ``ny + nz`` per x with
+    kept voxels plus the runs, not the volume; the call stops on Ctrl-C (it
+    checks for signals every few ms)."""
     if isinstance(max_runs, bool) or not isinstance(max_runs, numbers.Integral) or not 0 < max_runs < 2**32:
         raise ValueError(f"max_runs must be an integer from 1 to 2^32 - 1, got {quoted(max_runs)}")
     return _native.centre_3d(
