@@ -57,7 +57,12 @@ fn grid_from(name: &str, a: &PyReadonlyArray2<i64>) -> PyResult<Grid<i64>> {
             "{name}: empty grid of shape ({nx}, {ny})"
         )));
     }
-    Ok(Grid::new(nx, ny, view.iter().copied().collect())?)
+    // a C-contiguous array (what counts_array hands over) is one memcpy, not a walk
+    let data = match a.as_slice() {
+        Ok(values) => values.to_vec(),
+        Err(_) => view.iter().copied().collect(),
+    };
+    Ok(Grid::new(nx, ny, data)?)
 }
 
 /// Counts in acquisition order laid out as `A[x][y]`, shape `(steps_x, steps_y)`.
