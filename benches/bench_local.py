@@ -52,11 +52,7 @@ class Rounds:
 
     def setup(self):
         registered = self.local.add_scan(self.scan, name="bench")
-        first, starts = 0, []
-        for k, (dcid, grid) in enumerate(zip(registered.dcids, self.scan.grids)):
-            starts.append(zx.ZocaloStartInfo(dcid, "bench", first, grid.image_count, k))
-            first += grid.image_count
-        self.trigger.run_start(*starts)
+        self.trigger.run_start(*self.scan.start_infos(registered.dcids, "bench"))
         deadline = time.monotonic() + 30
         done = self.xrc.completed + 1
         while not (all(d in self.pia.progress and self.pia.progress[d].done.is_set() for d in registered.dcids)

@@ -41,12 +41,8 @@ def local(request):
 def trigger(local, scan: Scan, name: str = "scan"):
     """Register ``scan`` and trigger it as dodal does; the registered scan."""
     registered = local.add_scan(scan, name=name)
-    starts, first = [], 0
-    for k, (dcid, grid) in enumerate(zip(registered.dcids, scan.grids)):
-        starts.append(ZocaloStartInfo(dcid, name, first, grid.image_count, k))
-        first += grid.image_count
     t = ZocaloTrigger(local.transport(), timeout_s=10)
-    t.run_start(*starts)
+    t.run_start(*scan.start_infos(registered.dcids, name))
     t.run_end(*registered.dcids)
     return registered
 

@@ -1,5 +1,7 @@
 """How error messages quote bad values: briefly, whatever their size."""
 
+import json
+from pathlib import Path
 from typing import Any
 
 #: How many characters of a bad value an error message quotes at most (as the core's).
@@ -35,3 +37,14 @@ def finite_float(value: Any) -> float | None:
     except OverflowError:
         return None
     return f if math.isfinite(f) else None
+
+
+def read_json(path: Path, error: type[ValueError]) -> Any:
+    """A JSON file's content; ``error`` naming the file and what is wrong
+    with its text (an ``OSError`` if it cannot be read)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__
+from ._text import read_json
 from ._native import XrcResults
 from ._results import GridScan2DResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
@@ -85,12 +86,7 @@ class CaseError(ValueError):
 
 
 def load_case(path: Path) -> dict[str, Any]:
-    try:
-        case = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CaseError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise CaseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    case = read_json(path, CaseError)
     if not isinstance(case, dict) or not ("grids" in case or {"counts", "gridinfo"} <= case.keys()):
         raise CaseError(f"{path}: expected a 2D case (counts, gridinfo) or a 3D case (grids)")
     return case
@@ -639,6 +635,7 @@ def run_local_up(args: argparse.Namespace) -> int:
 
 
 def run_local_add_scan(args: argparse.Namespace) -> int:
+    from .client import RECIPE, START_FIELDS
     from .local.ispyb import Ispyb, IspybError
     from .local.zocalo import StateDirectory, default_state_directory, prepare_results_queue, register_scan
 
@@ -652,13 +649,9 @@ def run_local_add_scan(args: argparse.Namespace) -> int:
         prepare_results_queue(state, scan.beamline)
     except (IspybError, OSError, ValueError, TransportError) as e:
         raise _local_errors(e) from e
-    starts: list[dict[str, Any]] = []
-    first = 0
-    for k, (dcid, grid) in enumerate(zip(registered.dcids, scan.grids)):
-        starts.append({"recipes": ["mimas"], "parameters": {
-            "ispyb_dcid": dcid, "filename": name, "start_frame_index": first, "number_of_frames": grid.image_count,
-            "message_index": k, "event": "start"}})
-        first += grid.image_count
+    infos = scan.start_infos(registered.dcids, name)
+    starts = [{"recipes": [RECIPE], "parameters": {**{f: getattr(i, f) for f in START_FIELDS}, "event": "start"}}
+              for i in infos]
     if args.json:
         print(json.dumps({"dcgid": registered.dcgid, "dcids": list(registered.dcids), "beamline": registered.beamline,
                           "visit": registered.visit, "filename": name, "starts": starts}))
@@ -668,10 +661,9 @@ def run_local_add_scan(args: argparse.Namespace) -> int:
     print(f"registered a {kind} grid scan on {registered.beamline} ({registered.visit}): DCG {registered.dcgid}, "
           f"DCIDs {grids}, detector file {name!r}")
     print("trigger it as dodal does (dodal.devices.zocalo: one start per grid, then one end per grid):")
-    for k, s in enumerate(starts):
-        p = s["parameters"]
-        print(f"  trigger.run_start(ZocaloStartInfo({p['ispyb_dcid']}, {name!r}, {p['start_frame_index']}, "
-              f"{p['number_of_frames']}, {k}))")
+    for i in infos:
+        print(f"  trigger.run_start(ZocaloStartInfo({i.ispyb_dcid}, {i.filename!r}, {i.start_frame_index}, "
+              f"{i.number_of_frames}, {i.message_index}))")
     for dcid in registered.dcids:
         print(f"  trigger.run_end({dcid})")
     print(f"results come on xrc.{registered.beamline} (exchange 'results')")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TextIO, Union
 
 from ._native import XrcResults
-from .client import Source, ZocaloResults, ZocaloResults2D, ZocaloStartInfo, ZocaloTrigger
+from .client import Source, ZocaloResults, ZocaloResults2D, ZocaloTrigger
 from .local.ispyb import RegisteredScan
 from .local.scan import Scan
 from .local.settings import Settings
@@ -110,12 +110,7 @@ class Demo:
                 r.subscribe()
             arrivals = {s: self._wait(r, scan, timeout_s) for s, r in receivers.items()}
             trigger = ZocaloTrigger(transport, timeout_s=10.0)
-            first = 0
-            starts = []
-            for k, (dcid, grid) in enumerate(zip(scan.dcids, self.scan.grids)):
-                starts.append(ZocaloStartInfo(dcid, self.name, first, grid.image_count, k))
-                first += grid.image_count
-            trigger.run_start(*starts)
+            trigger.run_start(*self.scan.start_infos(scan.dcids, self.name))
             announce("sent start for each grid to processing_recipe (recipe mimas), as dodal does")
             self._play(Source.GPU, scan, progress, timeout_s)
             trigger.run_end(*scan.dcids)

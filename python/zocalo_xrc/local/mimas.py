@@ -68,11 +68,12 @@ class Mimas(CommonService):
 
     _service_name = "Mimas (zocalo-xrc)"
     _logger_name = "zocalo_xrc.local.mimas"
+    queue = "mimas"
 
     def initializing(self) -> None:
         self.settings = Settings.of(self.config)
         self.journal = logbook.attach(self)
-        workflows.recipe.wrap_subscribe(self._transport, "mimas", self.on_step, acknowledgement=True,
+        workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
                                         log_extender=self.extend_log)
 
     def in_shutdown(self) -> None:

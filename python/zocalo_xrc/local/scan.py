@@ -21,14 +21,14 @@ per-image analysis (a spot finder that dies), so the scan never completes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .._text import quoted
+from .._text import quoted, read_json
+from ..client import ZocaloStartInfo
 from ..grid import GridInfo, reshape_grid
 
 
@@ -89,12 +89,7 @@ class Scan:
     @classmethod
     def load(cls, path: Path | str) -> Scan:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ScanFileError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ScanFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        data = read_json(path, ScanFileError)
         try:
             return cls.from_dict(data)
         except ScanFileError as e:
@@ -143,6 +138,16 @@ class Scan:
             lost_frames=_optional_int("lost_frames", data.get("lost_frames", 0)) or 0,
             note=str(data.get("note", "")),
         )
+
+    def start_infos(self, dcids: Sequence[int], filename: str) -> list[ZocaloStartInfo]:
+        """What the beamline says at ``start`` for each grid, given the DCIDs
+        ISPyB gave them: both grids are in one detector file ``filename``, the
+        second's frames after the first's (``message_index`` 0, then 1)."""
+        infos, first = [], 0
+        for k, (dcid, grid) in enumerate(zip(dcids, self.grids)):
+            infos.append(ZocaloStartInfo(dcid, filename, first, grid.image_count, k))
+            first += grid.image_count
+        return infos
 
     def to_dict(self) -> dict[str, Any]:
         """The scan file's contents (what :meth:`from_dict` reads back)."""

@@ -303,11 +303,8 @@ class LocalZocalo:
     def _start_processes(self, timeout: float) -> None:
         for name in service_names(self.settings):
             self._children[name] = self._spawn(name)
-        # up once every service consumes its queue (or say which has not)
-        queues = {"Dispatcher": "processing_recipe", "Mimas": "mimas", "PerImageAnalysisGPU": "per_image_analysis.gpu",
-                  "XRayCenteringGPU": "reduce.xray_centering.gpu", "PerImageAnalysis": "per_image_analysis",
-                  "XRayCentering": "reduce.xray_centering"}
-        waiting = {name: queues[name] for name in self._children}
+        # up once every service consumes its queue (or say which has not); zocalo's Dispatcher names none
+        waiting = {name: getattr(service_class(name), "queue", "processing_recipe") for name in self._children}
         deadline = time.monotonic() + timeout
         with self._connect() as admin:
             while waiting:
