@@ -194,17 +194,16 @@ class Logbook:
     def run(self, guid: str) -> list[Run]:
         """The run ``guid`` and every run it started, oldest message first
         within each; empty when the logbook knows nothing of it."""
-        entries = sorted(self.entries(), key=lambda e: e["t"])
-        children: dict[str, list[str]] = {}
-        for e in entries:
+        of_run: dict[str, list[dict[str, Any]]] = {}  # one pass: each run's entries, and who started whom
+        children: dict[str, dict[str, None]] = {}
+        for e in sorted(self.entries(), key=lambda e: e["t"]):
+            of_run.setdefault(e.get("guid"), []).append(e)
             if e.get("parent") and e.get("guid"):
-                children.setdefault(e["parent"], [])
-                if e["guid"] not in children[e["parent"]]:
-                    children[e["parent"]].append(e["guid"])
+                children.setdefault(e["parent"], {})[e["guid"]] = None
         runs, todo = [], [guid]
         while todo:
             g = todo.pop(0)
-            run = Run(g, self.dispatch_file(g), [e for e in entries if e.get("guid") == g], children.get(g, []))
+            run = Run(g, self.dispatch_file(g), of_run.get(g, []), list(children.get(g, {})))
             if run.entries or run.dispatch:
                 runs.append(run)
             todo.extend(run.children)
