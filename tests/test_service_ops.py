@@ -106,3 +106,34 @@ def test_the_cli_service_serves_metrics_and_logs_to_graylog(rabbit, unique, tmp_
         for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
             t.delete_queue(name)
         t.close()
+
+
+@pytest.mark.parametrize("port", ["70000", "123456789012345678901", "-1", "²"])
+def test_a_metrics_port_out_of_range_is_a_usage_error(port):
+    done = subprocess.run([sys.executable, "-m", "zocalo_xrc", "service", "--broker", "in-process",
+                           "--metrics-port", port], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--metrics-port" in done.stderr and "expected a port, 0 to 65535" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_metrics_port_0_serves_on_a_free_port_and_says_which(rabbit, unique):
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    q = f"reduce.xray_centering.{unique}"
+    service = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "service", "--broker", rabbit.url, "--queue", q,
+                                "--declare", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        line = service.stdout.readline()
+        port = int(line.rsplit("http://127.0.0.1:", 1)[1].split("/")[0])
+        assert port != 0, line
+        assert "zocalo_xrc_open_scans" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                 timeout=5).read().decode()
+    finally:
+        service.terminate()
+        service.communicate(timeout=30)
+        t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
+        for name in (q, f"dlq.{q}"):
+            t.delete_queue(name)
+        t.close()

@@ -385,9 +385,9 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--instance", type=_count, default=None, metavar="K",
                          help="with --shards: this instance's number (0, 1, ...); it takes shard K first and stands "
                               "by for the others")
-    service.add_argument("--metrics-port", type=_count, default=None, metavar="PORT",
-                         help="serve Prometheus metrics on this port of 127.0.0.1 (needs prometheus-client: "
-                              "pip install 'zocalo-xrc[metrics]')")
+    service.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                         help="serve Prometheus metrics on this port of 127.0.0.1, 0 for any free one (the port is "
+                              "printed; needs prometheus-client: pip install 'zocalo-xrc[metrics]')")
     service.add_argument("--idle-timeout", type=_seconds, default=IDLE_S, metavar="SECONDS",
                          help="abandon a scan that gets no image for this long (default: %(default)s)")
     _logging_options(service, top=False)
@@ -441,8 +441,14 @@ def _seconds(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"expected a whole number (0, 1, 2, ...), got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 0 to 65535 (0: any free one), got {text!r}")
     return int(text)
 
 
@@ -736,10 +742,11 @@ def run_service(args: argparse.Namespace) -> int:
     except ConfigurationError as e:
         raise CliError(str(e), EXIT_BROKER) from e
     metrics = None
+    metrics_port = args.metrics_port
     if args.metrics_port is not None:
         try:
             metrics = ServiceMetrics()
-            serve_metrics(args.metrics_port)
+            metrics_port = serve_metrics(args.metrics_port)
         except ImportError as e:
             raise CliError(str(e), EXIT_USAGE) from None
         except OSError as e:
@@ -764,7 +771,7 @@ def run_service(args: argparse.Namespace) -> int:
             how = f" in {args.shards} shards" + ("" if args.instance is None else f", instance {args.instance}")
     except (ConfigurationError, TransportError) as e:
         raise CliError(str(e), EXIT_BROKER) from e
-    metrics_note = "" if args.metrics_port is None else f"; metrics on http://127.0.0.1:{args.metrics_port}/metrics"
+    metrics_note = "" if metrics_port is None else f"; metrics on http://127.0.0.1:{metrics_port}/metrics"
     print(f"X-ray centring service consuming {args.queue}{how} on {where}{metrics_note}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

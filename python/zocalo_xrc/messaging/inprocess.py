@@ -26,6 +26,7 @@ from .base import (
     shard_exchange,
     shard_queue,
 )
+from .timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class InProcessTransport(Transport):
         self.broker = broker or embedded_broker()
         self._id = next(self._ids)
         self._subscriptions: list[_InProcessSubscription] = []
-        self._timers: list[threading.Timer] = []
+        self._timers = Timers(f"in-process transport {self._id}: timers")
 
     def __repr__(self) -> str:
         return f"InProcessTransport(connection {self._id})"
@@ -336,10 +337,7 @@ class InProcessTransport(Transport):
         self.broker.call_soon(fn)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        timer = threading.Timer(delay, self.broker.call_soon, args=(fn,))
-        timer.daemon = True
-        self._timers.append(timer)
-        timer.start()
+        self._timers.call_later(delay, lambda: self.broker.call_soon(fn))
 
     def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
         dlq = self.broker.declare_queue(f"dlq.{name}")
@@ -378,8 +376,7 @@ class InProcessTransport(Transport):
 
     def close(self) -> None:
         """Like a dropped connection: consumers go, their unacked messages return."""
-        for timer in self._timers:
-            timer.cancel()
+        self._timers.close()
         for subscription in self._subscriptions:
             subscription.cancel()
         self._subscriptions.clear()

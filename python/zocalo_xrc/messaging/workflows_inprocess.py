@@ -55,9 +55,13 @@ from workflows.transport import middleware as workflows_middleware
 from workflows.transport.common_transport import CommonTransport, MessageCallback, json_serializer
 
 from .base import Delivery, QueueSpec, Subscription, TransportError, UnroutableError
+from .timers import Timers
 from .inprocess import InProcessBroker, InProcessTransport, embedded_broker
 
 log = logging.getLogger(__name__)
+
+#: Delayed messages of every transport here, on one thread.
+_DELAYED = Timers("in-process workflows: delayed messages")
 
 #: How often a message may be requeued by ``nack`` before it is dead-lettered
 #: (Diamond's quorum queues have a delivery limit of 5).
@@ -399,10 +403,7 @@ class InProcessWorkflowsTransport(CommonTransport):
             except Exception:
                 log.exception("a delayed message for %s could not be delivered", send.describe())
 
-        timer = threading.Timer(send.delay or 0, publish)
-        timer.daemon = True
-        timer.name = f"delayed message for {send.describe()}"
-        timer.start()
+        _DELAYED.call_later(send.delay or 0, publish)
 
     # transactions
     def _transaction_begin(self, transaction_id: int, *, subscription_id: int | None = None, **kwargs: Any) -> None:

@@ -23,7 +23,10 @@ from .._results import GridScan2DResult
 from .._text import finite_float, quoted
 from ..centring import MULTIPIN_THRESHOLD, MULTIPIN_THRESHOLD_ABSOLUTE, GridScan, centre_2d, centre_3d_scans, well_limits
 from ..grid import GridInfo
-from .recipe import Envelope
+from .recipe import Envelope, EnvelopeError
+
+#: The most images one grid may have (a grid costs 9 bytes an image while open).
+MAX_GRID_IMAGES = 1 << 24
 
 
 class MessageRejected(ValueError):
@@ -128,8 +131,9 @@ class PiaMessage:
 
 
 def _id(name: str, value: Any) -> int:
-    """A DCID: an integer, or a string of digits (as Zocalo often sends it)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    """A DCID: an integer, or a string of ASCII digits (as Zocalo often sends
+    it; ``"²"`` and ``"١٢٣"`` are digits to Python, not DCIDs)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 18:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -161,11 +165,19 @@ class Grid:
 
     @classmethod
     def first(cls, message: PiaMessage) -> Grid:
+        """The grid of its first message, checked: its gridinfo, its size, and
+        that the step's outputs lead to steps of the recipe."""
         try:
+            envelope = message.envelope
+            for output in ("success", "abort"):
+                envelope.targets(output)
             grid = GridInfo.from_ispyb(message.gridinfo)
-        except ValueError as e:
+        except (EnvelopeError, ValueError) as e:
             raise MessageRejected(str(e)) from None
         n = grid.image_count
+        if n > MAX_GRID_IMAGES:
+            raise MessageRejected(f"DCID {message.dcid}: a grid of {n} images ({grid.steps_x} x {grid.steps_y}); "
+                                  f"the service takes grids of up to {MAX_GRID_IMAGES}")
         return cls(message.dcid, message.gridinfo_json, dict(message.gridinfo), grid, message.parameters,
                    np.zeros(n, np.int64), np.zeros(n, bool))
 
@@ -228,7 +240,50 @@ class Assembly:
     def add(self, message: PiaMessage) -> tuple[Fate, Group]:
         """Take one message. Raises :class:`MessageRejected` for a message
         that cannot count (its group goes on) and :class:`GroupRejected` for a
-        group that cannot be centred (the caller aborts it: :meth:`drop`)."""
+        group that cannot be centred (the caller aborts it: :meth:`drop`).
+        Every check comes before any change: a rejected message changes
+        nothing."""
+        group, grid = self._place(message)
+        n = len(grid.counts)
+        if message.file_number > n:
+            raise MessageRejected(f"DCID {message.dcid}: image {message.file_number} is out of range 1..{n}")
+        self._keep(group, grid)
+        i = message.file_number - 1
+        if message.seen_at is not None:
+            grid.newest_seen_at = max(grid.newest_seen_at or message.seen_at, message.seen_at)
+        if grid.seen[i]:
+            return Fate.DUPLICATE, group
+        grid.seen[i] = True
+        grid.counts[i] = message.spots
+        grid.images += 1
+        return (Fate.COMPLETE if group.complete else Fate.ADDED), group
+
+    def restore(self, first: PiaMessage, seen: np.ndarray, counts: np.ndarray,
+                newest_seen_at: float | None) -> tuple[Fate, Group]:
+        """Take what a checkpoint holds of one grid: its ``first`` message and
+        the counts of the images ``seen`` (a mask over the grid's images),
+        merged with what is here (an image already here keeps its count).
+        Checked before any change, as :meth:`add`."""
+        group, grid = self._place(first)
+        n = len(grid.counts)
+        if len(seen) < n or seen[n:].any() or int(seen[:n].sum()) != len(counts):  # a mask is padded to whole bytes
+            raise MessageRejected(f"DCID {first.dcid}: a checkpoint's {int(seen.sum())} images and {len(counts)} "
+                                  f"counts do not fit a grid of {n} images")
+        seen = seen[:n]
+        self._keep(group, grid)
+        new = seen & ~grid.seen
+        grid.counts[new] = counts[new[seen]]
+        grid.seen |= new
+        grid.images += int(new.sum())
+        if newest_seen_at is not None:
+            grid.newest_seen_at = max(grid.newest_seen_at or newest_seen_at, newest_seen_at)
+        if not new.any():
+            return Fate.DUPLICATE, group
+        return (Fate.COMPLETE if group.complete else Fate.ADDED), group
+
+    def _place(self, message: PiaMessage) -> tuple[Group, Grid]:
+        """The group and grid ``message`` belongs to, checked, made anew (not
+        yet kept: :meth:`_keep`) where there is none."""
         key = self._group_of.get(message.dcid)
         if key is not None and key != message.group_dcids:
             raise MessageRejected(f"DCID {message.dcid} belongs to group {', '.join(map(str, key))}, but this "
@@ -239,31 +294,26 @@ class Assembly:
             if clash:
                 raise MessageRejected(f"DCID {clash[0]} already belongs to group "
                                       f"{', '.join(map(str, self._group_of[clash[0]]))}")
-            group = self.groups[message.group_dcids] = Group(message.group_dcids)
-            for d in message.group_dcids:
-                self._group_of[d] = message.group_dcids
+            group = Group(message.group_dcids)
         grid = group.grids.get(message.dcid)
         if grid is None:
             grid = Grid.first(message)
             others = list(group.grids.values())
             if others and others[0].grid.steps_x != grid.grid.steps_x:
                 raise GroupRejected(f"{group.describe()}: the grids disagree on steps_x "
-                                    f"({others[0].grid.steps_x} and {grid.grid.steps_x})", group)
-            group.grids[message.dcid] = grid
+                                    f"({others[0].grid.steps_x} and {grid.grid.steps_x})",
+                                    group if group.dcids in self.groups else None)
         elif message.gridinfo_json != grid.gridinfo_json and dict(message.gridinfo) != grid.gridinfo:
             raise MessageRejected(f"DCID {message.dcid}: this message's gridinfo differs from the grid's first")
-        n = len(grid.counts)
-        if message.file_number > n:
-            raise MessageRejected(f"DCID {message.dcid}: image {message.file_number} is out of range 1..{n}")
-        i = message.file_number - 1
-        if message.seen_at is not None:
-            grid.newest_seen_at = max(grid.newest_seen_at or message.seen_at, message.seen_at)
-        if grid.seen[i]:
-            return Fate.DUPLICATE, group
-        grid.seen[i] = True
-        grid.counts[i] = message.spots
-        grid.images += 1
-        return (Fate.COMPLETE if group.complete else Fate.ADDED), group
+        return group, grid
+
+    def _keep(self, group: Group, grid: Grid) -> None:
+        """Keep a checked group and grid (the first time: register them)."""
+        if group.dcids not in self.groups:
+            self.groups[group.dcids] = group
+            for d in group.dcids:
+                self._group_of[d] = group.dcids
+        group.grids.setdefault(grid.dcid, grid)
 
     def drop(self, group: Group) -> None:
         """Forget a group (centred, aborted or rejected)."""

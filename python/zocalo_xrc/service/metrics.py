@@ -39,11 +39,14 @@ class ServiceMetrics:
             self.latency.labels(kind).observe(max(latency_s, 0.0))
 
 
-def serve(port: int, address: str = "127.0.0.1") -> None:
+def serve(port: int, address: str = "127.0.0.1") -> int:
     """Serve the default registry's metrics on ``address:port`` (loopback by
-    default), from a thread of their own."""
+    default; port 0: any free one), from a thread of their own; returns the
+    port bound."""
     try:
         import prometheus_client as prom
     except ImportError:
         raise ImportError("metrics need prometheus-client: pip install 'zocalo-xrc[metrics]'") from None
-    prom.start_http_server(port, addr=address)
+    server, _ = prom.start_http_server(port, addr=address)
+    bound: int = server.server_port
+    return bound

@@ -30,6 +30,17 @@ class EnvelopeError(ValueError):
     """A message that is not a usable recipe envelope; says what is wrong."""
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are each given once: JSON readers disagree on
+    which of two values counts, so a key given twice is refused."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise EnvelopeError(f"the key {quoted(twice)} is given twice in one object")
+    return d
+
+
 @dataclass(frozen=True)
 class Envelope:
     environment: Mapping[str, Any]
@@ -43,9 +54,13 @@ class Envelope:
         """A recipe envelope from a message body (strict: every error names
         the field)."""
         try:
-            message = json.loads(body)
+            message = json.loads(body, object_pairs_hook=_unique_keys)
+        except EnvelopeError:
+            raise
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"not JSON ({type(e).__name__} {str(e)[:80]})") from None
+        except RecursionError:
+            raise EnvelopeError("JSON nested too deeply to read") from None
         if not isinstance(message, dict):
             raise EnvelopeError(f"expected a recipe envelope (an object), got {type(message).__name__}")
         for key in ("recipe", "recipe-pointer", "payload"):

@@ -2,19 +2,25 @@
 centre each group once it is complete, send the result to the step's
 ``success`` output, abandon idle groups to ``abort``.
 
-Every message of an open group stays unacked until the group is finished.
-Then the result is published and the group's messages are acked in one
-transaction (:meth:`Subscription.commit`): a service that dies before the
-broker commits has sent nothing and acked nothing, and the broker hands the
+Each result exactly once, across crashes and restarts: the result is
+published and the group's unacked messages are acked in one transaction
+(:meth:`Subscription.commit`). A service that dies before the broker
+commits has sent nothing and acked nothing, and the broker hands the
 messages to the next one, which rebuilds the scan and sends the result; one
-that dies after has done both. So each result is sent exactly once. The
-result also carries a ``message_id`` made from its content. A message that
-can never count is dead-lettered at once, with the reason in the log; it
-never loops.
+that dies after has done both. An open group is not held unacked for long:
+now and then its state goes to the service's own queue as a checkpoint, in
+one transaction with the acks of the images it covers (module
+:mod:`.checkpoint`), and a restarted service resumes from it. The result
+also carries a ``message_id`` made from its content. A message that can
+never count is dead-lettered at once, with the reason in the log; it never
+loops, and it changes nothing.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import json
 import logging
 import time
@@ -26,9 +32,11 @@ from typing import Any, Callable, Self
 from .._native import XrcResults
 from .._results import GridScan2DResult
 from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport
+from ..messaging.base import new_message_id
 from ..messages import is_recipe_envelope
 from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
+from .checkpoint import encode as encode_checkpoint, is_checkpoint, parse as parse_checkpoint, tombstone
 from .recipe import Envelope, EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -36,16 +44,58 @@ log = logging.getLogger(__name__)
 #: How long a group may wait for its next image before it is abandoned.
 IDLE_S = 15 * 60.0
 
+#: A group holding this many images unacked is checkpointed ...
+CHECKPOINT_IMAGES = 10_000
+#: ... and so is one that has held an image this long.
+CHECKPOINT_S = 5.0
+#: A redelivered message (a restart) is checkpointed this soon, so that no
+#: restart counts twice against the queue's delivery limit.
+REFRESH_S = 0.05
+#: How many finished groups are remembered (a late duplicate of one is acked, nothing more).
+FINISHED_KEPT = 50_000
 
 
 @dataclass
 class _Open:
-    """What the service holds for an open group: its unacked messages, the
-    envelope of each grid's first message, when it last heard of it."""
+    """What the service holds for an open group: its unacked messages since
+    its last checkpoint, each grid's first message, when it last heard of it."""
 
-    deliveries: dict[tuple[int, int], Delivery] = field(default_factory=dict)  # by (DCID, image)
-    envelopes: dict[int, Envelope] = field(default_factory=dict)
+    firsts: dict[int, PiaMessage] = field(default_factory=dict)
+    deliveries: list[Delivery] = field(default_factory=list)
     last_heard: float = 0.0
+    held_since: float | None = None  # when the oldest of ``deliveries`` came
+    checkpointed: bool = False  # a checkpoint of this group may wait in the queue
+    refresh: bool = False  # a redelivered message is held: checkpoint it soon
+
+    def envelope(self) -> Envelope:
+        """The xy grid's recipe (the lowest DCID): the result's, whatever came last."""
+        return self.firsts[min(self.firsts)].envelope
+
+
+class Recent:
+    """The last ``size`` keys with a value each, oldest forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: collections.OrderedDict[Any, str] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> str | None:
+        return self._items.get(key)
+
+    def add(self, key: Any, value: str) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def discard(self, key: Any) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class AtomicConsumer:
@@ -76,31 +126,57 @@ class AtomicConsumer:
 class XrcService(AtomicConsumer):
     """Consumes ``queue`` on ``transport`` (start with :meth:`start`). All its
     work happens on the transport's thread; :attr:`completed` counts results
-    sent, :attr:`rejected` messages dead-lettered. A result no queue takes
-    is kept in ``dlq.<dead_letters>`` (default: ``dlq.<queue>``). With
-    ``metrics`` (one :class:`~.metrics.ServiceMetrics` per process), it
-    counts what it does there."""
+    sent, :attr:`rejected` messages dead-lettered, :attr:`checkpoints` the
+    checkpoints published. A result no queue takes is kept in
+    ``dlq.<dead_letters>`` (default: ``dlq.<queue>``). With ``metrics`` (one
+    :class:`~.metrics.ServiceMetrics` per process), it counts what it does
+    there.
+
+    An open group's images are acked, a batch at a time, with a checkpoint
+    of it published to ``queue`` in the same transaction (module
+    :mod:`.checkpoint`): when a group holds ``checkpoint_images``, when its
+    oldest held image is ``checkpoint_s`` old, when all groups together hold
+    half of ``prefetch``, and soon after a redelivery. So any number of
+    images per scan and in all, and any number of restarts."""
 
     def __init__(self, transport: Transport, queue: str = "reduce.xray_centering", *, idle_s: float = IDLE_S,
                  prefetch: int = 65535, clock: Callable[[], float] = time.time, dead_letters: str | None = None,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 metrics: ServiceMetrics | None = None, checkpoint_images: int = CHECKPOINT_IMAGES,
+                 checkpoint_s: float = CHECKPOINT_S) -> None:
         super().__init__(transport, queue, prefetch)
         self.metrics = metrics
         self.idle_s, self.clock = idle_s, clock
+        self.checkpoint_images, self.checkpoint_s = checkpoint_images, checkpoint_s
+        self.held_budget = max(1, prefetch // 2)  # all groups' unacked images, before all are checkpointed
         self.dead_letters = dead_letters or queue  # results no queue takes go to dlq.<this>
         self.assembly = Assembly()
         self.open: dict[tuple[int, ...], _Open] = {}
-        self.aborted: set[tuple[int, ...]] = set()
-        self.aborted_named: set[tuple[str, ...]] = set()
+        self.finished = Recent(FINISHED_KEPT)  # by group: "result" or "abort", once committed
+        self.finishing: dict[tuple[int, ...], str] = {}  # the same, while the commit is under way
+        self.aborted_named = Recent(FINISHED_KEPT)
+        self.held = 0  # unacked images and checkpoints, all groups
         self.completed = 0
         self.rejected = 0
+        self.checkpoints = 0
         self.session: Any = None
+        # one timer for every open group: (when, what, group) in a heap, the transport asked for the earliest
+        self._events: list[tuple[float, int, str, tuple[int, ...]]] = []
+        self._event_seq = itertools.count()
+        self._timer_at: float | None = None
 
     # ---- one message -------------------------------------------------------------
 
     def on_message(self, delivery: Delivery) -> None:
         if delivery.session != self.session:
             self._start_afresh(delivery.session)
+        try:
+            self._take(delivery)
+        except Exception:  # a bug of ours: logged, never passed to the transport or a frontend
+            log.exception("a message on %s could not be dealt with", self.queue)
+
+    def _take(self, delivery: Delivery) -> None:
+        if is_checkpoint(delivery.body):
+            return self._take_checkpoint(delivery)
         if not is_recipe_envelope(delivery.headers):
             return self._reject(delivery, "not a recipe envelope (no workflows-recipe header)")
         try:
@@ -110,47 +186,120 @@ class XrcService(AtomicConsumer):
         except GroupRejected as e:  # told by the message itself: abort once per group it names
             envelope = Envelope.parse(delivery.body)
             key = named_group(envelope)
-            if key not in self.aborted_named:
-                self.aborted_named.add(key)
+            if self.aborted_named.get(key) is None:
+                self.aborted_named.add(key, "abort")
                 self._commit(envelope.send("abort", {}), [], "abort", None)
             return self._reject(delivery, str(e))
-        if message.group_dcids in self.aborted:
-            return self._reject(delivery, f"its group DCID {', '.join(map(str, message.group_dcids))} was abandoned")
+        except Exception as e:  # nested too deep for Python, out of memory, ...
+            return self._reject(delivery, f"it cannot be read ({type(e).__name__}: {str(e)[:80]})")
+        if self._settle_late(delivery, message.group_dcids, f"DCID {message.dcid} image {message.file_number}"):
+            return
         try:
             fate, group = self.assembly.add(message)
         except MessageRejected as e:
             return self._reject(delivery, str(e))
         except GroupRejected as e:
-            return self._reject_group(delivery, e.group, str(e), message.envelope)
+            return self._reject_group(delivery, e.group, str(e))
+        except Exception as e:  # checked before any change: nothing to undo
+            return self._reject(delivery, f"it cannot be taken ({type(e).__name__}: {str(e)[:80]})")
         held = self.open.get(group.dcids) or self._open(group.dcids)
-        if message.dcid not in held.envelopes:
-            held.envelopes[message.dcid] = message.envelope
-        held.last_heard = time.monotonic()
+        held.firsts.setdefault(message.dcid, message)
         if fate is Fate.DUPLICATE:
             log.info("DCID %s: image %d again (a duplicate); it changes nothing", message.dcid, message.file_number)
+            held.last_heard = time.monotonic()
             delivery.ack()
             return
-        held.deliveries[(message.dcid, message.file_number)] = delivery
-        if fate is Fate.COMPLETE:
-            self._complete(group, held)
-        elif len(held.deliveries) == 1:
-            self._watch(group.dcids)
+        self._hold(group, held, delivery)
+
+    def _take_checkpoint(self, delivery: Delivery) -> None:
+        try:
+            checkpoint = parse_checkpoint(delivery.body)
+        except MessageRejected as e:
+            return self._reject(delivery, str(e))
+        key = checkpoint.group
+        if checkpoint.outcome is not None:  # a tombstone: the group is over
+            self.finished.add(key, checkpoint.outcome)
+            held = self._close(key)
+            group = self.assembly.groups.get(key)
+            if group is not None:
+                self.assembly.drop(group)
+            if held is None:
+                delivery.ack()
+            else:
+                log.info("%s: finished before a restart (%s sent); settling what was rebuilt",
+                         group.describe() if group else key, checkpoint.outcome)
+                self._commit([], [*held.deliveries, delivery], "settlement", key)
+            return
+        if self._settle_late(delivery, key, checkpoint.describe()):
+            return
+        fate, group = Fate.DUPLICATE, None
+        try:
+            for state in checkpoint.grids:
+                fate_, group = self.assembly.restore(state.first, state.seen, state.counts, state.newest_seen_at)
+                fate = fate_ if fate_ is not Fate.DUPLICATE else fate
+        except (MessageRejected, GroupRejected) as e:
+            return self._reject(delivery, f"{checkpoint.describe()}: {e}")
+        if group is None:
+            return self._reject(delivery, f"{checkpoint.describe()} holds no grid")
+        held = self.open.get(key) or self._open(key)
+        for state in checkpoint.grids:
+            held.firsts.setdefault(state.first.dcid, state.first)
+        held.checkpointed = True  # others of it may wait in the queue
+        if group.complete and fate is Fate.DUPLICATE:  # (cannot be: a complete group is finished)
+            fate = Fate.COMPLETE
+        self._hold(group, held, delivery, complete=group.complete)
+
+    def _hold(self, group: Group, held: _Open, delivery: Delivery, complete: bool | None = None) -> None:
+        """Keep ``delivery`` unacked with its group; centre the group if it is
+        complete, else see that it is checkpointed in time."""
+        now = time.monotonic()
+        held.last_heard = now
+        held.deliveries.append(delivery)
+        self.held += 1
+        if complete if complete is not None else group.complete:
+            return self._complete(group, held)
+        if held.held_since is None:
+            held.held_since = now
+            self._schedule(now + self.checkpoint_s, "checkpoint", group.dcids)
+        if delivery.redelivered and not held.refresh:
+            held.refresh = True
+            self._schedule(now + REFRESH_S, "checkpoint", group.dcids)
+        if len(held.deliveries) >= self.checkpoint_images:
+            self._checkpoint([group.dcids])
+        elif self.held >= self.held_budget:
+            self._checkpoint(list(self.open))
+
+    def _settle_late(self, delivery: Delivery, key: tuple[int, ...], what: str) -> bool:
+        """Settle a message of a group that is finished; False for any other."""
+        outcome = self.finishing.get(key) or self.finished.get(key)
+        if outcome is None:
+            return False
+        if outcome == "result":
+            log.info("%s came after its scan's result was sent (a late duplicate): acked, nothing more", what)
+            delivery.ack()
+        else:
+            self._reject(delivery, f"its group DCID {', '.join(map(str, key))} was abandoned")
+        return True
 
     def _open(self, key: tuple[int, ...]) -> _Open:
         held = self.open[key] = _Open()
+        self._schedule(time.monotonic() + self.idle_s, "idle", key)
         if self.metrics is not None:
             self.metrics.open_scans.inc()
         return held
 
     def _close(self, key: tuple[int, ...]) -> _Open | None:
         held = self.open.pop(key, None)
-        if held is not None and self.metrics is not None:
-            self.metrics.open_scans.dec()
+        if held is not None:
+            self.held -= len(held.deliveries)
+            if self.metrics is not None:
+                self.metrics.open_scans.dec()
         return held
 
     def _start_afresh(self, session: Any) -> None:
         """A new channel: whatever was held unacked is being delivered again,
-        so open groups are rebuilt from those deliveries."""
+        so open groups are rebuilt from those deliveries (and their
+        checkpoints); a commit not answered may not have happened."""
         if self.open:
             log.warning("the broker is delivering again what %d open scan(s) held; rebuilding them", len(self.open))
         self.session = session
@@ -159,6 +308,8 @@ class XrcService(AtomicConsumer):
             if group is not None:
                 self.assembly.drop(group)
             self._close(key)
+        self.finishing.clear()
+        self.held = 0
 
     def _reject(self, delivery: Delivery, why: str) -> None:
         """Dead-letter a message that can never count; it never comes back."""
@@ -168,31 +319,54 @@ class XrcService(AtomicConsumer):
         log.error("dead-lettering a message on %s: %s", self.queue, why)
         delivery.reject(requeue=False)
 
-    def _reject_group(self, delivery: Delivery, group: Group | None, why: str, envelope: Envelope | None) -> None:
+    def _reject_group(self, delivery: Delivery, group: Group | None, why: str) -> None:
         """A group that cannot be centred: abort it once, dead-letter its messages."""
-        if group is not None and group.dcids not in self.aborted:
-            self.aborted.add(group.dcids)
+        if group is not None and self.finished.get(group.dcids) is None:
             held = self._close(group.dcids)
             self.assembly.drop(group)
-            if envelope is not None:
-                self._commit(envelope.send("abort", {}), [], "abort", group.dcids,
-                             lambda: self._finished(group, "abort"))
-            for d in held.deliveries.values() if held else []:
+            if held is not None and held.firsts:
+                self._finish(group, held, "abort", held.envelope().send("abort", {}), [])
+            self.finished.add(group.dcids, "abort")
+            for d in held.deliveries if held else []:
                 self._reject(d, why)
         self._reject(delivery, why)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _checkpoint(self, keys: list[tuple[int, ...]]) -> None:
+        """Publish a checkpoint of each open group in ``keys`` that holds
+        anything, and ack what it holds, all in one transaction."""
+        sends: list[Outgoing] = []
+        acks: list[Delivery] = []
+        for key in keys:
+            held, group = self.open.get(key), self.assembly.groups.get(key)
+            if held is None or group is None or not held.deliveries:
+                continue
+            body = encode_checkpoint(group, {d: m.body for d, m in held.firsts.items()})
+            sends.append(Outgoing("", self.queue, body, {}, new_message_id()))
+            acks.extend(held.deliveries)
+            self.held -= len(held.deliveries)
+            held.deliveries, held.held_since, held.refresh, held.checkpointed = [], None, False, True
+        if not sends:
+            return
+        self.checkpoints += len(sends)
+        log.debug("checkpointing %d open scan(s), acking %d message(s)", len(sends), len(acks))
+        self._commit(sends, acks, "checkpoint", None)
 
     # ---- a complete group ---------------------------------------------------------
 
     def _complete(self, group: Group, held: _Open) -> None:
+        envelope = held.envelope()
         try:
             result = centre(group)
-        except GroupRejected as e:
-            last = held.deliveries.popitem()[1]
-            self._reject_group(last, group, str(e), held.envelopes.get(group.dcids[0]))
-            return
-        payload = _payload(result)
-        envelope = held.envelopes[group.dcids[0]]  # the xy grid's recipe: the same result, whatever came last
-        sends = envelope.send("success", payload)
+            payload = _payload(result)
+            sends = envelope.send("success", payload)
+        except Exception as e:  # grids that disagree, an output to no step, out of memory for a huge answer, ...
+            why = str(e) if isinstance(e, (GroupRejected, EnvelopeError)) else \
+                f"{group.describe()} cannot be centred ({type(e).__name__}: {str(e)[:80]})"
+            last = held.deliveries.pop()
+            self.held -= 1
+            return self._reject_group(last, group, why)
         if isinstance(result, GridScan2DResult):
             _write_2d_files(envelope, result)
         newest = group.newest_seen_at
@@ -206,17 +380,36 @@ class XrcService(AtomicConsumer):
             self.completed += 1
             self._finished(group, "result", None if newest is None else self.clock() - newest)
 
-        self._commit(sends, list(held.deliveries.values()), "result", group.dcids, sent)
+        self._finish(group, held, "result", sends, held.deliveries, sent)
+
+    def _finish(self, group: Group, held: _Open, outcome: str, sends: list[Outgoing], acks: list[Delivery],
+                then: Callable[[], None] | None = None) -> None:
+        """Send a group's result or abort with its acks (and a tombstone where
+        a checkpoint of it may wait in the queue); remember it once committed."""
+        key = group.dcids
+        if held.checkpointed:
+            sends = [*sends, Outgoing("", self.queue, tombstone(key, outcome), {}, new_message_id())]
+        self.finishing[key] = outcome
+
+        def committed() -> None:
+            if self.finishing.pop(key, None) is not None:
+                self.finished.add(key, outcome)
+            (then or (lambda: self._finished(group, outcome)))()
+
+        def failed() -> None:
+            self.finishing.pop(key, None)
+
+        self._commit(sends, acks, outcome, key, committed, failed)
 
     def _finished(self, group: Group, outcome: str, latency_s: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.finished("3d" if len(group.dcids) > 1 else "2d", outcome, latency_s)
 
     def _commit(self, sends: list[Outgoing], acks: list[Delivery], what: str, key: tuple[int, ...] | None,
-                then: Callable[[], None] | None = None) -> None:
+                then: Callable[[], None] | None = None, failed: Callable[[], None] | None = None) -> None:
         """Publish ``sends`` and ack ``acks`` as one transaction; say what
         became of it once the broker has answered."""
-        if not sends:
+        if not sends and what in ("result", "abort"):
             log.warning("the recipe gives the %s of DCID %s nowhere to go; settling its messages", what, key)
         assert self.subscription is not None
         future = self.subscription.commit(sends, acks)
@@ -225,6 +418,8 @@ class XrcService(AtomicConsumer):
             error = f.exception()
             if error is not None:  # committed whole or not at all: if not, the messages come back
                 log.warning("the %s of DCID %s: %s", what, key, error)
+                if failed is not None:
+                    failed()
                 return
             if then is not None:
                 then()
@@ -233,28 +428,50 @@ class XrcService(AtomicConsumer):
 
         future.add_done_callback(lambda f: self.transport.call_soon(lambda: done(f)))
 
-    # ---- idle groups ----------------------------------------------------------------
+    # ---- one timer for all open groups -----------------------------------------------
 
-    def _watch(self, key: tuple[int, ...]) -> None:
-        self.transport.call_later(self.idle_s, lambda: self._check_idle(key))
+    def _schedule(self, when: float, what: str, key: tuple[int, ...]) -> None:
+        heapq.heappush(self._events, (when, next(self._event_seq), what, key))
+        if self._timer_at is None or when < self._timer_at:
+            self._timer_at = when
+            self.transport.call_later(max(0.0, when - time.monotonic()), self._tick)
 
-    def _check_idle(self, key: tuple[int, ...]) -> None:
-        held = self.open.get(key)
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self._timer_at is not None and self._timer_at > now + 1e-3:
+            return  # an earlier timer than the one now due: that one will come
+        self._timer_at = None
+        due: list[tuple[int, ...]] = []
+        while self._events and self._events[0][0] <= now:
+            _, _, what, key = heapq.heappop(self._events)
+            held = self.open.get(key)
+            if held is None:  # finished since
+                continue
+            if what == "idle":
+                quiet = now - held.last_heard
+                if quiet >= self.idle_s:
+                    self._abandon(key, held, quiet)
+                else:
+                    heapq.heappush(self._events, (held.last_heard + self.idle_s, next(self._event_seq), "idle", key))
+            elif held.deliveries and (held.refresh or now - (held.held_since or now) >= self.checkpoint_s - 1e-3):
+                due.append(key)
+        if due:
+            self._checkpoint(due)
+        if self._events:
+            self._timer_at = self._events[0][0]
+            self.transport.call_later(max(0.0, self._timer_at - time.monotonic()), self._tick)
+
+    def _abandon(self, key: tuple[int, ...], held: _Open, quiet: float) -> None:
         group = self.assembly.groups.get(key)
-        if held is None or group is None:  # centred, aborted or rejected since
+        if group is None:
             return
-        quiet = time.monotonic() - held.last_heard
-        if quiet < self.idle_s:
-            self.transport.call_later(self.idle_s - quiet, lambda: self._check_idle(key))
-            return
-        envelope = held.envelopes[min(held.envelopes)]
+        envelope = held.envelope()
         log.warning("%s: abandoned after %.0f s without an image; missing: %s", describe(group, envelope), quiet,
                     group.missing())
         self._close(key)
         self.assembly.drop(group)
         # settled with the abort: abandoned, not to be tried again
-        self._commit(envelope.send("abort", {}), list(held.deliveries.values()), "abort", key,
-                     lambda: self._finished(group, "abort"))
+        self._finish(group, held, "abort", envelope.send("abort", {}), held.deliveries)
 
 
 def describe(group: Group, envelope: Envelope) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from workflows.services.common_service import CommonService
 
 from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport, TransportError
+from ..messaging.timers import Timers
 from .metrics import ServiceMetrics
 from .runner import IDLE_S, XrcService
 
@@ -38,7 +39,7 @@ class WorkflowsTransport(Transport):
             raise TransportError("the workflows service has no transport yet (make this in initializing())")
         self._service = service
         self._transport: Any = service._transport
-        self._timers: list[threading.Timer] = []
+        self._timers = Timers("X-ray centring: timers")
 
     def __repr__(self) -> str:
         return f"WorkflowsTransport({type(self._transport).__name__})"
@@ -72,10 +73,7 @@ class WorkflowsTransport(Transport):
         enqueue(lambda header, message: fn())(None, None)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        timer = threading.Timer(delay, self.call_soon, args=(fn,))
-        timer.daemon = True
-        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
-        timer.start()
+        self._timers.call_later(delay, lambda: self.call_soon(fn))
 
     def _not_here(self, what: str) -> TransportError:
         return TransportError(f"{what}: queues belong to the Zocalo deployment under a workflows frontend "
@@ -109,8 +107,7 @@ class WorkflowsTransport(Transport):
         raise self._not_here(f"cannot delete {name}")
 
     def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
+        self._timers.close()
 
 
 class _WorkflowsSubscription(Subscription):
@@ -211,7 +208,7 @@ class XRayCentering(CommonService):
         while os.getppid() == frontend:
             time.sleep(1.0)
         self.log.warning("the frontend (process %d) is gone; stopping", frontend)
-        self._shutdown()
+        self._shutdown()  # type: ignore[no-untyped-call]
 
     def in_shutdown(self) -> None:
         from ..local import logbook
