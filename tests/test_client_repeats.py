@@ -6,6 +6,7 @@ result with it. On the in-process broker and on RabbitMQ."""
 
 import asyncio
 import json
+import signal
 import time
 
 import pytest
@@ -108,5 +109,34 @@ def test_a_cancelled_trigger_that_was_handed_a_result_leaves_it_for_the_next(tra
             await task
 
     asyncio.run(cancelled_as_it_is_handed_over())
+    assert list(receiver.trigger(dcids=1, timeout_s=5)) == [ROW]
+    assert eventually(lambda: transport.message_count(results_queue) == 0)
+
+
+class Interrupted(Exception):
+    """What Ctrl-C would raise in the waiting thread."""
+
+
+def test_an_interrupted_trigger_that_was_handed_a_result_leaves_it_for_the_next(transport, results_queue, receiver):
+    """A blocking trigger interrupted (a signal, as Ctrl-C) just as its result
+    is handed over: the result stays unacked for the next trigger."""
+    receiver.subscribe()
+
+    def interrupt(signum, frame):
+        send(transport, results_queue, result(1))
+        assert eventually(lambda: transport.message_count(results_queue) == 0)  # delivered ...
+        time.sleep(0.3)  # ... and handed over, while this thread runs the handler
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            receiver.trigger(dcids=1)
+        assert time.monotonic() - t0 < 3
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert list(receiver.trigger(dcids=1, timeout_s=5)) == [ROW]
     assert eventually(lambda: transport.message_count(results_queue) == 0)
