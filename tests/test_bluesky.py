@@ -4,6 +4,7 @@ results settled at staging, the first result after staging or the expected
 collection's, honest dtypes and shapes, a deadline that is an error."""
 
 import json
+import threading
 import time
 
 import bluesky.plan_stubs as bps
@@ -17,6 +18,7 @@ import zocalo_xrc as zx
 from test_service import publish, scan
 from test_service_assembly import CASE_3D, direct_3d
 from test_transport import eventually
+from test_faults import MARGIN_S, direct, proxy, through  # noqa: F401 (fixtures)
 from ophyd_async.core import soft_signal_rw
 from ophyd_async.sim import SimMotor
 
@@ -29,6 +31,7 @@ from zocalo_xrc.bluesky import (
     ZocaloResults,
     start_infos_from_omega_map,
 )
+from zocalo_xrc.messages import message_id_for
 from zocalo_xrc.messaging import QueueSpec
 from zocalo_xrc.service.runner import XrcService
 
@@ -378,3 +381,116 @@ def test_unstaging_leaves_unread_results_for_the_next_reader(RE, transport, uniq
     assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 1)  # DCID 2's, for whoever reads next
     transport.delete_queue(f"xrc.{unique}")
     transport.delete_queue(f"dlq.xrc.{unique}")
+
+
+# ---- a run that ends mid-trigger, a broker that cannot be reached, a result sent twice ----------------
+
+
+def send_result(transport, unique, dcid=None, body=None):
+    """As the centring service sends a result (``body``, or a new one for
+    ``dcid``): its message_id made from its content."""
+    if body is None:
+        body = zx.build_result_message(direct_3d(), dcid=dcid, dcgid=8, gpu=True, beamline=unique)
+    transport.publish("results", f"xrc.{unique}", body, {"workflows-recipe": True}, message_id_for(body)).result(10)
+    return body
+
+
+@pytest.fixture
+def results_queue(transport, unique):
+    transport.declare_results_queue(f"xrc.{unique}")
+    yield f"xrc.{unique}"
+    transport.delete_queue(f"xrc.{unique}")
+    transport.delete_queue(f"dlq.xrc.{unique}")
+
+
+@pytest.mark.parametrize("ending", ["the plan raises", "RE.abort()", "the plan raises, unstaged"])
+def test_a_run_that_ends_mid_trigger_leaves_the_next_run_its_result(RE, transport, unique, results_queue, ending):
+    """The trigger of a run that ended stops waiting: the next run's trigger
+    waits, and the next run's result is its own (never the orphan's)."""
+    zocalo = device(transport, unique, timeout_s=20)
+    RE(ensure_connected(zocalo))
+    staged = "unstaged" not in ending
+
+    def first_run():
+        if staged:
+            yield from bps.stage(zocalo, wait=True)
+        if ending == "RE.abort()":
+            threading.Timer(0.5, RE.abort).start()
+            yield from bps.trigger(zocalo, wait=True)
+        yield from bps.trigger(zocalo, group="zocalo")
+        yield from bps.sleep(0.3)
+        raise RuntimeError("the plan fails")
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        RE(first_run())
+    assert time.monotonic() - t0 < 5
+
+    def next_run():
+        if staged:
+            yield from bps.stage(zocalo, wait=True)
+            send_result(transport, unique, dcid=2)  # while nobody waits: an orphan would take it
+            time.sleep(0.3)
+            yield from bps.trigger(zocalo, wait=True)
+        else:  # the RunEngine says nothing to a device it did not stage: the next trigger stops the orphan
+            yield from bps.trigger(zocalo, group="zocalo")
+            send_result(transport, unique, dcid=2)
+            yield from bps.wait("zocalo")
+        return (yield from bps.rd(zocalo.ispyb_dcid))
+
+    t0 = time.monotonic()
+    assert RE(next_run()).plan_result == 2
+    assert time.monotonic() - t0 < 5
+    assert eventually(lambda: transport.message_count(results_queue) == 0)
+
+
+def test_a_broker_that_cannot_be_reached_is_an_error_by_the_devices_deadline(RE, through, proxy, direct, unique):
+    """Staging and triggering keep to the device's timeout_s, not the 30 s
+    of a call to the broker."""
+    zocalo = ZocaloResults(name="zocalo", channel=f"xrc.{unique}", connection=through, timeout_s=5)
+    RE(ensure_connected(zocalo))
+    RE(bps.stage(zocalo, wait=True))  # the broker is there: staged
+    RE(bps.unstage(zocalo, wait=True))
+    proxy.refuse()  # the broker's port closes
+    for step in (bps.stage, bps.trigger):
+        t0 = time.monotonic()
+        with pytest.raises(FailedStatus) as failed:
+            RE(step(zocalo, wait=True))
+        assert time.monotonic() - t0 < 5 + MARGIN_S
+        error = failed.value.args[0].exception()
+        assert isinstance(error, zx.TransportError), error
+        assert f"cannot count the results waiting in xrc.{unique} within 5 s" in str(error), error
+        assert "not connected to amqp://guest@127.0.0.1" in str(error) and "guest:guest" not in str(error), error
+    direct.delete_queue(f"xrc.{unique}")  # declared by the first stage
+    direct.delete_queue(f"dlq.xrc.{unique}")
+
+
+def test_a_result_sent_twice_is_not_the_next_collections(RE, transport, unique, results_queue):
+    """The centring service can send one result twice (the broker killed in the
+    middle of its commit), with the same message_id: the second copy is never
+    the next collection's, across triggers and runs."""
+    zocalo = device(transport, unique, timeout_s=10)
+    RE(ensure_connected(zocalo))
+
+    def run(send, timeout_s=10):
+        zocalo.timeout_s = timeout_s  # (read by the next trigger)
+        yield from bps.stage(zocalo, wait=True)
+        send()
+        try:
+            yield from bps.trigger(zocalo, wait=True)
+        except FailedStatus as e:
+            return e.args[0].exception()
+        finally:
+            yield from bps.unstage(zocalo, wait=True)
+        return (yield from bps.rd(zocalo.ispyb_dcid))
+
+    first = zx.build_result_message(direct_3d(), dcid=1, dcgid=8, gpu=True, beamline=unique)
+    assert RE(run(lambda: send_result(transport, unique, body=first))).plan_result == 1
+    again = lambda: send_result(transport, unique, body=first)  # noqa: E731 (the same bytes, the same message_id)
+    assert isinstance(RE(run(again, timeout_s=1)).plan_result, NoResultsFromZocaloError)
+    assert RE(run(lambda: (again(), send_result(transport, unique, dcid=2)))).plan_result == 2
+    stale = send_result(transport, unique, dcid=3)  # waits before staging: settled as stale ...
+    assert eventually(lambda: transport.message_count(results_queue) == 1)
+    send_copy = lambda: send_result(transport, unique, body=stale)  # noqa: E731 (... and so is its copy after)
+    assert RE(run(lambda: (send_copy(), send_result(transport, unique, dcid=4)))).plan_result == 4
+    assert eventually(lambda: transport.message_count(results_queue) == 0)

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -382,7 +383,19 @@ class _Arrival(NamedTuple):
     seq: int
     delivery: Delivery
     message: ResultMessage
-    key: str  # the body's digest: the same result delivered again has the same key
+    keys: tuple[str, ...]  # see _keys: the same result delivered again has the same keys
+
+
+#: How many results a receiver remembers having dealt with (two keys each).
+REMEMBERED = 4096
+
+
+def _keys(delivery: Delivery) -> tuple[str, ...]:
+    """What makes a result the same one again: its body's digest (a
+    redelivery, or a service that sent it twice) and its ``message_id`` (a
+    sender's id for one message, as :func:`message_id_for` makes them)."""
+    digest = f"sha256:{hashlib.sha256(delivery.body).hexdigest()}"
+    return (digest, f"id:{delivery.message_id}") if delivery.message_id else (digest,)
 
 
 #: Which receiver consumes which durable queue, per broker, in this process.
@@ -421,6 +434,7 @@ class _Waiter(Generic[R]):
         self.dcids, self.dcgid = dcids, dcgid  # neither: the next collection's, whichever it is
         self.future: Future[tuple[R, ResultMessage, SourceComparison[R] | None]] = Future()
         self.received: dict[Source, _Arrival] = {}
+        self.handed: list[_Arrival] = []  # handed over, unacked until the caller has taken them
         self.order: list[Source] = []
         self.timer_set = False
 
@@ -495,8 +509,11 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._state = threading.Lock()
         self._held: list[_Arrival] = []  # in order of arrival
         self._arrivals = itertools.count()
-        self._handed: collections.OrderedDict[str, None] = collections.OrderedDict()  # I/O thread only
+        # The keys (_keys) of the results dealt with, handed over or settled: one
+        # that comes again is acked, never handed over.
+        self._dealt_with: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._waiter: _Waiter[R] | None = None
+        self._releasing = 0  # callers that have finished, whose waiters the I/O thread has still to release
         self._stale = 0  # how many of the first deliveries were waiting before settle_waiting()
 
     def subscribe(self, *, timeout_s: float | None = 10.0) -> None:
@@ -520,27 +537,75 @@ class _Receiver(_UsesBroker, Generic[R]):
         device before its collection starts): ack them, and consume from here
         on. Subscribed already, those are the ones held; else the ones ready
         in the queue, counted before consuming starts (the queue hands them
-        out first). Returns how many will be settled."""
+        out first). Returns how many will be settled. All of it within
+        ``timeout_s``, or :class:`TransportError` saying why not (the broker
+        cannot be reached, say)."""
         with self._lock:
             subscribed = self._subscription is not None
         if subscribed:
             with self._state:
                 stale, self._held = self._held, []
             for arrival in stale:
-                self._settle_stale(arrival.delivery, arrival.message)
+                self._settle_stale(arrival.delivery, arrival.message, arrival.keys)
             return len(stale)
+        deadline = time.monotonic() + timeout_s
         waiting = 0
-        if not self.private_queue and self.transport.queue_exists(self.queue):
-            waiting = self.transport.message_count(self.queue)
+        if not self.private_queue:
+            waiting = self._admin(f"count the results waiting in {self.queue}", timeout_s, self._waiting_in_queue)
         with self._state:
             self._stale = waiting
-        self.subscribe(timeout_s=timeout_s)
+        self.subscribe(timeout_s=max(0.0, deadline - time.monotonic()))
         return waiting
 
-    def _settle_stale(self, delivery: Delivery, message: ResultMessage | None) -> None:
+    def _waiting_in_queue(self) -> int:
+        transport = self.transport
+        return transport.message_count(self.queue) if transport.queue_exists(self.queue) else 0
+
+    def _admin(self, what: str, timeout: float, work: Callable[[], T]) -> T:
+        """``work`` (calls that wait for the broker) on the I/O thread, within
+        ``timeout``: withdrawn if it has not started by then (a broker that
+        cannot be reached), whatever the transport's own time limit."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as e:
+                    future.set_exception(e)
+
+        self.transport.call_soon(run)
+
+        def error() -> Exception:
+            return TransportError(f"cannot {what} within {timeout:g} s: "
+                                  f"{self.transport.trouble() or 'no answer from the broker'}")
+
+        return wait_for(future, timeout, error)
+
+    def _settle_stale(self, delivery: Delivery, message: ResultMessage | None, keys: tuple[str, ...]) -> None:
+        """Ack a result that waited before staging, and remember it (a copy
+        of it that comes later is stale too)."""
         what = f"DCID {message.dcid} / DCGID {message.dcgid}" if message is not None else "a message"
         log.info("settling a stale result on %s (%s): it was waiting before this receiver was staged", self.queue, what)
+        self._remember(keys)
         delivery.ack()
+
+    def _remember(self, keys: Iterable[str]) -> None:
+        with self._state:
+            for key in keys:
+                self._dealt_with[key] = None
+                self._dealt_with.move_to_end(key)
+            while len(self._dealt_with) > 2 * REMEMBERED:
+                self._dealt_with.popitem(last=False)
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        with self._state:
+            for key in keys:
+                self._dealt_with.pop(key, None)
+
+    def _seen(self, keys: Iterable[str]) -> bool:
+        with self._state:
+            return any(key in self._dealt_with for key in keys)
 
     def _what_queue(self) -> str:
         return "a private results queue" if self.private_queue else self.queue
@@ -613,8 +678,8 @@ class _Receiver(_UsesBroker, Generic[R]):
         # With nothing held, install here: waiting then costs no hand-over to
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
-        with self._state:
-            installed = self._waiter is None and not self._held  # else an earlier waiter's uninstall comes first
+        with self._state:  # else an earlier waiter's release comes first
+            installed = self._waiter is None and not self._held and not self._releasing
             if installed:
                 self._waiter = waiter
         if not installed:
@@ -637,9 +702,23 @@ class _Receiver(_UsesBroker, Generic[R]):
 
         return error
 
-    def _end(self, waiter: _Waiter[R]) -> None:
-        if not (waiter.future.done() and not waiter.future.cancelled()):
-            self.transport.call_soon(lambda: self._uninstall(waiter))
+    def _end(self, waiter: _Waiter[R], taken: bool) -> None:
+        """The caller is done waiting: with the results (``taken``; they are
+        acked now), or without (gave up, cancelled, interrupted): then nothing
+        is handed to it any more, and what it had been handed stays unacked,
+        held for the next trigger."""
+        if taken:
+            for arrival in waiter.handed:  # here, not on the I/O thread: before a close() that follows
+                try:
+                    arrival.delivery.ack()
+                except Exception as e:  # a lost ack only means a redelivery, which is recognised
+                    log.warning("could not ack a result for %s (%s); it will be recognised if it comes again",
+                                waiter.describe(), e)
+        else:
+            waiter.future.cancel()  # fails if a result is being handed over: its release puts it back
+            with self._state:
+                self._releasing += 1
+            self.transport.call_soon(lambda: self._release(waiter))
         with self._lock:
             self._busy = False
 
@@ -654,23 +733,30 @@ class _Receiver(_UsesBroker, Generic[R]):
         know its DCIDs."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         waiter = self._begin(dcids, dcgid, any_collection)
+        taken = False
         try:
-            return self._finish(wait_for(waiter.future, timeout, self._give_up(waiter, timeout)))
+            outcome = wait_for(waiter.future, timeout, self._give_up(waiter, timeout))
+            taken = True
+            return self._finish(outcome)
         finally:
-            self._end(waiter)
+            self._end(waiter, taken)
 
     async def trigger_async(
         self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *, timeout_s: float | None = None,
         any_collection: bool = False,
     ) -> R:
-        """:meth:`trigger` for asyncio: the event loop keeps running meanwhile."""
+        """:meth:`trigger` for asyncio: the event loop keeps running meanwhile.
+        Cancelling the task stops the wait at once; a result that was being
+        handed over stays for the next trigger."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         waiter = self._begin(dcids, dcgid, any_collection)
+        taken = False
         try:
             outcome = await wait_for_async(waiter.future, timeout, self._give_up(waiter, timeout))
+            taken = True
             return self._finish(outcome)
         finally:
-            self._end(waiter)
+            self._end(waiter, taken)
 
     # ---- the I/O thread's side ---------------------------------------------------
 
@@ -680,7 +766,7 @@ class _Receiver(_UsesBroker, Generic[R]):
             if stale:
                 self._stale -= 1
         if stale:
-            return self._settle_stale(delivery, None)
+            return self._settle_stale(delivery, None, _keys(delivery))
         if not is_recipe_envelope(delivery.headers):
             log.error("rejecting a message on %s: not a recipe envelope (no workflows-recipe header)", self.queue)
             delivery.reject(requeue=False)
@@ -695,13 +781,13 @@ class _Receiver(_UsesBroker, Generic[R]):
             log.error("rejecting a result on %s: not a recipe envelope naming a collection", self.queue)
             delivery.reject(requeue=False)
             return
-        key = hashlib.sha256(delivery.body).hexdigest()
-        if key in self._handed:  # the same bytes: redelivered after a reconnect, or sent twice by a service
-            log.info("a result for DCID %s / DCGID %s came again (%s); it was handed over already: acked, not handed "
-                     "over twice", message.dcid, message.dcgid, "redelivered" if delivery.redelivered else "sent again")
+        keys = _keys(delivery)
+        if self._seen(keys):  # redelivered after a reconnect, or sent twice by a service
+            log.info("a result for DCID %s / DCGID %s came again (%s); it was dealt with already: acked, not handed "
+                     "over", message.dcid, message.dcgid, "redelivered" if delivery.redelivered else "sent again")
             delivery.ack()
             return
-        arrival = _Arrival(next(self._arrivals), delivery, message, key)
+        arrival = _Arrival(next(self._arrivals), delivery, message, keys)
         with self._state:
             waiter = self._waiter
             if waiter is None:
@@ -728,6 +814,7 @@ class _Receiver(_UsesBroker, Generic[R]):
     def _discard(self, arrival: _Arrival, why: str) -> None:
         message = arrival.message
         log.warning("rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
+        self._remember(arrival.keys)
         arrival.delivery.reject(requeue=False)
 
     def _install(self, waiter: _Waiter[R]) -> None:
@@ -750,30 +837,42 @@ class _Receiver(_UsesBroker, Generic[R]):
             else:
                 self._discard(arrival, f"stale: waiting for {waiter.describe()}")
 
-    def _uninstall(self, waiter: _Waiter[R]) -> None:
+    def _release(self, waiter: _Waiter[R]) -> None:
+        """On the I/O thread, once the caller has given up: hold again
+        (unacked) what it had received or been handed, forgetting the latter
+        was handed over."""
         with self._state:
             if self._waiter is waiter:
                 self._waiter = None
-        if not waiter.future.done() or waiter.future.cancelled():
-            self._put_back(waiter.received.values())  # nobody took them: still unacked
-            waiter.received.clear()
+            self._releasing -= 1
+        handed: list[_Arrival] = waiter.handed
+        waiter.handed = []
+        for arrival in handed:
+            self._forget(arrival.keys)
+        if handed:
+            log.info("the caller waiting for %s gave up as its results came: they stay for the next trigger",
+                     waiter.describe())
+        self._put_back([*waiter.received.values(), *handed])  # nobody took them: still unacked
+        waiter.received.clear()
 
     def _offer(self, waiter: _Waiter[R], arrival: _Arrival) -> None:
         message = arrival.message
-        if arrival.key in self._handed:  # a second copy, held since before the first was handed over
-            log.info("a result for DCID %s / DCGID %s came twice; handed over once", message.dcid, message.dcgid)
+        if self._seen(arrival.keys):  # a second copy, held since before the first was dealt with
+            log.info("a result for DCID %s / DCGID %s came twice; dealt with once", message.dcid, message.dcgid)
             arrival.delivery.ack()
             return
         source = _source(message)
         wanted = self.source in (source, Source.EITHER)
         if not wanted and not self.compare_sources:
             log.info("ignoring the %s result for %s", source.name, waiter.describe())
+            self._remember(arrival.keys)
             arrival.delivery.ack()
             return
         if message.type != self.result_type:
             what = (f"Zocalo sent {message.type} results for {waiter.describe()}; "
                     f"{type(self).__name__} takes {self.result_type} results")
             log.error("rejecting a result: %s", what)
+            self._remember(arrival.keys)
             arrival.delivery.reject(requeue=False)
             self._fail(waiter, ResultPayloadError(what))
             return
@@ -812,7 +911,7 @@ class _Receiver(_UsesBroker, Generic[R]):
 
     def _complete(self, waiter: _Waiter[R]) -> None:
         if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
-            return  # the caller gave up: _uninstall keeps the messages
+            return  # the caller gave up: _release keeps the messages
         primary = self._primary(waiter)
         received = list(waiter.received.values())
         waiter.received.clear()
@@ -827,17 +926,10 @@ class _Receiver(_UsesBroker, Generic[R]):
             waiter.future.set_exception(e)
             return
         for arrival in received:
-            self._handed[arrival.key] = None
-        while len(self._handed) > 1024:
-            self._handed.popitem(last=False)
+            self._remember(arrival.keys)
+        waiter.handed = received  # acked once the caller has them (_release)
         log.info("X-ray centring results for %s: %d result(s)", waiter.describe(), len(message.results))
         waiter.future.set_result((got[_source(message)], message, comparison))
-        for arrival in received:  # after the hand-over: a lost ack only means a redelivery, which is recognised
-            try:
-                arrival.delivery.ack()
-            except Exception as e:
-                log.warning("could not ack a result for %s (%s); it will be recognised if it comes again",
-                            waiter.describe(), e)
 
     def _compare(self, waiter: _Waiter[R], got: dict[Source, R], primary: Source) -> SourceComparison[R]:
         if len(got) == 2:

@@ -9,12 +9,16 @@ Unlike dodal's, its signals say what they hold: ``centre_of_mass`` is an
 coordinates are int64 (no uint64 wrap of a negative one), counts float64 as
 the wire carries them; ``describe()`` gives the shapes that are read. Stale
 results are settled at staging, not waited out for 2 s; waiting never blocks
-the event loop, and has one deadline.
+the event loop, and has one deadline. A trigger whose plan ended (it raised,
+or was aborted) stops waiting when the RunEngine unstages the device, or at
+the next stage or trigger: it never takes the next run's result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -28,6 +32,8 @@ from ..messaging import Transport
 from ..messaging.config import ConnectionSettings
 
 __all__ = ["NoResultsFromZocaloError", "ZocaloResults", "ZocaloSource"]
+
+log = logging.getLogger(__name__)
 
 #: dodal's values: ``ZocaloSource.CPU``, ``"GPU"``; ours add ``"EITHER"`` (the first to come).
 ZocaloSource = Source
@@ -56,7 +62,13 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
     after staging, or, once told the collection (:meth:`expect`), with that
     collection's result only; :class:`NoResultsFromZocaloError` after
     ``timeout_s`` (no crystal is a result with no rows, not an error).
-    ``unstage()`` releases the queue; unread results stay there.
+    ``unstage()`` releases the queue; unread results stay there. Each of them
+    keeps to ``timeout_s`` (staging too: a broker that cannot be reached is a
+    :class:`~zocalo_xrc.TransportError` by then, saying why).
+
+    A result that comes again (the same ``message_id`` or the same bytes:
+    Zocalo's service can send one twice when the broker dies in the middle
+    of its commit) is acked and never handed to a later trigger.
 
     ``zocalo_environment`` (dodal's) or ``connection`` (an ``amqp://`` URL,
     ``"in-process"``, settings or a transport) says where Zocalo is;
@@ -88,6 +100,7 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
         self._receiver: client.ZocaloResults | None = None
         self._expected: tuple[frozenset[int], int | None] | None = None
         self._staged = False
+        self._waiting: asyncio.Task[Any] | None = None  # the trigger waiting for a result, if one is
 
         self.centre_of_mass, self._set_centre_of_mass = soft_signal_r_and_setter(np.ndarray, np.zeros((0, 3)))
         self.bounding_box, self._set_bounding_box = soft_signal_r_and_setter(np.ndarray, np.zeros((0, 2, 3), np.int64))
@@ -128,27 +141,65 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
 
     @AsyncStatus.wrap
     async def stage(self) -> None:
-        """Subscribe, settling what was waiting (stale results) at once."""
-        await asyncio.to_thread(self.receiver.settle_waiting)
+        """Subscribe, settling what was waiting (stale results) at once; a
+        trigger still waiting from an earlier plan stops. Within the device's
+        ``timeout_s``, or :class:`~zocalo_xrc.TransportError` saying why not."""
+        await self._stop_waiting()
+        await self._settle(self.timeout_s)
+
+    async def _settle(self, timeout_s: float) -> None:
+        await asyncio.to_thread(self.receiver.settle_waiting, timeout_s=timeout_s)
         self._staged = True
 
     @AsyncStatus.wrap
     async def unstage(self) -> None:
-        """Release the queue: results not read stay there for the next reader."""
+        """Release the queue: results not read stay there for the next reader.
+        A trigger still waiting stops at once (the RunEngine unstages a plan's
+        devices when the plan raises or is aborted; it does not cancel their
+        triggers)."""
         self._staged = False
         self._expected = None
+        waiting = self._cancel_waiting()
         if self._receiver is not None:
-            await asyncio.to_thread(self._receiver.close)
+            self._receiver.close()  # never waits; here, so that a stage that follows comes after it
+        if waiting is not None:
+            await asyncio.wait([waiting])
+
+    def _cancel_waiting(self) -> asyncio.Task[Any] | None:
+        """Cancel the trigger waiting for a result, unless it is the caller."""
+        task = self._waiting
+        if task is None or task.done() or task is asyncio.current_task():
+            return None
+        log.info("%s: a trigger from before is still waiting for a result; it stops (its plan has ended)", self.name)
+        task.cancel()
+        return task
+
+    async def _stop_waiting(self) -> None:
+        task = self._cancel_waiting()
+        if task is not None:
+            await asyncio.wait([task])
 
     @AsyncStatus.wrap
     async def trigger(self) -> None:
-        if not self._staged:  # the first trigger subscribes if nothing did
-            await self.stage()
-        expected, self._expected = self._expected, None
-        if expected is None:
-            results = await self.receiver.trigger_async(any_collection=True)
-        else:
-            results = await self.receiver.trigger_async(dcids=expected[0], dcgid=expected[1])
+        """Complete with the next result (see the class), within the device's
+        ``timeout_s``, staging included if nothing staged the device. A
+        trigger still waiting from before stops: the newest one waits."""
+        deadline = time.monotonic() + self.timeout_s
+        await self._stop_waiting()
+        self._waiting = asyncio.current_task()
+        try:
+            timeout_s = self.timeout_s
+            if not self._staged:  # the first trigger subscribes if nothing did
+                await self._settle(timeout_s)
+                timeout_s = max(0.0, round(deadline - time.monotonic(), 3))
+            expected, self._expected = self._expected, None
+            if expected is None:
+                results = await self.receiver.trigger_async(any_collection=True, timeout_s=timeout_s)
+            else:
+                results = await self.receiver.trigger_async(dcids=expected[0], dcgid=expected[1], timeout_s=timeout_s)
+        finally:
+            if self._waiting is asyncio.current_task():
+                self._waiting = None
         message = self.receiver.last_message
         assert message is not None
         self._put(results, message.dcid, message.dcgid)
