@@ -235,6 +235,8 @@ class LocalZocalo:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+        if self._threads:
+            ispyb.release_waiting()  # a request the Dispatcher holds for an unreachable ISPyB goes back to its queue
         for thread in reversed(self._threads):
             thread.stop()
         self._threads.clear()
