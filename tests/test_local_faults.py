@@ -73,3 +73,105 @@ def test_a_run_triggered_while_ispyb_is_down_completes_once_it_is_back(rabbit, o
     assert own_mariadb.password not in unreachable[0].getMessage()
     assert not [m for m in caplog.records if m.name.startswith("zocalo.service") and m.levelno >= logging.ERROR]
     assert [m for m in caplog.records if "answers again" in m.getMessage()]
+
+
+# ---- 11: the journal's disk full ------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 64 KiB tmpfs of the test's own, unmounted however the test ends."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for a full filesystem (needs root): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last byte; the filler file."""
+    import errno
+
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"x" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+        while True:
+            try:
+                f.write(b"x")
+            except OSError:
+                return filler
+
+
+def test_a_full_disk_pauses_the_journal_and_the_service_goes_on(small_filesystem, caplog):
+    """A service whose journal is on a full filesystem takes and sends its
+    messages as ever; the journal says so once, counts what it could not
+    write, keeps whole lines only, and writes again once there is space."""
+    from zocalo_xrc.local.logbook import Journal, Logbook
+    from zocalo_xrc.messaging import InProcessBroker
+    from zocalo_xrc.messaging.workflows_inprocess import InProcessWorkflowsTransport
+
+    def request(guid: str) -> dict[str, object]:
+        return {"recipes": ["mimas"], "parameters": {"guid": guid, "ispyb_dcid": 1}}
+
+    broker = InProcessBroker()
+    broker.declare_queue("in")
+    broker.declare_queue("out")
+    transport = InProcessWorkflowsTransport(broker)
+    journal = Journal(small_filesystem / "journal", "a service")
+    transport.add_middleware(journal)
+    transport.connect()
+    taken: list[object] = []
+
+    def on_message(header: dict[str, object], message: object) -> None:
+        taken.append(message)
+        transport.ack(header)
+        transport.send("out", message)
+
+    try:
+        transport.subscribe("in", on_message, acknowledgement=True)
+        transport.send("in", request("before"))
+        deadline = time.monotonic() + 10
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        per_message = len(list(Logbook(small_filesystem).entries()))  # its sends and what it took
+        assert per_message >= 2
+        filler = fill(small_filesystem)
+        with caplog.at_level(logging.WARNING, logger="zocalo_xrc.local.logbook"):
+            for k in range(20):
+                transport.send("in", request(f"full-{k}"))
+            deadline = time.monotonic() + 10
+            while len(taken) < 21 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(taken) == 21  # every message taken, and passed on
+        assert broker.message_count("out") == 21
+        warnings = [m for m in caplog.records if m.name == "zocalo_xrc.local.logbook"]
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, [m.getMessage() for m in warnings]
+        assert "journal" in warnings[0].getMessage() and "No space left" in warnings[0].getMessage()
+        assert journal.unwritten > 0
+        filler.unlink()
+        transport.send("in", request("after"))
+        deadline = time.monotonic() + 10
+        while len(taken) < 22 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        guids = [e["guid"] for e in Logbook(small_filesystem).entries()]  # every line whole JSON
+        # what fitted in the file's last page was written, the rest counted; then it writes again
+        full = [g for g in guids if g.startswith("full")]
+        assert len(full) + journal.unwritten == 20 * per_message
+        assert guids == ["before"] * per_message + full + ["after"] * per_message
+    finally:
+        transport.disconnect()
+        broker.close()
+        journal.close()
