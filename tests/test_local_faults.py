@@ -5,6 +5,7 @@ state directory at once; scan names that try to be paths."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -175,3 +176,49 @@ def test_a_full_disk_pauses_the_journal_and_the_service_goes_on(small_filesystem
         transport.disconnect()
         broker.close()
         journal.close()
+
+
+# ---- 14: add-scan names, and first add-scans at once ------------------------------------
+
+
+def add_scan(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "zocalo_xrc", "local", "add-scan", str(EXAMPLES / "scan2d.json"),
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/escape-{}", "a/b", ".", "..", ""])
+def test_a_scan_name_is_a_name_not_a_path(tmp_path, name):
+    name = name.format(uuid.uuid4().hex[:8])
+    state = tmp_path / "deep" / "state"
+    done = add_scan("--name", name, "--state", str(state), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "--name" in line and repr(name) in line
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and state not in p.parents]
+    assert not outside and not list((state / "data").glob("*")) if state.exists() else True
+    if name.startswith("/tmp/"):
+        assert not list(Path("/tmp").glob(f"{Path(name).name}*"))
+
+
+def test_first_add_scans_at_once_on_a_fresh_state_directory_all_succeed(tmp_path):
+    """Several processes register the first scans of fresh state directories
+    at the same moment: each creates the ISPyB tables (SQLite), and every one
+    succeeds, round after round."""
+    import subprocess
+    import sys
+
+    for round_ in range(3):
+        state = tmp_path / f"state{round_}"  # not there yet
+        procs = [subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "add-scan",
+                                   str(EXAMPLES / "scan2d.json"), "--json", "--state", str(state)],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        outcomes = [(p.wait(120), *p.communicate()) for p in procs]
+        failed = [err.strip() for rc, _, err in outcomes if rc != 0]
+        assert not failed, f"round {round_}: {failed}"
+        dcids = [json.loads(out)["dcids"][0] for _, out, _ in outcomes]
+        assert len(set(dcids)) == 6

@@ -189,12 +189,39 @@ class Ispyb:
         keys reach (39 of ISPyB's ~200), from ``ispyb.sqlalchemy``'s models;
         tables already there are left as they are. On MariaDB the models are
         created as they are; on SQLite from a copy that swaps MySQL-only types
-        and defaults for SQLite's (see :func:`sqlite_tables`)."""
+        and defaults for SQLite's (see :func:`sqlite_tables`).
+        Safe to race: on SQLite, processes creating the tables (and making the
+        new file WAL) take turns, by a lock on ``<file>.lock``; on MariaDB, a
+        table another process created between the check and the CREATE is
+        found on a second pass."""
         tables = sqlite_tables() if self.dialect == "sqlite" else schema_tables()
-        with self._errors("creating the ISPyB tables"):
-            with self._writer.begin() as conn:
-                for table in tables:  # in dependency order
-                    table.create(conn, checkfirst=True)
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self._errors("creating the ISPyB tables"), self._schema_lock():
+                    with self._writer.begin() as conn:
+                        for table in tables:  # in dependency order
+                            table.create(conn, checkfirst=True)
+                return
+            except IspybError as e:
+                if attempt < _ATTEMPTS and _mysql_code(e.__cause__) == 1050:  # MySQL: table already exists
+                    continue
+                raise
+
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """SQLite: the other processes' schema creation waits (an flock on ``<file>.lock``)."""
+        database = self._engine.url.database if self.dialect == "sqlite" else None
+        if not database:
+            yield
+            return
+        import fcntl
+
+        with open(f"{database}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # ---- writing ----
 
