@@ -95,6 +95,11 @@ class MariaDB:
         )
         init.chmod(0o600)
         self.log = self.base / "error.log"
+        self.start_server(timeout)
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        """Run the server on the data :meth:`start` installed (again, after :meth:`stop_server`)."""
+        init = self.base / "init.sql"
         self.process = subprocess.Popen(
             [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-networking=0",
@@ -128,15 +133,19 @@ class MariaDB:
         except OSError:
             return "(no error log)"
 
-    def stop(self) -> None:
+    def stop_server(self) -> None:
+        """Stop the server (SIGTERM: a clean shutdown), keeping its data for :meth:`start_server`."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: mariadbd shuts down cleanly
+            self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
         self.process = None
+
+    def stop(self) -> None:
+        self.stop_server()
         shutil.rmtree(self.base, ignore_errors=True)
 
 

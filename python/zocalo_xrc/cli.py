@@ -643,14 +643,20 @@ def run_local_up(args: argparse.Namespace) -> int:
 def run_local_add_scan(args: argparse.Namespace) -> int:
     from .client import RECIPE, START_FIELDS
     from .local.ispyb import Ispyb, IspybError
+    from .local.scan import check_name
     from .local.zocalo import StateDirectory, default_state_directory, prepare_results_queue, register_scan
 
     scan = _scan(args.file)
+    name = args.file.stem if args.name is None else args.name
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise CliError(f"--name: {e}", EXIT_USAGE) from None
     state = StateDirectory((args.state or default_state_directory()).resolve())
     try:
+        state.path.mkdir(parents=True, exist_ok=True)  # a fresh state directory: ISPyB's SQLite file goes there
         with Ispyb(args.ispyb or state.ispyb_url) as db:
             db.create_schema()
-            name = args.name or args.file.stem
             registered = register_scan(db, state, scan, name)
         prepare_results_queue(state, scan.beamline)
     except (IspybError, OSError, ValueError, TransportError) as e:

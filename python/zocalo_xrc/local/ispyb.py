@@ -22,14 +22,16 @@ import contextlib
 import datetime
 import decimal
 import functools
+import itertools
 import logging
 import os
 import secrets
 import threading
+import time
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..grid import GridInfo
 from .._text import quoted
@@ -57,6 +59,12 @@ TABLES = ("Person", "Proposal", "BLSession", "DataCollectionGroup", "DataCollect
 
 #: How long an SQLite connection waits for another process's write lock, in seconds.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+#: How long a dispatcher filter holds one request while ISPyB is unreachable,
+#: in seconds, before it gives the request back to the Dispatcher (which then
+#: requeues it, counted against the queue's delivery limit).
+UNREACHABLE_WAIT_S = 120.0
+#: The pauses between a waiting filter's attempts, in seconds (then the last, again and again).
+UNREACHABLE_RETRY_S = (0.5, 1.0, 2.0, 4.0, 5.0)
 
 #: The proposal code of the local proposals: commissioning, one per beamline.
 PROPOSAL_CODE = "cm"
@@ -74,6 +82,10 @@ _WRITE = "zocalo_xrc_ispyb_write"  # an execution option: this transaction write
 
 class IspybError(RuntimeError):
     """A database could not be used: unreachable, no ISPyB tables, bad credentials file, ..."""
+
+
+class IspybUnreachableError(IspybError):
+    """The database server did not answer: refused, gone away, shutting down, busy (SQLite: locked)."""
 
 
 class IspybNotConfiguredError(IspybError):
@@ -177,12 +189,39 @@ class Ispyb:
         keys reach (39 of ISPyB's ~200), from ``ispyb.sqlalchemy``'s models;
         tables already there are left as they are. On MariaDB the models are
         created as they are; on SQLite from a copy that swaps MySQL-only types
-        and defaults for SQLite's (see :func:`sqlite_tables`)."""
+        and defaults for SQLite's (see :func:`sqlite_tables`).
+        Safe to race: on SQLite, processes creating the tables (and making the
+        new file WAL) take turns, by a lock on ``<file>.lock``; on MariaDB, a
+        table another process created between the check and the CREATE is
+        found on a second pass."""
         tables = sqlite_tables() if self.dialect == "sqlite" else schema_tables()
-        with self._errors("creating the ISPyB tables"):
-            with self._writer.begin() as conn:
-                for table in tables:  # in dependency order
-                    table.create(conn, checkfirst=True)
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self._errors("creating the ISPyB tables"), self._schema_lock():
+                    with self._writer.begin() as conn:
+                        for table in tables:  # in dependency order
+                            table.create(conn, checkfirst=True)
+                return
+            except IspybError as e:
+                if attempt < _ATTEMPTS and _mysql_code(e.__cause__) == 1050:  # MySQL: table already exists
+                    continue
+                raise
+
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """SQLite: the other processes' schema creation waits (an flock on ``<file>.lock``)."""
+        database = self._engine.url.database if self.dialect == "sqlite" else None
+        if not database:
+            yield
+            return
+        import fcntl
+
+        with open(f"{database}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # ---- writing ----
 
@@ -336,13 +375,17 @@ class Ispyb:
     def _errors(self, what: str) -> Iterator[None]:
         """Database errors as :class:`IspybError`: what was being done, where
         (password hidden) and the driver's reason (no statement, no URL)."""
-        from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+        from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
+        from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
         try:
             yield
         except DBAPIError as e:
             reason = str(e.orig) if e.orig is not None else type(e).__name__
-            raise IspybError(f"ISPyB {self.url}: {what} failed: {reason}") from e
+            kind = IspybUnreachableError if _is_unreachable(e) else IspybError
+            raise kind(f"ISPyB {self.url}: {what} failed: {reason}") from e
+        except (DisconnectionError, PoolTimeoutError) as e:
+            raise IspybUnreachableError(f"ISPyB {self.url}: {what} failed: {e}") from e
         except SQLAlchemyError as e:
             raise IspybError(f"ISPyB {self.url}: {what} failed: {e}") from e
 
@@ -539,13 +582,34 @@ def _is_conflict(error: BaseException | None) -> bool:
 
 
 def _is_deadlock(error: BaseException | None) -> bool:
+    return _mysql_code(error) in (1205, 1213)  # MySQL: lock wait timeout, deadlock
+
+
+#: MySQL's codes for a server that did not answer: too many connections, shutting
+#: down, connection killed; the client's can't connect (socket, TCP, host),
+#: server gone away, lost connection (three ways), disconnected for inactivity.
+_UNREACHABLE_CODES = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2014, 2055, 4031})
+
+
+def _is_unreachable(error: BaseException | None) -> bool:
+    """A database error that says the server did not answer (waiting may help),
+    not that the request was wrong."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated or _mysql_code(error) in _UNREACHABLE_CODES:
+        return True
+    return error.orig is not None and type(error.orig).__module__ == "sqlite3" and "locked" in str(error.orig)
+
+
+def _mysql_code(error: BaseException | None) -> Any:
     from sqlalchemy.exc import DBAPIError
 
     if not isinstance(error, DBAPIError) or error.orig is None:
-        return False
+        return None
     args: tuple[Any, ...] = tuple(getattr(error.orig, "args", ()))
-    code = getattr(error.orig, "errno", args[0] if args else None)  # mysql.connector: errno; pymysql: args[0]
-    return code in (1205, 1213)  # MySQL: lock wait timeout, deadlock
+    return getattr(error.orig, "errno", args[0] if args else None)  # mysql.connector: errno; pymysql: args[0]
 
 
 # ---- parameters()' parts ------------------------------------------------------
@@ -606,19 +670,34 @@ def _models() -> Any:
 # ---- the process's database, for the dispatcher filters --------------------------
 
 _lock = threading.Lock()
+_released = threading.Condition(_lock)  # notified by release_waiting() and configure()
+_releasing = False  # release_waiting() was called, configure() not since: filters do not wait for ISPyB
 _configured: str | None = None
 _handles: dict[str, Ispyb] = {}
 _warned_unconfigured = False
+_unreachable_since: dict[str, float] = {}  # per database (URL, password hidden): when it stopped answering
 
 
 def configure(url: str | None) -> None:
     """Set the database the dispatcher filters (and :func:`database`) use in
     this process; ``None`` clears it (then the environment decides)."""
-    global _configured
+    global _configured, _releasing
     if url is not None and not isinstance(url, str):
         raise TypeError(f"configure: url must be a string or None, got {type(url).__name__}")
     with _lock:
-        _configured = url
+        _configured, _releasing = url, False
+        _released.notify_all()
+
+
+def release_waiting() -> None:
+    """The requests the dispatcher filters of this process hold for an
+    unreachable ISPyB go back to the Dispatcher at once (it requeues them),
+    and they hold none until :func:`configure` is called again: for a
+    Dispatcher in a thread that is about to stop."""
+    global _releasing
+    with _lock:
+        _releasing = True
+        _released.notify_all()
 
 
 def database_url() -> str:
@@ -669,7 +748,8 @@ def ispyb_dc_info(message: dict[str, Any], parameters: dict[str, Any]) -> tuple[
     ``ispyb_dcg_dcids``). No ``ispyb_dcid``, or no database configured in
     this process (a warning, once), or a DCID ISPyB does not hold (a
     warning): the inputs unchanged. A DCID that is not a number raises, and
-    the dispatcher rejects the message."""
+    the dispatcher rejects the message. While the database is unreachable
+    the request waits for it, up to :data:`UNREACHABLE_WAIT_S`."""
     found = _filter_lookup(parameters, info=True, group=False)
     return (message, parameters) if found is None else (message, {**parameters, **found})
 
@@ -694,12 +774,51 @@ def _filter_lookup(parameters: Mapping[str, Any], *, info: bool, group: bool) ->
         if warn:
             log.warning("ISPyB filters pass messages through unchanged: %s", e)
         return None
+    dcid, db = _dcid(parameters["ispyb_dcid"]), database(url)
     try:
-        return database(url)._lookup(_dcid(parameters["ispyb_dcid"]), info=info, group=group)
+        return _answered(db, lambda: db._lookup(dcid, info=info, group=group))
     except UnknownDcidError as e:  # a request for a collection ISPyB does not hold: says so (once), and goes on
         if info:
             log.warning("%s: the request goes on without ISPyB's values", e)
         return None
+
+
+_T = TypeVar("_T")
+
+
+def _answered(db: Ispyb, lookup: Callable[[], _T]) -> _T:
+    """``lookup()``, tried again while ``db`` is unreachable, pausing
+    :data:`UNREACHABLE_RETRY_S` between attempts, for up to
+    :data:`UNREACHABLE_WAIT_S`; then, or when :func:`configure` is called
+    after :func:`release_waiting`, its :class:`IspybUnreachableError`.
+    One warning in the process when the database stops answering, one line
+    when it answers again: not one per request or attempt."""
+    deadline: float | None = None
+    for attempt in itertools.count():
+        try:
+            found = lookup()
+        except IspybUnreachableError as e:
+            now = time.monotonic()
+            deadline = now + UNREACHABLE_WAIT_S if deadline is None else deadline
+            with _lock:
+                first = db.url not in _unreachable_since
+                _unreachable_since.setdefault(db.url, now)
+            if first:
+                log.warning("ISPyB is unreachable: %s; the Dispatcher holds each request up to %g s for it",
+                            e, UNREACHABLE_WAIT_S)
+            pause = min(UNREACHABLE_RETRY_S[min(attempt, len(UNREACHABLE_RETRY_S) - 1)], deadline - now)
+            with _released:
+                released = _released.wait_for(lambda: _releasing, max(pause, 0.0))
+            if released or time.monotonic() >= deadline:
+                why = "stopping" if released else f"waited {UNREACHABLE_WAIT_S:g} s"
+                raise IspybUnreachableError(f"{e} ({why}: the request goes back to its queue)") from e
+            continue
+        with _lock:
+            since = _unreachable_since.pop(db.url, None)
+        if since is not None:
+            log.info("ISPyB %s answers again, after %.0f s", db.url, time.monotonic() - since)
+        return found
+    raise AssertionError("unreachable")
 
 
 def _dcid(value: Any) -> int:

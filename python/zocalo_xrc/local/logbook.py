@@ -14,7 +14,9 @@ includes the runs it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import threading
@@ -29,6 +31,8 @@ from workflows.transport.middleware import BaseTransportMiddleware
 LOGBOOK_KEY = "zocalo.dispatcher.logbook_location"
 PAYLOAD_CHARS = 400
 
+log = logging.getLogger(__name__)
+
 
 def logbook_location(config: Any) -> Path | None:
     """The logbook directory a zocalo configuration names, if any."""
@@ -38,21 +42,64 @@ def logbook_location(config: Any) -> Path | None:
 
 
 class Journal(BaseTransportMiddleware):
-    """Records what one service receives and sends, one JSON line each."""
+    """Records what one service receives and sends, one JSON line each.
+
+    The journal is a record, not the work: when its file cannot be written
+    (a full disk, any OSError), the service goes on, the journal says so in
+    one warning, counts the entries it could not write in :attr:`unwritten`,
+    and writes again once it can. Its file only ever holds whole lines."""
 
     def __init__(self, directory: Path, service: str) -> None:
         super().__init__()
-        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         name = re.sub(r"[^A-Za-z0-9.-]+", "-", service).strip("-")
         self.path = directory / f"{name}-{os.getpid()}-{id(self):x}.jsonl"
         self.service = service
+        #: Entries not written because the journal's file could not be (a counter: it only grows).
+        self.unwritten = 0
+        self._failing = False  # the last write failed: the next failure says nothing
         self._lock = threading.Lock()
-        self._file = open(self.path, "a", buffering=1)  # a line at a time: readers see whole lines
+        self._fd: int | None = None  # O_APPEND, one write per line: readers see whole lines
+        self._size = 0  # the file's length after its last whole line
+        self._closed = False
         self._pending: dict[Any, list[tuple[str, Any, str | None]]] = {}  # sends inside a transaction
+        with self._lock:
+            self._write(b"")  # open it now: an unwritable journal is said at once
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` (whole lines), or nothing: on an OSError the file is
+        cut back to its last whole line, the entry counted, the first failure
+        of a run of them logged."""
+        try:
+            if self._fd is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._size = os.fstat(self._fd).st_size
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+            self.unwritten += bool(data)
+            if not self._failing:
+                self._failing = True
+                log.warning("%s's journal %s cannot be written (%s): the service goes on, unjournaled, and the "
+                            "journal writes again when it can", self.service, self.path, e.strerror or e)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("%s's journal %s writes again (%d entries not written in all)", self.service, self.path,
+                     self.unwritten)
+        self._size += len(data)
 
     def record(self, direction: str, where: str, message: Any, exchange: str | None = None) -> None:
         entry = describe(message)
@@ -61,10 +108,10 @@ class Journal(BaseTransportMiddleware):
         entry.update(t=time.time(), service=self.service, dir=direction, queue=where)
         if exchange:
             entry["exchange"] = exchange
-        line = json.dumps(entry, default=str, separators=(",", ":"))
+        line = json.dumps(entry, default=str, separators=(",", ":")) + "\n"
         with self._lock:
-            if not self._file.closed:
-                self._file.write(line + "\n")
+            if not self._closed:
+                self._write(line.encode())
 
     # workflows middleware hooks
     def subscribe(self, call_next: Callable[..., int], channel: str, callback: Callable[..., Any], **kwargs: Any) -> int:

@@ -36,6 +36,16 @@ class ScanFileError(ValueError):
     """A scan file that does not describe a scan; says where."""
 
 
+def check_name(name: str) -> str:
+    """A scan's name (the detector file name the beamline sends, and the
+    start of its data file's): a plain name, never a path; else ValueError."""
+    if (not isinstance(name, str) or not name or name in (".", "..")
+            or any(c in name for c in ("/", "\\", "\0")) or name != name.strip()):
+        raise ValueError(f"scan name {quoted(name)}: expected a plain file name (not empty, no '/' or '\\', "
+                         "not '.' or '..', no leading or trailing spaces)")
+    return name
+
+
 @dataclass(frozen=True)
 class Crystal:
     centre_mm: tuple[float, float, float]

@@ -40,7 +40,7 @@ from ..messaging import ConfigurationError, ConnectionSettings, InProcessBroker,
 from ..messaging.config import looks_like_url
 from . import ispyb
 from .logbook import Logbook
-from .scan import Scan
+from .scan import Scan, check_name
 from .settings import Settings
 
 log = logging.getLogger("zocalo_xrc.local")
@@ -235,6 +235,8 @@ class LocalZocalo:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+        if self._threads:
+            ispyb.release_waiting()  # a request the Dispatcher holds for an unreachable ISPyB goes back to its queue
         for thread in reversed(self._threads):
             thread.stop()
         self._threads.clear()
@@ -400,9 +402,9 @@ def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str 
     """Write a scan's data file and register the scan in ISPyB."""
     import json
 
+    filename = check_name("scan" if name is None else name)  # a name, not a path: the data stays in the state directory
     state = StateDirectory(state.path.resolve())  # ISPyB keeps where the data is for other processes
     state.data.mkdir(parents=True, exist_ok=True)
-    filename = name or "scan"
     template = f"{filename}_{uuid.uuid4().hex[:8]}.json"  # scans may share a detector file name
     (state.data / template).write_text(json.dumps(scan.to_dict()) + "\n")
     return db.add_scan(beamline=scan.beamline, grids=[g.to_ispyb() for g in scan.grids],
