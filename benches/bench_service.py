@@ -173,15 +173,18 @@ STARTED: list[Service] = []
 
 
 class Service:
-    """One contender's service process (a process group of its own)."""
+    """One contender's service process (a process group of its own); with
+    ``timings``, under ``timed_service.py``, which writes its timestamps there."""
 
-    def __init__(self, contender: str, url: str, queue_name: str, log: Path) -> None:
+    def __init__(self, contender: str, url: str, queue_name: str, log: Path, timings: Path | None = None) -> None:
         if contender == OURS:
             argv = [sys.executable, "-m", "zocalo_xrc", "service", "--queue", queue_name, "--broker", url,
                     "--declare", "--log-level", "WARNING"]
         else:
             module = "floor_xrc_service" if contender == FLOOR else "peer_xrc_service"
             argv = [sys.executable, "-m", module, "--broker", url, "--queue", queue_name]
+        if timings is not None:
+            argv = [sys.executable, "-m", "timed_service", str(timings), *argv[1:]]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHES), str(BENCHES.parent / "tests"),
                                                             os.environ.get("PYTHONPATH", "")]),
                "OPENBLAS_NUM_THREADS": "1"}
@@ -316,10 +319,10 @@ class Contender:
     """One contender's queues, results consumer and long-running service."""
 
     def __init__(self, name: str, rabbit_url: str, amqp: AmqpTransport, receiver: AmqpTransport,
-                 logs: Path) -> None:
+                 logs: Path, timings: Path | None = None) -> None:
         tag = {OURS: "ours", FLOOR: "floor", PEER: "peer"}[name]
         unique = uuid.uuid4().hex[:6]
-        self.name, self.url, self.amqp, self.logs = name, rabbit_url, amqp, logs
+        self.name, self.url, self.amqp, self.logs, self.timings = name, rabbit_url, amqp, logs, timings
         self.beamline = f"bench{tag}{unique}"
         self.queue = f"reduce.xray_centering.gpu.bench-{tag}-{unique}"
         self.ingest_queue = f"{self.queue}.ingest"
@@ -332,8 +335,8 @@ class Contender:
         self.service = self.start(self.queue)
 
     def start(self, queue_name: str) -> Service:
-        return Service(self.name, self.url, queue_name, self.logs / f"{queue_name}.{uuid.uuid4().hex[:6]}.log"
-                       ).wait_consuming()
+        return Service(self.name, self.url, queue_name, self.logs / f"{queue_name}.{uuid.uuid4().hex[:6]}.log",
+                       self.timings).wait_consuming()
 
     def scan_3d(self, queue_name: str | None = None) -> pm.Scan:
         return pm.scan_3d(pm.Offsets.take(), queue=queue_name or self.queue, beamline=self.beamline,
