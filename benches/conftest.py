@@ -81,6 +81,9 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("zocalo-xrc benches: notes")
         for line in NOTES:
             tr.write_line(line)
+        # timings on a shared machine mean little without how busy it was
+        tr.write_line(f"load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+                      f"on {os.cpu_count()} CPUs")
     if not MEDIANS:
         return
     tr.section("zocalo-xrc ratios (peer median / zocalo-xrc median; higher is better for us)")
