@@ -14,16 +14,17 @@ from mariadb import mariadb_url  # noqa: E402,F401 (a private MariaDB server per
 
 @pytest.fixture(scope="session")
 def rabbit():
-    """A real RabbitMQ broker on 127.0.0.1, for the whole session."""
+    """A real RabbitMQ broker on 127.0.0.1, for the whole session; its data
+    on tmpfs with ``ZOCALO_XRC_BROKER_TMPFS=1`` (the benches set it)."""
     url = os.environ.get("ZOCALO_XRC_TEST_AMQP_URL")
     if url:
-        yield type("External", (), {"url": url, "close_all_connections": None})()
+        yield type("External", (), {"url": url, "close_all_connections": None, "tmpfs": None})()
         return
     if not rabbitmq.available():
         if os.environ.get("CI"):
             pytest.fail("rabbitmq-server is not installed (.ci/run installs it)")
         pytest.skip("rabbitmq-server is not installed: apt-get install rabbitmq-server")
-    broker = rabbitmq.RabbitMQ()
+    broker = rabbitmq.RabbitMQ(tmpfs=os.environ.get("ZOCALO_XRC_BROKER_TMPFS") == "1")
     broker.start()
     yield broker
     broker.stop()

@@ -1,6 +1,12 @@
 """A private RabbitMQ node for the tests: Debian's rabbitmq-server, started on
 free ports of 127.0.0.1 only (AMQP, distribution and epmd), in a directory of
-its own, and stopped when the test session ends."""
+its own, and stopped when the test session ends.
+
+With ``tmpfs=True`` (the benches ask for it) that directory, the node's data
+included, is on tmpfs (``/dev/shm``): the broker's disk writes are not what a
+bench measures. Such a node has a warden, a process that outlives whatever
+kills the session (SIGKILL too) and then ends the node and frees its
+memory."""
 
 from __future__ import annotations
 
@@ -8,11 +14,28 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 BIN = Path("/usr/lib/rabbitmq/bin")
+TMPFS = Path("/dev/shm")
+
+#: The warden of a node on tmpfs: waits for its stdin (a pipe the session
+#: holds) to end, however the session ended, then kills the node's process
+#: group and its epmd and removes its directory.
+_WARDEN = """
+import os, shutil, subprocess, sys
+sys.stdin.buffer.read()
+group, epmd, env_port, base = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+try:
+    os.killpg(group, 9)
+except ProcessLookupError:
+    pass
+subprocess.run([epmd, "-port", env_port, "-kill"], capture_output=True, check=False)
+shutil.rmtree(base, ignore_errors=True)
+"""
 
 
 def free_port() -> int:
@@ -39,8 +62,10 @@ def available() -> bool:
 
 
 class RabbitMQ:
-    def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="zocalo-xrc-rabbitmq-"))
+    def __init__(self, tmpfs: bool = False) -> None:
+        self.tmpfs = tmpfs
+        self.base = Path(tempfile.mkdtemp(prefix="zocalo-xrc-rabbitmq-", dir=TMPFS if tmpfs else None))
+        self._warden: tuple[subprocess.Popen[bytes], int] | None = None
         self.port = free_port()
         self.node = f"zxrc{os.getpid()}@localhost"
         (self.base / "rabbitmq.conf").write_text(
@@ -72,6 +97,8 @@ class RabbitMQ:
             [str(BIN / "rabbitmq-server")], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.tmpfs:
+            self._start_warden()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -84,6 +111,19 @@ class RabbitMQ:
             except (OSError, subprocess.CalledProcessError):
                 time.sleep(0.5)
         raise RuntimeError("rabbitmq-server did not start in time")
+
+    def _start_warden(self) -> None:
+        assert self.process is not None
+        read, write = os.pipe()  # neither end is inherited by anything else the session starts
+        warden = subprocess.Popen(
+            [sys.executable, "-c", _WARDEN, str(self.process.pid), self._epmd(), self.env["ERL_EPMD_PORT"],
+             str(self.base)], stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        os.close(read)
+        self._warden = (warden, write)
+
+    def _epmd(self) -> str:
+        return str(shutil.which("epmd") or "epmd")
 
     def ctl(self, *args: str, timeout: float = 30) -> str:
         return subprocess.run(
@@ -120,7 +160,13 @@ class RabbitMQ:
             self.process.wait()
         subprocess.run(["pkill", "-f", "--", f"-sname {self.node}"], check=False)
         # epmd was started for this node on its own port; make sure it is gone.
-        subprocess.run([str(shutil.which("epmd") or "epmd"), "-port", self.env["ERL_EPMD_PORT"], "-kill"],
+        subprocess.run([self._epmd(), "-port", self.env["ERL_EPMD_PORT"], "-kill"],
                        env=self.env, capture_output=True, check=False)
         self.log.close()
         shutil.rmtree(self.base, ignore_errors=True)
+        if self._warden is not None:  # nothing left for it to do (and the node's group id may be reused)
+            warden, write = self._warden
+            warden.kill()
+            warden.wait()
+            os.close(write)
+            self._warden = None
