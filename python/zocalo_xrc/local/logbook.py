@@ -241,7 +241,7 @@ class Logbook:
     def run(self, guid: str) -> list[Run]:
         """The run ``guid`` and every run it started, oldest message first
         within each; empty when the logbook knows nothing of it."""
-        of_run: dict[str, list[dict[str, Any]]] = {}  # one pass: each run's entries, and who started whom
+        of_run: dict[str | None, list[dict[str, Any]]] = {}  # one pass: each run's entries, and who started whom
         children: dict[str, dict[str, None]] = {}
         for e in sorted(self.entries(), key=lambda e: e["t"]):
             of_run.setdefault(e.get("guid"), []).append(e)

@@ -204,10 +204,11 @@ class Group:
 
     dcids: tuple[int, ...]
     grids: dict[int, Grid] = field(default_factory=dict)
+    remaining: int = 0  # images of its grids not yet in (asked of every message: kept, not counted)
 
     @property
     def complete(self) -> bool:
-        return len(self.grids) == len(self.dcids) and all(g.complete for g in self.grids.values())
+        return self.remaining == 0 and len(self.grids) == len(self.dcids)
 
     @property
     def newest_seen_at(self) -> float | None:
@@ -256,6 +257,7 @@ class Assembly:
         grid.seen[i] = True
         grid.counts[i] = message.spots
         grid.images += 1
+        group.remaining -= 1
         return (Fate.COMPLETE if group.complete else Fate.ADDED), group
 
     def restore(self, first: PiaMessage, seen: np.ndarray, counts: np.ndarray,
@@ -274,7 +276,9 @@ class Assembly:
         new = seen & ~grid.seen
         grid.counts[new] = counts[new[seen]]
         grid.seen |= new
-        grid.images += int(new.sum())
+        added = int(new.sum())
+        grid.images += added
+        group.remaining -= added
         if newest_seen_at is not None:
             grid.newest_seen_at = max(grid.newest_seen_at or newest_seen_at, newest_seen_at)
         if not new.any():
@@ -313,7 +317,9 @@ class Assembly:
             self.groups[group.dcids] = group
             for d in group.dcids:
                 self._group_of[d] = group.dcids
-        group.grids.setdefault(grid.dcid, grid)
+        if grid.dcid not in group.grids:
+            group.grids[grid.dcid] = grid
+            group.remaining += len(grid.counts) - grid.images
 
     def drop(self, group: Group) -> None:
         """Forget a group (centred, aborted or rejected)."""

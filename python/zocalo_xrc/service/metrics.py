@@ -32,6 +32,9 @@ class ServiceMetrics:
                                       ["kind"], buckets=LATENCY_BUCKETS, **kw)
         self.rejected = prom.Counter("zocalo_xrc_rejected_messages", "Messages dead-lettered", **kw)
         self.open_scans = prom.Gauge("zocalo_xrc_open_scans", "Scans waiting for images", **kw)
+        self.checkpoints = prom.Counter("zocalo_xrc_checkpoints", "Checkpoints of open scans published", **kw)
+        self.journal_unwritten = prom.Gauge("zocalo_xrc_journal_unwritten",
+                                            "Journal entries a full or failing disk kept from the logbook", **kw)
 
     def finished(self, kind: str, outcome: str, latency_s: float | None = None) -> None:
         self.centrings.labels(kind, outcome).inc()

@@ -350,6 +350,8 @@ class XrcService(AtomicConsumer):
         if not sends:
             return
         self.checkpoints += len(sends)
+        if self.metrics is not None:
+            self.metrics.checkpoints.inc(len(sends))
         log.debug("checkpointing %d open scan(s), acking %d message(s)", len(sends), len(acks))
         self._commit(sends, acks, "checkpoint", None)
 
@@ -370,9 +372,10 @@ class XrcService(AtomicConsumer):
         if isinstance(result, GridScan2DResult):
             _write_2d_files(envelope, result)
         newest = group.newest_seen_at
-        latency = f"{(self.clock() - newest) * 1e3:.0f} ms after the newest image" if newest else "no image time"
-        found = len(result) if isinstance(result, XrcResults) else (1 if result.ok else 0)
-        log.info("%s: %s result, %d found, %s", describe(group, envelope), payload["type"], found, latency)
+        if log.isEnabledFor(logging.INFO):
+            latency = f"{(self.clock() - newest) * 1e3:.0f} ms after the newest image" if newest else "no image time"
+            found = len(result) if isinstance(result, XrcResults) else (1 if result.ok else 0)
+            log.info("%s: %s result, %d found, %s", describe(group, envelope), payload["type"], found, latency)
         self.assembly.drop(group)
         self._close(group.dcids)
 
@@ -414,7 +417,8 @@ class XrcService(AtomicConsumer):
         assert self.subscription is not None
         future = self.subscription.commit(sends, acks)
 
-        def done(f: Future[list[Outgoing]]) -> None:
+        def done(f: Future[list[Outgoing]], _acks: list[Delivery] = acks) -> None:
+            # the acks are freed here, after the broker's answer, not before the commit's frame is written
             error = f.exception()
             if error is not None:  # committed whole or not at all: if not, the messages come back
                 log.warning("the %s of DCID %s: %s", what, key, error)

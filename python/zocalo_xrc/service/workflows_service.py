@@ -196,6 +196,9 @@ class XRayCentering(CommonService):
 
         idle_s = Settings.of(self.config).idle_s or self.idle_s
         self.journal = logbook.attach(self)
+        if metrics is not None and self.journal is not None:
+            journal = self.journal
+            metrics.journal_unwritten.set_function(lambda: journal.unwritten)
         self.xrc = XrcService(WorkflowsTransport(self), self.queue, idle_s=idle_s, metrics=metrics)
         self.xrc.start()
         threading.Thread(target=self._end_with_the_frontend, args=(os.getppid(),), daemon=True,
