@@ -9,8 +9,14 @@ quorum queue with a single active consumer). Around it::
         (quorum, single active consumer, dead-lettering to dlq.Q)
 
 * The router moves each message to the shard of its group: the forward and
-  the ack of the original are one transaction, so a message is never lost
-  or forwarded twice. It decides nothing else: a message it cannot read
+  the ack of the original are one transaction. RabbitMQ does not make a
+  transaction atomic across queues: a router killed between ``tx.commit``
+  and its answer can leave the originals acked and some forwards dropped
+  (measured on 3.10, the CPU busy), and their scans never complete.
+  Forwarding first and acking once the forwards are confirmed loses
+  nothing but forwards twice whatever the kill catches in between (whole
+  scans: a second result). Neither is exactly once without a record of
+  finished scans that survives the instance. It decides nothing else: a message it cannot read
   goes to some shard, whose service dead-letters it with the reason.
 * Every instance consumes every shard; the broker makes one of them the
   single active consumer of each, so all of a scan's images reach the one
