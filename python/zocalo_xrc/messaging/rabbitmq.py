@@ -643,6 +643,7 @@ class _AmqpSubscription(Subscription):
         self.channel: Any = None
         self.tag: str | None = None
         self.outstanding: set[int] = set()
+        self.arrived: deque[int] = deque()  # delivery tags in order of arrival (ascending), settled ones left behind
         self.cancelled = False
         self.epoch = 0  # one per start: delivery tags restart on each channel
         self.ready: Future[None] = Future()
@@ -681,7 +682,7 @@ class _AmqpSubscription(Subscription):
                 channel._impl.add_on_close_callback(lambda _ch, reason: self.fail_commits(f"the channel closed ({reason})"))
             else:
                 channel = t._sub
-            self.channel, self.outstanding, self.tag = channel, set(), None
+            self.channel, self.outstanding, self.arrived, self.tag = channel, set(), deque(), None
             self.epoch += 1
             self.channel.basic_qos(prefetch_count=self.prefetch)
             if self.atomic:  # its own channel: deliveries straight from the frames, no queue of events between
@@ -717,6 +718,7 @@ class _AmqpSubscription(Subscription):
             return
         delivery = _AmqpDelivery(self, self.epoch, method, properties, body)
         self.outstanding.add(method.delivery_tag)
+        self.arrived.append(method.delivery_tag)
         try:
             self.callback(delivery)
         except Exception:
@@ -764,14 +766,16 @@ class _AmqpSubscription(Subscription):
         if not self.atomic:
             return super().commit(messages, acks)
         future: Future[list[Outgoing]] = Future()
-        theirs = [d for d in acks if isinstance(d, _AmqpDelivery) and d._subscription is self]
-        if len(theirs) != len(acks):
-            future.set_exception(TransportError("commit: every delivery to ack must come from this subscription"))
-            return future
-        self._on_channel(lambda: self._commit(messages, theirs, future))
+        self._on_channel(lambda: self._commit(messages, acks, future))
         return future
 
-    def _commit(self, messages: Sequence[Outgoing], acks: Sequence[_AmqpDelivery],
+    def _oldest(self) -> int | None:
+        """The oldest delivery tag still held (a multiple ack must stop below it)."""
+        while self.arrived and self.arrived[0] not in self.outstanding:
+            self.arrived.popleft()
+        return self.arrived[0] if self.arrived else None
+
+    def _commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery],
                 future: Future[list[Outgoing]] | None) -> None:
         """On the I/O thread: publish, ack (one frame for the longest run of
         tags that allows it), ``tx.commit``."""
@@ -784,7 +788,10 @@ class _AmqpSubscription(Subscription):
             future.set_exception(ConnectionLostError("the transaction channel is closed; nothing was committed"))
             return
         epoch = self.epoch
-        tags = {d._tag for d in acks if d._epoch == epoch}
+        tags = {d._tag for d in acks if type(d) is _AmqpDelivery and d._subscription is self and d._epoch == epoch}
+        if len(tags) != len(acks) and not all(isinstance(d, _AmqpDelivery) and d._subscription is self for d in acks):
+            future.set_exception(TransportError("commit: every delivery to ack must come from this subscription"))
+            return
         if len(tags) != len(acks) or not tags <= self.outstanding:
             future.set_exception(ConnectionLostError(
                 "some deliveries are from a lost channel (the broker delivers them again); nothing was committed"))
@@ -795,7 +802,7 @@ class _AmqpSubscription(Subscription):
             channel._impl.basic_publish(m.exchange, m.routing_key, m.body, properties, mandatory=True)
         if tags:
             self.outstanding -= tags
-            keep = min(self.outstanding, default=None)  # the oldest still held: a multiple ack stops below it
+            keep = self._oldest()  # a multiple ack stops below it
             if keep is None:
                 channel._impl.basic_ack(max(tags), multiple=True)
             else:
