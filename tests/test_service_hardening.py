@@ -332,3 +332,21 @@ def test_bad_messages_under_a_zocalo_frontend_never_stop_the_service(zocalo_env,
 
 
 from test_service_workflows import zocalo_env  # noqa: E402,F401 (fixture)
+
+
+def test_a_new_run_of_a_finished_scan_is_centred_again(transport, work, unique):
+    """The same collections analysed again (a new recipe run, another recipe
+    ID, as when ``end`` is sent again): not late duplicates, a new result."""
+    a, b, messages = scan(unique)
+    service = XrcService(transport, work, idle_s=60).start()
+    try:
+        publish(transport, work, messages)
+        assert len(taken(transport, f"xrc.{unique}", 1)) == 1
+        again = [m.replace(b'"ID": "env-', b'"ID": "again-env-') for m in messages]
+        assert again != messages
+        publish(transport, work, again)
+        [result] = taken(transport, f"xrc.{unique}", 1)
+        assert zx.parse_result_message(result.body).results == direct_3d()
+        assert service.completed == 2 and service.rejected == 0
+    finally:
+        service.stop()

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Self
+from typing import Any, Callable, NamedTuple, Self
 
 from .._native import XrcResults
 from .._results import GridScan2DResult
@@ -72,20 +72,32 @@ class _Open:
         return self.firsts[min(self.firsts)].envelope
 
 
+class Finished(NamedTuple):
+    """How a group ended, and the recipe ID of each grid's run (None: any)."""
+
+    outcome: str  # "result" or "abort"
+    runs: dict[int, Any] | None
+
+
+def _runs(firsts: list[PiaMessage]) -> dict[int, Any]:
+    """The recipe ID (``environment.ID``) of each grid's run."""
+    return {m.dcid: m.envelope.environment.get("ID") for m in firsts}
+
+
 class Recent:
     """The last ``size`` keys with a value each, oldest forgotten first."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: collections.OrderedDict[Any, str] = collections.OrderedDict()
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: Any) -> str | None:
+    def get(self, key: Any) -> Any:
         return self._items.get(key)
 
-    def add(self, key: Any, value: str) -> None:
+    def add(self, key: Any, value: Any) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.size:
@@ -151,8 +163,8 @@ class XrcService(AtomicConsumer):
         self.dead_letters = dead_letters or queue  # results no queue takes go to dlq.<this>
         self.assembly = Assembly()
         self.open: dict[tuple[int, ...], _Open] = {}
-        self.finished = Recent(FINISHED_KEPT)  # by group: "result" or "abort", once committed
-        self.finishing: dict[tuple[int, ...], str] = {}  # the same, while the commit is under way
+        self.finished = Recent(FINISHED_KEPT)  # by group: a Finished, once committed
+        self.finishing: dict[tuple[int, ...], Finished] = {}  # the same, while the commit is under way
         self.aborted_named = Recent(FINISHED_KEPT)
         self.held = 0  # unacked images and checkpoints, all groups
         self.completed = 0
@@ -192,7 +204,8 @@ class XrcService(AtomicConsumer):
             return self._reject(delivery, str(e))
         except Exception as e:  # nested too deep for Python, out of memory, ...
             return self._reject(delivery, f"it cannot be read ({type(e).__name__}: {str(e)[:80]})")
-        if self._settle_late(delivery, message.group_dcids, f"DCID {message.dcid} image {message.file_number}"):
+        if self._settle_late(delivery, message.group_dcids, f"DCID {message.dcid} image {message.file_number}",
+                             lambda: [message]):
             return
         try:
             fate, group = self.assembly.add(message)
@@ -218,7 +231,7 @@ class XrcService(AtomicConsumer):
             return self._reject(delivery, str(e))
         key = checkpoint.group
         if checkpoint.outcome is not None:  # a tombstone: the group is over
-            self.finished.add(key, checkpoint.outcome)
+            self.finished.add(key, Finished(checkpoint.outcome, None))
             held = self._close(key)
             group = self.assembly.groups.get(key)
             if group is not None:
@@ -230,7 +243,7 @@ class XrcService(AtomicConsumer):
                          group.describe() if group else key, checkpoint.outcome)
                 self._commit([], [*held.deliveries, delivery], "settlement", key)
             return
-        if self._settle_late(delivery, key, checkpoint.describe()):
+        if self._settle_late(delivery, key, checkpoint.describe(), lambda: [g.first for g in checkpoint.grids]):
             return
         fate, group = Fate.DUPLICATE, None
         try:
@@ -269,12 +282,22 @@ class XrcService(AtomicConsumer):
         elif self.held >= self.held_budget:
             self._checkpoint(list(self.open))
 
-    def _settle_late(self, delivery: Delivery, key: tuple[int, ...], what: str) -> bool:
-        """Settle a message of a group that is finished; False for any other."""
-        outcome = self.finishing.get(key) or self.finished.get(key)
-        if outcome is None:
+    def _settle_late(self, delivery: Delivery, key: tuple[int, ...], what: str,
+                     firsts: Callable[[], list[PiaMessage]]) -> bool:
+        """Settle a message of a group that is finished; False for any other,
+        and for one of a new run of the same collections (another recipe ID:
+        analysed again, centred again)."""
+        finished = self.finishing.get(key) or self.finished.get(key)
+        if finished is None:
             return False
-        if outcome == "result":
+        if finished.runs is not None:
+            mine = _runs(firsts())
+            if any(finished.runs.get(dcid, run) != run for dcid, run in mine.items()):
+                log.info("%s: a new run (recipe ID %s) of a finished scan: centred again", what,
+                         ", ".join(map(str, mine.values())))
+                self.finished.discard(key)
+                return False
+        if finished.outcome == "result":
             log.info("%s came after its scan's result was sent (a late duplicate): acked, nothing more", what)
             delivery.ack()
         else:
@@ -322,11 +345,12 @@ class XrcService(AtomicConsumer):
     def _reject_group(self, delivery: Delivery, group: Group | None, why: str) -> None:
         """A group that cannot be centred: abort it once, dead-letter its messages."""
         if group is not None and self.finished.get(group.dcids) is None:
+            runs = _runs(list(self.open[group.dcids].firsts.values())) if group.dcids in self.open else None
             held = self._close(group.dcids)
             self.assembly.drop(group)
             if held is not None and held.firsts:
                 self._finish(group, held, "abort", held.envelope().send("abort", {}), [])
-            self.finished.add(group.dcids, "abort")
+            self.finished.add(group.dcids, Finished("abort", runs))
             for d in held.deliveries if held else []:
                 self._reject(d, why)
         self._reject(delivery, why)
@@ -392,11 +416,11 @@ class XrcService(AtomicConsumer):
         key = group.dcids
         if held.checkpointed:
             sends = [*sends, Outgoing("", self.queue, tombstone(key, outcome), {}, new_message_id())]
-        self.finishing[key] = outcome
+        finished = self.finishing[key] = Finished(outcome, _runs(list(held.firsts.values())))
 
         def committed() -> None:
             if self.finishing.pop(key, None) is not None:
-                self.finished.add(key, outcome)
+                self.finished.add(key, finished)
             (then or (lambda: self._finished(group, outcome)))()
 
         def failed() -> None:
