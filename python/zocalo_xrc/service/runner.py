@@ -51,6 +51,8 @@ CHECKPOINT_S = 5.0
 #: A redelivered message (a restart) is checkpointed this soon, so that no
 #: restart counts twice against the queue's delivery limit.
 REFRESH_S = 0.05
+#: A timer this overdue is taken as lost, and asked for again.
+TICK_LATE_S = 1.0
 #: How many finished groups are remembered (a late duplicate of one is acked, nothing more).
 FINISHED_KEPT = 50_000
 
@@ -460,7 +462,9 @@ class XrcService(AtomicConsumer):
 
     def _schedule(self, when: float, what: str, key: tuple[int, ...]) -> None:
         heapq.heappush(self._events, (when, next(self._event_seq), what, key))
-        if self._timer_at is None or when < self._timer_at:
+        # a timer is asked for when this is the earliest, or when the one asked for is long overdue
+        # (a tick lost on its way: the heap never waits on it)
+        if self._timer_at is None or when < self._timer_at or self._timer_at < time.monotonic() - TICK_LATE_S:
             self._timer_at = when
             self.transport.call_later(max(0.0, when - time.monotonic()), self._tick)
 
@@ -469,25 +473,30 @@ class XrcService(AtomicConsumer):
         if self._timer_at is not None and self._timer_at > now + 1e-3:
             return  # an earlier timer than the one now due: that one will come
         self._timer_at = None
-        due: list[tuple[int, ...]] = []
-        while self._events and self._events[0][0] <= now:
-            _, _, what, key = heapq.heappop(self._events)
-            held = self.open.get(key)
-            if held is None:  # finished since
-                continue
-            if what == "idle":
-                quiet = now - held.last_heard
-                if quiet >= self.idle_s:
-                    self._abandon(key, held, quiet)
-                else:
-                    heapq.heappush(self._events, (held.last_heard + self.idle_s, next(self._event_seq), "idle", key))
-            elif held.deliveries and (held.refresh or now - (held.held_since or now) >= self.checkpoint_s - 1e-3):
-                due.append(key)
-        if due:
-            self._checkpoint(due)
-        if self._events:
-            self._timer_at = self._events[0][0]
-            self.transport.call_later(max(0.0, self._timer_at - time.monotonic()), self._tick)
+        try:
+            due: list[tuple[int, ...]] = []
+            while self._events and self._events[0][0] <= now:
+                _, _, what, key = heapq.heappop(self._events)
+                held = self.open.get(key)
+                if held is None:  # finished since
+                    continue
+                if what == "idle":
+                    quiet = now - held.last_heard
+                    if quiet >= self.idle_s:
+                        self._abandon(key, held, quiet)
+                    else:
+                        heapq.heappush(self._events,
+                                       (held.last_heard + self.idle_s, next(self._event_seq), "idle", key))
+                elif held.deliveries and (held.refresh or now - (held.held_since or now) >= self.checkpoint_s - 1e-3):
+                    due.append(key)
+            if due:
+                self._checkpoint(due)
+        except Exception:  # a bug of ours: logged; the timer goes on for the other groups
+            log.exception("the service's timer on %s failed", self.queue)
+        finally:
+            if self._events and self._timer_at is None:
+                self._timer_at = self._events[0][0]
+                self.transport.call_later(max(0.0, self._timer_at - time.monotonic()), self._tick)
 
     def _abandon(self, key: tuple[int, ...], held: _Open, quiet: float) -> None:
         group = self.assembly.groups.get(key)
