@@ -47,7 +47,7 @@ def trigger(local, scan: Scan, name: str = "scan"):
     return registered
 
 
-def receiver(local, scan: Scan, source: Source, timeout_s: float = 20.0):
+def receiver(local, scan: Scan, source: Source, timeout_s: float = 90.0):
     kind = ZocaloResults if len(scan.grids) == 2 else ZocaloResults2D
     r = kind(local.transport(), beamline=scan.beamline, private_queue=True, source=source, timeout_s=timeout_s)
     r.subscribe()
