@@ -247,11 +247,10 @@ class XrcService(AtomicConsumer):
             return
         if self._settle_late(delivery, key, checkpoint.describe(), lambda: [g.first for g in checkpoint.grids]):
             return
-        fate, group = Fate.DUPLICATE, None
+        group = None
         try:
             for state in checkpoint.grids:
-                fate_, group = self.assembly.restore(state.first, state.seen, state.counts, state.newest_seen_at)
-                fate = fate_ if fate_ is not Fate.DUPLICATE else fate
+                _, group = self.assembly.restore(state.first, state.seen, state.counts, state.newest_seen_at)
         except (MessageRejected, GroupRejected) as e:
             return self._reject(delivery, f"{checkpoint.describe()}: {e}")
         if group is None:
@@ -260,18 +259,16 @@ class XrcService(AtomicConsumer):
         for state in checkpoint.grids:
             held.firsts.setdefault(state.first.dcid, state.first)
         held.checkpointed = True  # others of it may wait in the queue
-        if group.complete and fate is Fate.DUPLICATE:  # (cannot be: a complete group is finished)
-            fate = Fate.COMPLETE
-        self._hold(group, held, delivery, complete=group.complete)
+        self._hold(group, held, delivery)
 
-    def _hold(self, group: Group, held: _Open, delivery: Delivery, complete: bool | None = None) -> None:
+    def _hold(self, group: Group, held: _Open, delivery: Delivery) -> None:
         """Keep ``delivery`` unacked with its group; centre the group if it is
         complete, else see that it is checkpointed in time."""
         now = time.monotonic()
         held.last_heard = now
         held.deliveries.append(delivery)
         self.held += 1
-        if complete if complete is not None else group.complete:
+        if group.complete:
             return self._complete(group, held)
         if held.held_since is None:
             held.held_since = now
