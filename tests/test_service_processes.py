@@ -154,16 +154,24 @@ def test_three_instances_on_one_queue_one_killed_mid_stream(rabbit, rabbitmq, un
     zocalo.close()
 
 
+def sharing_instances(rabbit, t, q, unique, standby_s=3.0):
+    """The results queue, and three ``--shards 3`` instances past their
+    standby delay (each stands by on the others' shards); instance 0
+    consumes the work queue first, so it routes."""
+    results = f"xrc.{unique}"
+    t.declare_results_queue(results)
+    services = [start_service(rabbit.url, q, "--shards", "3", "--instance", str(k)) for k in range(3)]
+    time.sleep(standby_s)
+    return results, services
+
+
 def test_three_sharing_instances_one_killed_mid_stream(rabbit, rabbitmq, unique):
     """Three instances share the scans through three shards (instance K
     takes shard K); one is killed mid-stream. Every scan gets exactly one
     correct result (counted on the results queue itself), and the work was
     shared: each survivor sent results."""
     t, q = rabbitmq
-    results = f"xrc.{unique}"
-    t.declare_results_queue(results)
-    services = [start_service(rabbit.url, q, "--shards", "3", "--instance", str(k)) for k in range(3)]
-    time.sleep(3)  # past the standby delay: each instance stands by on the others' shards
+    results, services = sharing_instances(rabbit, t, q, unique)
     scans = [scan(unique, shift=10 * k) for k in range(12)]
     stream = [m for _, _, messages in scans for m in messages]
     publish(t, q, stream[: len(stream) // 2])

@@ -24,7 +24,7 @@ import pytest
 
 from test_service import HEADERS, scan
 from test_service_assembly import direct_3d
-from test_service_processes import each_result_once, rabbitmq, start_service, stop  # noqa: F401 (fixture)
+from test_service_processes import each_result_once, rabbitmq, sharing_instances, stop  # noqa: F401 (fixture)
 from test_service_processes import no_service_outlives_its_test  # noqa: F401 (autouse fixture)
 
 #: How many times each scenario runs here; the many-times runs are done by hand (ZOCALO_XRC_SHARD_RUNS=30).
@@ -66,11 +66,8 @@ def test_routers_killed_while_moving_under_load_every_scan_once(rabbit, rabbitmq
     router is killed while it moves, then (in the second scenario) the new
     router too."""
     t, q = rabbitmq
-    results = f"xrc.{unique}"
-    t.declare_results_queue(results)
-    # instance 0 consumes the work queue first, so it routes; when it goes, instance 1 (the next to subscribe) does
-    services = [start_service(rabbit.url, q, "--shards", "3", "--instance", str(k)) for k in range(3)]
-    time.sleep(2.5)  # past the standby delay: each instance stands by on the others' shards
+    # instance 0 routes; when it goes, instance 1 (the next to subscribe) does
+    results, services = sharing_instances(rabbit, t, q, unique, standby_s=2.5)
     scans = [scan(unique, shift=10 * k) for k in range(15)]
     sent = [t.publish("", q, m, HEADERS) for _, _, messages in scans for m in messages]
     for k in range(routers_killed):
