@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
-from scipy import ndimage
+from scipy import ndimage  # type: ignore[import-untyped]
 
 #: DIALS counts a pixel in the box sums only below this value.
 BIG = 1 << 24

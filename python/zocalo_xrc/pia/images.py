@@ -218,10 +218,11 @@ def _open_hdf5(path: Path) -> Images:
     files: list[Any] = [master]
     try:
         segments = _segments(path, master, files)
+        for segment in segments:
+            _check_frames(segment.filename, segment.dataset.shape, segment.dataset.dtype)
         first = segments[0].dataset
         shape = (int(first.shape[1]), int(first.shape[2]))
         for segment in segments:
-            _check_frames(segment.filename, segment.dataset.shape, segment.dataset.dtype)
             if tuple(segment.dataset.shape[1:]) != shape:
                 raise ImagesError(
                     f"{segment.filename}: frames of {segment.dataset.shape[1:]}, but"
@@ -308,8 +309,8 @@ def _virtual_sources(
     virtual dataset that maps whole frames (as Odin's do)."""
     result = []
     for source in dataset.virtual_sources():
-        (v0, *_), (v1, *_) = source.vspace.get_select_bounds()
-        (s0, *_), _ = source.src_space.get_select_bounds()
+        v0, v1 = _frame_bounds(source.vspace, dataset.shape[0])
+        s0, _ = _frame_bounds(source.src_space, 0)
         if source.file_name == ".":
             target, handle = path, dataset.file
         else:
@@ -326,6 +327,14 @@ def _virtual_sources(
         frames, name = _follow(target, handle, source.dset_name, files)
         result.append((int(v0), int(v1 - v0 + 1), int(s0), frames, name))
     return result
+
+
+def _frame_bounds(space: Any, frames: int) -> tuple[int, int]:
+    """First and last frame (inclusive) a dataspace selection covers."""
+    if space.get_select_type() == h5py.h5s.SEL_ALL:
+        return 0, int(space.shape[0]) - 1 if space.shape else frames - 1
+    (first, *_), (last, *_) = space.get_select_bounds()
+    return int(first), int(last)
 
 
 def _scalar(master: Any, name: str) -> Optional[Any]:
