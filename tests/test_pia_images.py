@@ -238,3 +238,29 @@ def test_writer_grows_frame_by_frame(tmp_path: Path) -> None:
     with open_images(writer.master_path) as images:
         assert isinstance(images, Images) and len(images) == 3
         assert images.trusted_max is None and images.mask is None
+
+
+@pytest.mark.parametrize("scale", ["log", "linear"])
+def test_plot_circles_spots(tmp_path: Path, scale: Any) -> None:
+    from matplotlib.image import imread
+
+    from zocalo_xrc.pia.plot import plot_spots
+
+    sim = small_simulator()
+    spots = [Spot(50.5, 30.5, 3000.0), Spot(150.5, 70.5, 3000.0)]
+    frame = sim.frame(spots)
+    out = plot_spots(
+        tmp_path / "frame.png", frame, [s.x for s in spots], [s.y for s in spots],
+        bounding_boxes=[[48, 53, 28, 33], [148, 153, 68, 73]], geometry=sim.geometry,
+        mask=sim.pixel_mask == 0, trusted_max=sim.saturation_value, scale=scale, title="frame 0",
+    )
+    pixels = imread(out)
+    assert pixels.shape[2] in (3, 4) and pixels.shape[0] > 500
+    red = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.2) & (pixels[..., 2] < 0.2)
+    assert red.sum() > 20  # the circles
+    bare = plot_spots(tmp_path / "bare.png", frame.view(np.int32))  # no spots, no geometry
+    assert imread(bare).shape == pixels.shape
+    with pytest.raises(ValueError, match="2 bounding boxes for 1 spots"):
+        plot_spots(tmp_path / "x.png", frame, [1.0], [1.0], bounding_boxes=[[0, 1, 0, 1]] * 2)
+    with pytest.raises(ValueError, match=r"non-empty 2D array, not shape \(200,\)"):
+        plot_spots(tmp_path / "x.png", frame[0])
