@@ -165,6 +165,27 @@ def test_single_data_file_and_odin_virtual_dataset(tmp_path: Path) -> None:
     with open_images(odin) as images:
         assert len(images) == 5 and all((a == b).all() for a, b in zip(images, written))
         assert images.raw_chunk(4)[0] == (32008,)
+    # two Odin writers taking alternate frames: 0, 2, 4 in one file, 1, 3 in the other
+    for name, picked in (("even", written[0::2]), ("odd", written[1::2])):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset("data", data=np.stack(picked), chunks=(1, 100, 200), **hdf5plugin.Bitshuffle())
+    layout = h5py.VirtualLayout(shape=(5, 100, 200), dtype=np.uint32)
+    layout[0:5:2] = h5py.VirtualSource("even.h5", "data", shape=(3, 100, 200))
+    layout[1:5:2] = h5py.VirtualSource("odd.h5", "data", shape=(2, 100, 200))
+    with h5py.File(tmp_path / "interleaved.nxs", "w") as f:
+        f.create_group("entry/data").create_virtual_dataset("data", layout)
+    with open_images(tmp_path / "interleaved.nxs") as images:
+        assert len(images) == 5 and all((a == b).all() for a, b in zip(images, written))
+        assert images.raw_chunk(3)[0] == (32008,)
+    # a virtual dataset whose later frames have no source yet
+    layout = h5py.VirtualLayout(shape=(7, 100, 200), dtype=np.uint32)
+    layout[0:3] = h5py.VirtualSource("scan_data_000001.h5", "/entry/data/data", shape=(3, 100, 200))
+    with h5py.File(tmp_path / "partial.nxs", "w") as f:
+        f.create_group("entry/data").create_virtual_dataset("data", layout)
+    with open_images(tmp_path / "partial.nxs") as images:
+        assert len(images) == 7 and (images[2] == written[2]).all()
+        with pytest.raises(ImagesError, match=r"partial\.nxs: frame 5 has no source \(not written yet\?\)"):
+            images[5]
     (tmp_path / "scan_data_000002.h5").unlink()
     with pytest.raises(ImagesError, match=r"frames 3\.\.4 come from scan_data_000002\.h5.* does not exist"):
         open_images(odin)
@@ -264,3 +285,59 @@ def test_plot_circles_spots(tmp_path: Path, scale: Any) -> None:
         plot_spots(tmp_path / "x.png", frame, [1.0], [1.0], bounding_boxes=[[0, 1, 0, 1]] * 2)
     with pytest.raises(ValueError, match=r"non-empty 2D array, not shape \(200,\)"):
         plot_spots(tmp_path / "x.png", frame[0])
+
+
+def _dectris_master(directory: Path, mask_shape: tuple[int, int] = (100, 200), distance_units: bytes = b"m") -> Path:
+    """A master file laid out as the DECTRIS SIMPLON filewriter writes one
+    (fields as dxtbx's FormatHDF5EigerNearlyNexus and FFS's h5read read
+    them): float32 fields with byte-string units, no saturation_value but
+    the count-rate cutoff, the mask only under detectorSpecific, 16-bit data
+    linked by a path without a leading slash."""
+    rng = np.random.default_rng(3)
+    data = rng.poisson(2.0, (3, 100, 200)).astype(np.uint16)
+    with h5py.File(directory / "real_data_000001.h5", "w") as f:
+        f.create_dataset("entry/data/data", data=data, chunks=(1, 100, 200), **hdf5plugin.Bitshuffle())
+    master = directory / "real_master.h5"
+    with h5py.File(master, "w") as f:
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = np.bytes_("NXentry")
+        entry.create_group("data").attrs["NX_class"] = np.bytes_("NXdata")
+        f["entry/data/data_000001"] = h5py.ExternalLink("real_data_000001.h5", "entry/data/data")
+        det = f.create_group("entry/instrument/detector")
+        det.attrs["NX_class"] = np.bytes_("NXdetector")
+        det["description"] = np.bytes_("Dectris EIGER2 Si 4M")
+        for name, value, units in [
+            ("beam_center_x", 101.25, b"pixel"), ("beam_center_y", 48.5, b"pixel"),
+            ("detector_distance", 0.25 if distance_units == b"m" else 250.0, distance_units),
+            ("x_pixel_size", 7.5e-5, b"m"), ("y_pixel_size", 7.5e-5, b"m"),
+        ]:
+            det.create_dataset(name, data=np.float32(value)).attrs["units"] = units
+        det["detectorSpecific/countrate_correction_count_cutoff"] = np.uint32(126952)
+        mask = np.zeros(mask_shape, np.uint32)
+        mask[:, 60:64] = 1
+        det["detectorSpecific/pixel_mask"] = mask
+        beam = f.create_group("entry/instrument/beam")
+        beam.create_dataset("incident_wavelength", data=np.float32(0.9762535)).attrs["units"] = b"angstrom"
+    return master
+
+
+def test_a_dectris_layout_reads(tmp_path: Path) -> None:
+    with open_images(_dectris_master(tmp_path)) as images:
+        assert len(images) == 3 and images.dtype == np.uint16
+        assert images.trusted_max == 126952
+        assert images.mask is not None and images.mask.sum() == 100 * 196 and not images.mask[:, 60:64].any()
+        g = images.geometry
+        assert g is not None
+        assert g.beam_centre_px == (101.25, 48.5) and g.image_size == (200, 100)
+        assert g.distance_mm == pytest.approx(250.0) and g.pixel_size_mm == pytest.approx((0.075, 0.075))
+        assert g.wavelength_A == pytest.approx(0.9762535)
+        assert images.raw_chunk(2)[0] == (32008,)
+    (tmp_path / "mm").mkdir()
+    with open_images(_dectris_master(tmp_path / "mm", distance_units=b"mm")) as images:
+        assert images.geometry is not None and images.geometry.distance_mm == pytest.approx(250.0)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ImagesError, match=r"real_master\.h5: .*detector_distance has units 'pixel', not a length"):
+        open_images(_dectris_master(tmp_path / "bad", distance_units=b"pixel"))
+    (tmp_path / "shape").mkdir()
+    with pytest.raises(ImagesError, match=r"detectorSpecific/pixel_mask is \(100, 100\), but frames are \(100, 200\)"):
+        open_images(_dectris_master(tmp_path / "shape", mask_shape=(100, 100)))

@@ -15,6 +15,7 @@ NeXus fields the Eiger writes; each is None when the file has no such field.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Images:
         trusted_max: Optional[float] = None,
         geometry: Optional[Geometry] = None,
         array: Optional[NDArray[Any]] = None,
+        length: int = 0,
     ) -> None:
         self.path = path
         #: (height, width) of one frame and its dtype (what a raw chunk decodes into).
@@ -79,12 +81,11 @@ class Images:
         self.mask = mask
         self.trusted_max = trusted_max
         self.geometry = geometry
-        self._segments = segments
+        self._segments = sorted(segments, key=lambda s: s.start)
+        self._starts = [s.start for s in self._segments]
         self._files = files
         self._array = array
-        self._length = (
-            len(array) if array is not None else sum(s.count for s in segments)
-        )
+        self._length = len(array) if array is not None else length
 
     def __len__(self) -> int:
         return self._length
@@ -102,10 +103,10 @@ class Images:
         return i
 
     def _segment(self, i: int) -> _Segment:
-        for segment in self._segments:
-            if segment.start <= i < segment.start + segment.count:
-                return segment
-        raise AssertionError(i)  # _index checked the range
+        n = bisect.bisect_right(self._starts, i) - 1
+        if n >= 0 and i < self._segments[n].start + self._segments[n].count:
+            return self._segments[n]
+        raise ImagesError(f"{self.path}: frame {i} has no source (not written yet?)")
 
     def __getitem__(self, index: int) -> NDArray[Any]:
         i = self._index(index)
@@ -217,7 +218,7 @@ def _open_hdf5(path: Path) -> Images:
         raise ImagesError(f"{path}: not an HDF5 file ({_first_line(error)})") from None
     files: list[Any] = [master]
     try:
-        segments = _segments(path, master, files)
+        segments, length = _segments(path, master, files)
         for segment in segments:
             _check_frames(segment.filename, segment.dataset.shape, segment.dataset.dtype)
         first = segments[0].dataset
@@ -234,6 +235,7 @@ def _open_hdf5(path: Path) -> Images:
             np.dtype(first.dtype),
             segments,
             files,
+            length=length,
             mask=_mask(path, master, shape),
             trusted_max=_trusted_max(master),
             geometry=_geometry(path, master, shape),
@@ -244,7 +246,8 @@ def _open_hdf5(path: Path) -> Images:
         raise
 
 
-def _segments(path: Path, master: Any, files: list[Any]) -> list[_Segment]:
+def _segments(path: Path, master: Any, files: list[Any]) -> tuple[list[_Segment], int]:
+    """Where each frame is, and how many frames the scan has."""
     data = master.get("/entry/data", getlink=False)
     if not isinstance(data, h5py.Group):
         raise ImagesError(f"{path}: no /entry/data group: not an Eiger/NeXus image file")
@@ -268,7 +271,7 @@ def _segments(path: Path, master: Any, files: list[Any]) -> list[_Segment]:
     segments = [s for s in segments if s.count > 0]
     if not segments:
         raise ImagesError(f"{path}: no frames in {', '.join(names) or '/entry/data/data'}")
-    return segments
+    return segments, start
 
 
 def _follow(path: Path, handle: Any, name: str, files: list[Any]) -> tuple[Any, str]:
@@ -305,12 +308,11 @@ def _follow(path: Path, handle: Any, name: str, files: list[Any]) -> tuple[Any, 
 def _virtual_sources(
     path: Path, dataset: Any, files: list[Any]
 ) -> list[tuple[int, int, int, Any, str]]:
-    """(first frame, frames, first source frame, source dataset, file) of a
-    virtual dataset that maps whole frames (as Odin's do)."""
+    """(first frame, frames, first source frame, source dataset, file) for
+    each run of whole frames a virtual dataset maps from one source (Odin's
+    are blocks, maybe interleaved between its writers)."""
     result = []
     for source in dataset.virtual_sources():
-        v0, v1 = _frame_bounds(source.vspace, dataset.shape[0])
-        s0, _ = _frame_bounds(source.src_space, 0)
         if source.file_name == ".":
             target, handle = path, dataset.file
         else:
@@ -318,23 +320,40 @@ def _virtual_sources(
             if not target.is_absolute():
                 target = path.parent / target
             if not target.exists():
+                v = _selected_frames(path, dataset.name, source.vspace, dataset.shape)
                 raise ImagesError(
-                    f"{path}: {dataset.name} frames {v0}..{v1} come from {source.file_name}, but"
-                    f" {target} does not exist"
+                    f"{path}: {dataset.name} frames {v[0]}..{v[-1]} come from"
+                    f" {source.file_name}, but {target} does not exist"
                 )
             handle = h5py.File(target, "r")
             files.append(handle)
         frames, name = _follow(target, handle, source.dset_name, files)
-        result.append((int(v0), int(v1 - v0 + 1), int(s0), frames, name))
+        v = _selected_frames(path, dataset.name, source.vspace, dataset.shape)
+        s = _selected_frames(target, source.dset_name, source.src_space, frames.shape)
+        if v.size != s.size:
+            raise ImagesError(f"{path}: {dataset.name} maps {v.size} frames from {s.size} in {target}")
+        breaks = np.flatnonzero((np.diff(v) != 1) | (np.diff(s) != 1)) + 1
+        for run_v, run_s in zip(np.split(v, breaks), np.split(s, breaks)):
+            result.append((int(run_v[0]), int(run_v.size), int(run_s[0]), frames, name))
     return result
 
 
-def _frame_bounds(space: Any, frames: int) -> tuple[int, int]:
-    """First and last frame (inclusive) a dataspace selection covers."""
-    if space.get_select_type() == h5py.h5s.SEL_ALL:
-        return 0, int(space.shape[0]) - 1 if space.shape else frames - 1
-    (first, *_), (last, *_) = space.get_select_bounds()
-    return int(first), int(last)
+def _selected_frames(
+    path: Path, name: str, space: Any, shape: tuple[int, ...]
+) -> NDArray[np.int64]:
+    """The frames (whole ones) a virtual-dataset mapping selects from a
+    dataset of ``shape``, in order."""
+    kind = space.get_select_type()
+    if kind == h5py.h5s.SEL_ALL:  # (its dataspace may be stored as a scalar)
+        return np.arange(shape[0], dtype=np.int64)
+    frames = np.zeros(0, dtype=np.int64)
+    if kind == h5py.h5s.SEL_HYPERSLABS:
+        blocks = space.get_select_hyper_blocklist()
+        frames = np.unique(np.concatenate([np.arange(int(b[0][0]), int(b[1][0]) + 1, dtype=np.int64) for b in blocks]))
+    per_frame = int(np.prod(shape[1:]))
+    if frames.size == 0 or frames.size * per_frame != space.get_select_npoints():
+        raise ImagesError(f"{path}: {name} maps parts of frames, not whole frames")
+    return frames
 
 
 def _scalar(master: Any, name: str) -> Optional[Any]:
