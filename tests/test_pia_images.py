@@ -221,6 +221,15 @@ def test_errors_name_the_file_and_the_fault(tmp_path: Path) -> None:
         f["entry/data/data"] = np.zeros((4, 5))
     with pytest.raises(ImagesError, match=r"flat\.h5: image data is 2D, not frames x height x width"):
         open_images(tmp_path / "flat.h5")
+    for name, data, fault in [
+        ("text", np.zeros((2, 3, 4), dtype="S1"), r"image data of type \|S1 is not numbers"),
+        ("thin", np.zeros((2, 0, 4)), r"frames of shape \(0, 4\) are empty"),
+        ("none", np.zeros((0, 3, 4)), r"no frames in /entry/data/data"),
+    ]:
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["entry/data/data"] = data
+        with pytest.raises(ImagesError, match=rf"{name}\.h5: {fault}"):
+            open_images(tmp_path / f"{name}.h5")
 
     sim = small_simulator()
     master = write_eiger(tmp_path, "scan", frames(sim, 4), simulator=sim, frames_per_file=2)
