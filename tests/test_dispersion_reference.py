@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from dispersion_reference import (
@@ -18,6 +20,7 @@ from dispersion_reference import (
     strong_pixels_extended,
     valid_pixels,
 )
+from hypothesis import given, settings
 from numpy.typing import NDArray
 
 # --- DIALS's C++, transcribed (T = double, as DIALS runs on flex.double) ---
@@ -355,3 +358,31 @@ def test_extended_mean_of_fewer_than_two_background_pixels_is_zero() -> None:
     expected[7, 6:8] = True
     assert (strong_pixels_extended(image, mask) == expected).all()
     assert (dials_dispersion_extended(image, mask, 6.0, 3.0, 0.0, 2) == expected).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    image=hnp.arrays(
+        np.int64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=13),
+        elements=st.one_of(st.integers(0, 30), st.integers(-2, 2**25), st.just(BIG)),
+    ),
+    data=st.data(),
+    nsig_b=st.floats(0.0, 8.0),
+    nsig_s=st.floats(0.0, 5.0),
+    min_count=st.integers(2, 6),
+    threshold=st.sampled_from([0.0, 2.0]),
+)
+def test_reference_matches_dials_loops_on_any_frame(
+    image: NDArray[np.int64], data: st.DataObject, nsig_b: float, nsig_s: float,
+    min_count: int, threshold: float,
+) -> None:
+    mask = data.draw(hnp.arrays(np.bool_, image.shape))
+    valid = valid_pixels(image, mask)
+    kw: dict[str, Any] = dict(
+        sigma_background=nsig_b, sigma_strong=nsig_s, min_local=min_count, global_threshold=threshold
+    )
+    assert (strong_pixels(image, mask, **kw) == dials_dispersion(image, valid, nsig_b, nsig_s, threshold, min_count)).all()
+    assert (
+        strong_pixels_extended(image, mask, **kw)
+        == dials_dispersion_extended(image, valid, nsig_b, nsig_s, threshold, min_count)
+    ).all()
