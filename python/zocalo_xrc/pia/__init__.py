@@ -1,0 +1,1 @@
+"""Per-image analysis: spot finding on detector images."""
