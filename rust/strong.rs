@@ -530,7 +530,7 @@ pub fn strong_pixels<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, 
     }
     rule.check()?;
     match rule.algorithm {
-        Algorithm::Dispersion if T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= 255 => {
+        Algorithm::Dispersion if T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= fast::MAX_BOX => {
             fast::dispersion(frame, valid, rule, out)
         }
         Algorithm::Dispersion => dispersion(frame, valid, rule, out),
@@ -608,7 +608,7 @@ fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &m
     });
 }
 
-/// Integer frames, boxes of at most 255 pixels: the sums fit `u32`.
+/// Integer frames, boxes of at most 63 pixels (7x7 is DIALS's): packed `u32` sums.
 ///
 /// Row by row: the column sums of `m` and `x` over the window of rows are
 /// moved by the row entering and the row leaving, the box sums are the
@@ -624,6 +624,8 @@ mod fast {
     /// column sums below (49 * 4095 < 2^18, 49 * 4095^2 < 2^30); a box with
     /// a bigger one is decided exactly.
     const SMALL: u32 = 4095;
+    /// The most pixels a box may have for the packing (63 * 4095 < 2^18).
+    pub(super) const MAX_BOX: usize = 63;
     /// One `u32` per column holds `x` of the small pixels (bits 0-17), `m`
     /// (bits 18-23) and the count of big pixels (bits 24-29).
     const M_ONE: u32 = 1 << 18;

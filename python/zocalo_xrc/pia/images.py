@@ -21,16 +21,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import h5py  # type: ignore[import-untyped]
-import hdf5plugin  # noqa: F401  (registers the Eiger's filters with h5py)
 import numpy as np
 from numpy.typing import NDArray
 
+from .. import _native
 from .resolution import Geometry
 
+try:  # the [pia] extra: .npy arrays are read without it
+    import h5py  # type: ignore[import-untyped]
+    import hdf5plugin  # noqa: F401  (registers the Eiger's filters with h5py)
+except ImportError:  # pragma: no cover - exercised without the extra
+    h5py = None
+
+if TYPE_CHECKING:
+    from .finder import SpotFinder
+
 __all__ = ["Geometry", "Images", "ImagesError", "open_images"]
+
+#: HDF5's id of the bitshuffle filter; its 5th parameter 2 means LZ4 as well.
+BITSHUFFLE = 32008
+BITSHUFFLE_LZ4 = 2
 
 DETECTOR = "/entry/instrument/detector"
 BEAM = "/entry/instrument/beam"
@@ -86,6 +98,7 @@ class Images:
         self._files = files
         self._array = array
         self._length = len(array) if array is not None else length
+        self._bslz4: dict[int, bool] = {}
 
     def __len__(self) -> int:
         return self._length
@@ -113,16 +126,57 @@ class Images:
         if self._array is not None:
             frame: NDArray[Any] = self._array[i]
             return frame
+        chunk = self.bslz4_chunk(i)
+        if chunk is not None:
+            try:
+                decoded: NDArray[Any] = _native.decode_bslz4(chunk, self.dtype.name, list(self.shape))
+            except (ValueError, TypeError) as error:
+                raise self.corrupt(i, str(error)) from None
+            return decoded
         segment = self._segment(i)
         k = segment.offset + i - segment.start
         try:
             frame = segment.dataset[k]
         except (OSError, RuntimeError, ValueError) as error:
-            raise ImagesError(
-                f"{segment.filename}: frame {i} ({segment.dataset.name}[{k}]) cannot be"
-                f" decoded: {_first_line(error)}"
-            ) from None
+            raise self.corrupt(i, _first_line(error)) from None
         return frame
+
+    def corrupt(self, index: int, reason: str) -> ImagesError:
+        """The error for frame ``index`` that cannot be decoded, naming the file."""
+        if self._array is not None:
+            return ImagesError(f"{self.path}: frame {index} cannot be read: {reason}")
+        segment = self._segment(index)
+        k = segment.offset + index - segment.start
+        return ImagesError(f"{segment.filename}: frame {index} ({segment.dataset.name}[{k}]) cannot be decoded: {reason}")
+
+    def bslz4_chunk(self, index: int) -> Optional[bytes]:
+        """Frame ``index``'s raw chunk when it is bitshuffle-LZ4 alone (what
+        the Eiger writes), for the Rust core to decode; else None."""
+        i = self._index(index)
+        if self._array is not None:
+            return None
+        segment = self._segment(i)
+        dataset = segment.dataset
+        key = id(dataset)
+        if key not in self._bslz4:
+            self._bslz4[key] = dataset.chunks == (1, *self.shape) and _filters(dataset) == ((BITSHUFFLE, BITSHUFFLE_LZ4),)
+        if not self._bslz4[key]:
+            return None
+        k = segment.offset + i - segment.start
+        try:
+            skipped, data = dataset.id.read_direct_chunk((k, 0, 0))
+        except (OSError, RuntimeError, KeyError) as error:
+            raise ImagesError(
+                f"{segment.filename}: frame {i} ({dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
+            ) from None
+        return None if skipped else bytes(data)
+
+    def spot_finder(self, **options: Any) -> SpotFinder:
+        """A ``SpotFinder`` with this detector's mask and trusted maximum
+        (other parameters as ``SpotFinder`` takes them)."""
+        from .finder import SpotFinder
+
+        return SpotFinder(self.mask, trusted_max=options.pop("trusted_max", self.trusted_max), **options)
 
     def raw_chunk(self, index: int) -> tuple[tuple[int, ...], bytes]:
         """Frame ``index`` as stored: the HDF5 filter ids applied to it, in
@@ -211,7 +265,19 @@ def _check_frames(path: Union[Path, str], shape: tuple[int, ...], dtype: np.dtyp
         raise ImagesError(f"{path}: image data of type {dtype} is not numbers")
 
 
+def _filters(dataset: Any) -> tuple[tuple[int, int], ...]:
+    """A dataset's filters: (id, bitshuffle's compression or 0) each."""
+    plist = dataset.id.get_create_plist()
+    out = []
+    for n in range(plist.get_nfilters()):
+        code, _, values, _ = plist.get_filter(n)
+        out.append((int(code), int(values[4]) if code == BITSHUFFLE and len(values) > 4 else 0))
+    return tuple(out)
+
+
 def _open_hdf5(path: Path) -> Images:
+    if h5py is None:
+        raise ImagesError(f"{path}: reading HDF5 needs h5py and hdf5plugin: pip install 'zocalo-xrc[pia]'")
     try:
         master = h5py.File(path, "r")
     except OSError as error:
