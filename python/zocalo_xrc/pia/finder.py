@@ -151,8 +151,9 @@ class SpotFinder:
         dtype = np.dtype(images.dtype).name
         for start in range(0, len(images), batch):
             stop = min(start + batch, len(images))
-            chunks = [images.bslz4_chunk(i) for i in range(start, stop)]
-            if all(c is not None for c in chunks) and dtype in _native_dtypes:
+            read = [images.bslz4_chunk(i) for i in range(start, stop)]
+            chunks = [c for c in read if c is not None]
+            if len(chunks) == len(read) and dtype in _native_dtypes:
                 try:
                     yield from self._core.find_chunks(chunks, dtype, images.shape, threads)
                 except ValueError as error:
