@@ -39,6 +39,7 @@ from typing import Any
 from ..messaging import ConfigurationError, ConnectionSettings, InProcessBroker, Transport, TransportError
 from ..messaging.config import looks_like_url
 from . import ispyb
+from .detector import SimulatedDetector
 from .logbook import Logbook
 from .scan import Scan, check_name
 from .settings import Settings
@@ -360,6 +361,15 @@ class LocalZocalo:
         self.transport().declare_results_queue(f"xrc.{scan.beamline}")  # as Diamond has it for every beamline
         return register_scan(self.db, self.state, scan, name)
 
+    def add_detector_scan(self, scan: Scan, name: str | None = None, *, size: str | tuple[int, int] = "1M",
+                          frame_rate: float | None = None) -> tuple[ispyb.RegisteredScan, SimulatedDetector]:
+        """Register a scan whose data a simulated detector writes (Eiger2 X
+        frames, at this local Zocalo's frame rate unless told): the detector
+        is armed; its ``write()`` writes the frames."""
+        self.transport().declare_results_queue(f"xrc.{scan.beamline}")
+        rate = self.settings.frame_rate if frame_rate is None else frame_rate
+        return register_detector_scan(self.db, self.state, scan, name, size=size, frame_rate=rate)
+
     @property
     def services(self) -> dict[str, Any]:
         """The services running in this process's threads, by name (none
@@ -402,14 +412,35 @@ def register_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str 
     """Write a scan's data file and register the scan in ISPyB."""
     import json
 
+    state, stem = _scan_data(state, name)
+    template = f"{stem}.json"
+    (state.data / template).write_text(json.dumps(scan.to_dict()) + "\n")
+    return _register(db, state, scan, template)
+
+
+def register_detector_scan(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, name: str | None = None, *,
+                           size: str | tuple[int, int] = "1M",
+                           frame_rate: float = 500.0) -> tuple[ispyb.RegisteredScan, SimulatedDetector]:
+    """Arm a simulated detector for a scan (its master file is written) and
+    register the scan in ISPyB with the master as its data; the detector
+    writes the frames when told (:meth:`SimulatedDetector.write`)."""
+    state, stem = _scan_data(state, name)
+    detector = SimulatedDetector(scan, state.data, stem, size=size, frame_rate=frame_rate)
+    return _register(db, state, scan, detector.master.name), detector
+
+
+def _scan_data(state: StateDirectory, name: str | None) -> tuple[StateDirectory, str]:
+    """Where a scan's data goes, and the start of its file names."""
     filename = check_name("scan" if name is None else name)  # a name, not a path: the data stays in the state directory
     state = StateDirectory(state.path.resolve())  # ISPyB keeps where the data is for other processes
     state.data.mkdir(parents=True, exist_ok=True)
-    template = f"{filename}_{uuid.uuid4().hex[:8]}.json"  # scans may share a detector file name
-    (state.data / template).write_text(json.dumps(scan.to_dict()) + "\n")
+    return state, f"{filename}_{uuid.uuid4().hex[:8]}"  # scans may share a detector file name
+
+
+def _register(db: ispyb.Ispyb, state: StateDirectory, scan: Scan, template: str) -> ispyb.RegisteredScan:
     return db.add_scan(beamline=scan.beamline, grids=[g.to_ispyb() for g in scan.grids],
                        experiment_type=scan.experiment_type, sample_id=scan.sample_id,
                        image_directory=str(state.data), file_template=template)
 
 
-__all__ = ["BrokerInUseError", "LocalZocalo", "StateDirectory", "register_scan", "recipe_directory", "service_names"]
+__all__ = ["BrokerInUseError", "LocalZocalo", "StateDirectory", "register_detector_scan", "register_scan", "recipe_directory", "service_names"]
