@@ -1,33 +1,46 @@
-"""Simulated per-image analysis (PIA): spot counts for every frame of a grid scan.
+"""Per-image analysis (PIA): spot counts for every frame of a grid scan.
 
 A recipe's first step names the collection (``dcid``, ``dcg_dcids``) and
-where its data is (``image_directory``/``image_template``: here a scan file,
-:mod:`zocalo_xrc.local.scan`, standing in for the detector's file). The
-service works out which grid of the scan the collection is (grids in DCID
-order), and sends one message per frame to the step's output, as Diamond's
-spot finders do: ``file-number`` (1-based), ``n_spots_total``,
-``file-seen-at``, and the fields each spot finder adds.
+where its data is (``image_directory``/``image_template``, from ISPyB). The
+service sends one message per frame to the step's output, as Diamond's spot
+finders do: ``file``, ``file-number`` (1-based within the grid),
+``file-seen-at``, ``n_spots_total`` and the fields each spot finder adds.
+The data is either
 
-* **GPU** (``per_image_analysis.gpu``, started at the collection's ``start``)
-  follows the detector: frame ``i`` of a grid whose first frame is
-  ``start_frame_index`` in the file is written at ``(start_frame_index + i) /
-  frame_rate`` after the start, and a pool of workers finishes frames a
-  little out of order.
-* **CPU** (``per_image_analysis``, started at ``end``) reads frames already
-  written, at the same rate, also out of order.
+* the **detector's file** (an Eiger/Odin master file): the spot finder
+  (:mod:`zocalo_xrc.pia`) runs over the step's frames (``start_frame_index``
+  and ``number_of_frames`` from the beamline's start message, else ISPyB's
+  start image number and number of images), in parallel; or
+* a **scan file** (``.json``, :mod:`zocalo_xrc.local.scan`) standing in for
+  the detector: its recorded or modelled counts are played at the frame rate.
 
-The step's message is acked when every frame has been sent: a service that
-stops half-way leaves it to be played again (the centring service takes
-duplicates).
+* **GPU** (``per_image_analysis.gpu``, started at the collection's ``start``,
+  as FFS): follows the detector. A detector file is read as it is written,
+  waiting up to ``frame_timeout_s`` (FFS: 30 s) for each next frame; frames
+  that never come are named in the log and the step ends. It sends
+  ``num_strong_pixels`` and ``n_spots_total`` (no resolution filter unless
+  the step gives ``d_min``/``d_max``). A scan file's frame ``i`` of a grid
+  whose first frame is ``start_frame_index`` is due ``(start_frame_index +
+  i) / frame_rate`` after the start, finished a little out of order.
+* **CPU** (``per_image_analysis``, started at ``end``, as Diamond's CPU
+  PIA): reads the frames written, and sends ``n_spots_total`` (spots with
+  ``d`` <= 40 Å), ``n_spots_no_ice``, ``n_spots_4A`` and ``total_intensity``.
+
+The step's message is acked when every frame has been sent (or named as
+never come): a service that stops half-way leaves it to be run again (the
+centring service takes duplicates). A step that cannot run (no DCID, data
+missing, not HDF5, truncated, frames of the wrong size) is one log line and
+dead-lettered: it would fail the same way again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import workflows.recipe
@@ -38,10 +51,17 @@ from .mimas import given
 from .scan import Scan, ScanFileError
 from .settings import Settings
 
+if TYPE_CHECKING:  # the spot finder is imported only for a detector's file
+    from ..pia.finder import SpotFinder, Spots
+    from ..pia.images import Images
+    from ..pia.resolution import Geometry
+
 #: how many frames apart two frames may be finished out of order
 WORKERS = 8
 #: how many grids one service plays at the same time
 STEPS_AT_ONCE = 64
+#: frames named at most when some never come
+NAMED = 20
 
 
 @dataclass
@@ -59,6 +79,81 @@ class StepError(ValueError):
     """A per-image analysis step that cannot be played; says why."""
 
 
+def _whole(parameters: Mapping[str, Any], key: str, what: str) -> int | None:
+    value = given(parameters.get(key))
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StepError(f"{key}: expected {what}, got {parameters.get(key)!r:.40}") from None
+
+
+def _limit(parameters: Mapping[str, Any], key: str) -> float | None:
+    value = given(parameters.get(key))
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise StepError(f"{key}: expected a resolution in Å, got {parameters.get(key)!r:.40}") from None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one per-image analysis step is asked: the collection, which grid
+    of its group it is, where its data is and which of the data's frames are its."""
+
+    dcid: int
+    grid: int  # 0: the group's first DCID (xy), 1: the second (xz)
+    path: Path
+    parameters: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, parameters: Mapping[str, Any]) -> Step:
+        try:
+            dcid = int(given(parameters.get("dcid")))
+        except (TypeError, ValueError):
+            raise StepError(f"dcid: expected a DCID, got {parameters.get('dcid')!r:.40}") from None
+        others = given(parameters.get("dcg_dcids")) or []
+        if not isinstance(others, list):
+            raise StepError(f"dcg_dcids: expected a list of DCIDs, got {others!r:.60}")
+        directory, template = given(parameters.get("image_directory")), given(parameters.get("image_template"))
+        if not directory or not template:
+            raise StepError(f"DCID {dcid}: ISPyB gave no image directory/template (ISPyB does not hold the DCID, "
+                            "or the dispatcher's ISPyB filter is off)")
+        group = sorted({dcid, *(int(d) for d in others)})
+        return cls(dcid, group.index(dcid), Path(directory) / template, parameters)
+
+    @property
+    def is_scan_file(self) -> bool:
+        """The data is a scan file standing in for the detector's."""
+        return self.path.suffix == ".json"
+
+    @property
+    def start_frame_index(self) -> int | None:
+        """Where the grid starts in the file (0-based), as the beamline said at start."""
+        return _whole(self.parameters, "start_frame_index", "a frame number")
+
+    def frames(self) -> range:
+        """The grid's frames in the detector's file (0-based): as the
+        beamline said at start, else as ISPyB has them."""
+        first = self.start_frame_index
+        if first is None:
+            number = _whole(self.parameters, "start_image_number", "an image number")
+            first = 0 if number is None else number - 1
+        count = _whole(self.parameters, "number_of_frames", "a number of frames")
+        if count is None:
+            count = _whole(self.parameters, "number_of_images", "a number of images")
+        if count is None:
+            raise StepError(f"DCID {self.dcid}: how many frames? The step has neither number_of_frames "
+                            "nor ISPyB's number of images")
+        if first < 0 or count < 1:
+            raise StepError(f"DCID {self.dcid}: frames {first} .. {first + count - 1} of {self.path.name}: "
+                            "expected a first frame >= 0 and at least one frame")
+        return range(first, first + count)
+
+
 @dataclass(frozen=True)
 class Frames:
     """One grid's frames, ready to play: file numbers with their spot counts
@@ -71,40 +166,21 @@ class Frames:
     due_s: np.ndarray
 
     @classmethod
-    def for_step(cls, parameters: Mapping[str, Any], *, rate: float, follow_detector: bool) -> Frames:
-        try:
-            dcid = int(given(parameters.get("dcid")))
-        except (TypeError, ValueError):
-            raise StepError(f"dcid: expected a DCID, got {parameters.get('dcid')!r:.40}") from None
-        others = given(parameters.get("dcg_dcids")) or []
-        if not isinstance(others, list):
-            raise StepError(f"dcg_dcids: expected a list of DCIDs, got {others!r:.60}")
-        directory, template = given(parameters.get("image_directory")), given(parameters.get("image_template"))
-        if not directory or not template:
-            raise StepError(f"DCID {dcid}: ISPyB gave no image directory/template (ISPyB does not hold the DCID, "
-                            "or the dispatcher's ISPyB filter is off)")
-        path = Path(directory) / template
+    def for_step(cls, step: Step, *, rate: float, follow_detector: bool) -> Frames:
+        dcid, path, k = step.dcid, step.path, step.grid
         try:
             scan = Scan.load(path)
         except OSError as e:
             raise StepError(f"DCID {dcid}: cannot read the data {path}: {e.strerror or e}") from None
         except ScanFileError as e:
             raise StepError(f"DCID {dcid}: {e}") from None
-        group = sorted({dcid, *(int(d) for d in others)})
-        k = group.index(dcid)
         if k >= len(scan.grids):
             raise StepError(f"DCID {dcid} is grid {k + 1} of its group, but {path} has {len(scan.grids)} grid(s)")
         counts = scan.counts(k)
         numbers = np.arange(1, len(counts) + 1)
         if scan.lost_frames:
             numbers, counts = numbers[:-scan.lost_frames], counts[:-scan.lost_frames]
-        first = 0
-        if follow_detector:
-            try:
-                first = int(given(parameters.get("start_frame_index")) or 0)
-            except (TypeError, ValueError):
-                raise StepError(f"start_frame_index: expected a frame number, "
-                                f"got {parameters.get('start_frame_index')!r:.40}") from None
+        first = (step.start_frame_index or 0) if follow_detector else 0
         rng = np.random.default_rng(dcid)
         written = (first + numbers) / rate  # frame n is on disk once written
         due = written + rng.uniform(0, WORKERS / rate, len(numbers))  # a pool of workers finishes in any order
@@ -112,12 +188,19 @@ class Frames:
         return cls(dcid, path, numbers[order], counts[order], due[order])
 
 
-class PerImageAnalysis(CommonService):
-    """Simulated CPU per-image analysis, on ``per_image_analysis``."""
+def named(numbers: list[int]) -> str:
+    """Image numbers, briefly: the first few, then how many more."""
+    more = len(numbers) - NAMED
+    return ", ".join(map(str, numbers[:NAMED])) + (f" and {more} more" if more > 0 else "")
 
-    _service_name = "Per-image analysis, simulated (zocalo-xrc)"
+
+class PerImageAnalysis(CommonService):
+    """CPU per-image analysis, on ``per_image_analysis``."""
+
+    _service_name = "Per-image analysis (zocalo-xrc)"
     _logger_name = "zocalo_xrc.local.pia"
     queue = "per_image_analysis"
+    kind = "CPU"
     follows_detector = False
 
     def initializing(self) -> None:
@@ -136,54 +219,125 @@ class PerImageAnalysis(CommonService):
 
     def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
         try:
-            frames = Frames.for_step(rw.recipe_step.get("parameters") or {}, rate=self.settings.frame_rate,
-                                     follow_detector=self.follows_detector)
+            step = Step.of(rw.recipe_step.get("parameters") or {})
+            if step.is_scan_file:
+                frames = Frames.for_step(step, rate=self.settings.frame_rate, follow_detector=self.follows_detector)
+                count, messages = len(frames.numbers), self._played(frames)
+            else:
+                wanted = step.frames()
+                count, messages = len(wanted), self._analysed(step, wanted)
         except StepError as e:
-            self.log.error("per-image analysis cannot run: %s; dead-lettering the step", e)
-            self._transport.nack(header, requeue=False)  # it would fail the same way again
+            self._dead_letter(rw, header, e)
             return
-        progress = self.progress[frames.dcid] = GridProgress(frames.dcid, len(frames.numbers))
-        threading.Thread(target=self._play, args=(rw, header, frames, progress), daemon=True,
-                         name=f"per-image analysis of DCID {frames.dcid}").start()
+        progress = self.progress[step.dcid] = GridProgress(step.dcid, count)
+        self.log.info("per-image analysis of DCID %d: %d frame(s) from %s", step.dcid, count, step.path)
+        threading.Thread(target=self._run, args=(rw, header, step, messages, progress), daemon=True,
+                         name=f"per-image analysis of DCID {step.dcid}").start()
+
+    def _dead_letter(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], error: StepError) -> None:
+        self.log.error("%s per-image analysis cannot run: %s; dead-lettering the step", self.kind, error)
+        rw.transport.nack(header, requeue=False)  # it would fail the same way again
+
+    def _run(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], step: Step,
+             messages: Iterator[dict[str, Any]], progress: GridProgress) -> None:
+        """Send each image's message as it comes; ack the step once all are sent."""
+        start = time.monotonic()
+        try:
+            for payload in messages:
+                rw.send(payload)  # type: ignore[no-untyped-call]
+                progress.sent += 1
+                progress.last_seen_at = payload["file-seen-at"]
+            if self._stopping.is_set():
+                return  # the step stays unacked: it is run again by the next service
+            rw.transport.ack(header)
+            self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", step.dcid,
+                          progress.sent, time.monotonic() - start)
+        except StepError as e:
+            self._dead_letter(rw, header, e)
+        except Exception:
+            self.log.exception("per-image analysis of DCID %d stopped after %d frame(s)", step.dcid,
+                               progress.sent)
+        finally:
+            progress.done.set()
+
+    # ---- a scan file's counts, played at the frame rate ----
+
+    def _played(self, frames: Frames) -> Iterator[dict[str, Any]]:
+        start = time.monotonic()
+        for number, spots, due in zip(frames.numbers.tolist(), frames.counts.tolist(), frames.due_s.tolist()):
+            wait = start + due - time.monotonic()
+            if (wait > 0 and self._stopping.wait(wait)) or self._stopping.is_set():
+                return
+            yield self.payload(frames.path, number, spots, time.time())
 
     def payload(self, path: Path, number: int, spots: int, seen_at: float) -> dict[str, Any]:
         return {"file": str(path), "file-number": number, "file-pattern-index": number, "file-seen-at": seen_at,
                 "n_spots_total": spots, "n_spots_no_ice": spots, "n_spots_4A": spots // 2,
                 "total_intensity": 25.0 * spots, "estimated_d_min": 2.1 if spots else None}
 
-    def _play(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], frames: Frames,
-              progress: GridProgress) -> None:
-        start = time.monotonic()
-        self.log.info("per-image analysis of DCID %d: %d frame(s) from %s", frames.dcid, len(frames.numbers),
-                      frames.path)
+    # ---- the detector's file, through the spot finder ----
+
+    def _analysed(self, step: Step, wanted: range) -> Iterator[dict[str, Any]]:
+        from ..pia.follow import FileFollower
+        from ..pia.images import ImagesError
+
+        follower = FileFollower(step.path, wanted, finder=self.spot_finder, stopping=self._stopping,
+                                timeout_s=self.settings.frame_timeout_s if self.follows_detector else 0.0)
         try:
-            for number, spots, due in zip(frames.numbers.tolist(), frames.counts.tolist(), frames.due_s.tolist()):
-                wait = start + due - time.monotonic()
-                if wait > 0 and self._stopping.wait(wait):
-                    return  # the step stays unacked: it is played again by the next service
-                if self._stopping.is_set():
-                    return
-                seen_at = time.time()
-                rw.send(self.payload(frames.path, number, spots, seen_at))
-                progress.sent += 1
-                progress.last_seen_at = seen_at
-            rw.transport.ack(header)
-            self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", frames.dcid,
-                          progress.sent, time.monotonic() - start)
-        except Exception:
-            self.log.exception("per-image analysis of DCID %d stopped after %d frame(s)", frames.dcid,
-                               progress.sent)
-        finally:
-            progress.done.set()
+            for found in follower:
+                yield self.measured(step, found.index - wanted.start + 1, found.spots, found.seen_at,
+                                    follower.geometry)
+        except ImagesError as e:
+            raise StepError(f"DCID {step.dcid}: {e}") from None
+        if follower.missing:
+            numbers = [i - wanted.start + 1 for i in follower.missing]
+            waited = f"after {follower.timeout_s:g} s" if follower.timeout_s else "at end"
+            self.log.warning("%s per-image analysis of DCID %d: %d frame(s) never came (%s): images %s of %s; "
+                             "ending the step", self.kind, step.dcid, len(numbers), waited, named(numbers), step.path)
+
+    def spot_finder(self, images: Images) -> SpotFinder:
+        """Diamond's CPU PIA runs DIALS's dispersion with its defaults."""
+        return images.spot_finder()
+
+    def measured(self, step: Step, number: int, spots: Spots, seen_at: float,
+                 geometry: Geometry | None) -> dict[str, Any]:
+        from ..pia.resolution import image_stats
+
+        if geometry is None:
+            raise StepError(f"DCID {step.dcid}: {step.path} has no detector geometry (beam centre, distance, "
+                            "pixel size, wavelength): the resolution of its spots is unknown")
+        stats = image_stats(spots.centroid[:, 0], spots.centroid[:, 1], spots.intensity, geometry)
+        return {"file": str(step.path), "file-number": number, "file-seen-at": seen_at,
+                "n_spots_total": stats.n_spots_total, "n_spots_no_ice": stats.n_spots_no_ice,
+                "n_spots_4A": stats.n_spots_4A, "total_intensity": stats.total_intensity}
 
 
 class PerImageAnalysisGPU(PerImageAnalysis):
-    """Simulated GPU per-image analysis, on ``per_image_analysis.gpu``: follows the detector."""
+    """GPU per-image analysis, on ``per_image_analysis.gpu``, as FFS: follows the detector."""
 
-    _service_name = "Per-image analysis, GPU, simulated (zocalo-xrc)"
+    _service_name = "Per-image analysis, GPU (zocalo-xrc)"
     queue = "per_image_analysis.gpu"
+    kind = "GPU"
     follows_detector = True
 
     def payload(self, path: Path, number: int, spots: int, seen_at: float) -> dict[str, Any]:
         return {"file": str(path), "file-number": number, "file-seen-at": seen_at, "n_spots_total": spots,
                 "num_strong_pixels": 7 * spots}
+
+    def spot_finder(self, images: Images) -> SpotFinder:
+        """FFS: DIALS's dispersion with a minimum of 3 valid pixels in a box, spots of any size."""
+        return images.spot_finder(min_local=3, max_spot_size=None)
+
+    def measured(self, step: Step, number: int, spots: Spots, seen_at: float,
+                 geometry: Geometry | None) -> dict[str, Any]:
+        n = len(spots)
+        d_min, d_max = _limit(step.parameters, "d_min"), _limit(step.parameters, "d_max")
+        if d_min is not None or d_max is not None:
+            from ..pia.resolution import image_stats
+
+            if geometry is None:
+                raise StepError(f"DCID {step.dcid}: a resolution limit, but {step.path} has no detector geometry")
+            n = image_stats(spots.centroid[:, 0], spots.centroid[:, 1], spots.intensity, geometry,
+                            d_min=d_min, d_max=d_max, filter_ice=False).n_spots_total
+        return {"file": str(step.path), "file-number": number, "n_spots_total": n,
+                "num_strong_pixels": spots.n_strong_pixels, "file-seen-at": seen_at}

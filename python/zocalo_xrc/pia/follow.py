@@ -1,0 +1,112 @@
+"""Spot finding on a detector's file as it is written, as FFS reads the Eiger's.
+
+``FileFollower(path, frames)`` opens an Eiger/Odin master file (or any file
+:func:`~zocalo_xrc.pia.images.open_images` reads), waits for the frames it
+is asked for to be written (the file is opened again each time it has read
+what is there: a file written without SWMR is read as the writer last left
+it), runs the spot finder over them in parallel and yields each frame's
+spots with when it was first seen. Frames that do not come within
+``timeout_s`` of the last one that did (FFS: 30 s) are given up: ``missing``
+names them. A file that stays unreadable (missing, not HDF5, truncated,
+frames of another shape) that long raises :class:`ImagesError` naming it;
+``timeout_s=0`` takes the file as it is (the data is all written).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .finder import BATCH_PER_THREAD, SpotFinder, Spots
+from .images import Images, ImagesError, open_images
+from .resolution import Geometry
+
+#: FFS's default wait for a frame (``SPOTFINDER_TIMEOUT``), seconds.
+TIMEOUT_S = 30.0
+#: How often a file is looked at again while frames are awaited, seconds.
+POLL_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """One frame's spots: its index in the file (0-based) and when it was seen (epoch s)."""
+
+    index: int
+    spots: Spots
+    seen_at: float
+
+
+class FileFollower:
+    """The spots of ``frames`` (indices into the file) of the images at
+    ``path``, frame by frame as they are written. ``finder``: the spot finder
+    for the detector's images (from its mask and trusted maximum);
+    ``stopping``: set to give up between batches (``stopped`` is then True)."""
+
+    def __init__(
+        self,
+        path: Path,
+        frames: range,
+        *,
+        finder: Callable[[Images], SpotFinder],
+        timeout_s: float = TIMEOUT_S,
+        poll_s: float = POLL_S,
+        threads: int = 0,
+        stopping: Optional[threading.Event] = None,
+    ) -> None:
+        if not timeout_s >= 0:
+            raise ValueError(f"timeout_s must be >= 0 seconds, not {timeout_s!r}")
+        self.path = path
+        self.frames = frames
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.threads = threads
+        self._finder = finder
+        self._stopping = stopping if stopping is not None else threading.Event()
+        #: the frames (indices into the file) that never came; set when iteration ends
+        self.missing: list[int] = []
+        self.stopped = False
+        #: the detector's geometry (None when its file has none); set once the file is open
+        self.geometry: Optional[Geometry] = None
+        self._spot_finder: Optional[SpotFinder] = None
+
+    def __iter__(self) -> Iterator[Found]:
+        batch = BATCH_PER_THREAD * (self.threads or len(os.sched_getaffinity(0)))
+        frames, done = self.frames, 0  # frames[:done] are found
+        last_progress = time.monotonic()
+        while done < len(frames):
+            if self._stopping.is_set():
+                self.stopped = True
+                return
+            error: Optional[ImagesError] = None
+            try:
+                with open_images(self.path) as images:
+                    seen_at = time.time()
+                    if self._spot_finder is None:
+                        self._spot_finder = self._finder(images)
+                        self.geometry = images.geometry
+                    while done < len(frames) and frames[done] < len(images) and not self._stopping.is_set():
+                        chunk = [i for i in frames[done:done + batch] if i < len(images)]
+                        for index, spots in zip(chunk, self._find(images, chunk)):
+                            yield Found(index, spots, seen_at)
+                        done += len(chunk)
+                        last_progress = time.monotonic()
+            except ImagesError as e:
+                error = e  # maybe the writer is half-way through a frame: look again
+            if done == len(frames) or self._stopping.is_set():
+                continue
+            if time.monotonic() - last_progress >= self.timeout_s:
+                if error is not None:
+                    raise error
+                self.missing = list(frames[done:])
+                return
+            time.sleep(self.poll_s)
+
+    def _find(self, images: Images, chunk: list[int]) -> list[Spots]:
+        assert self._spot_finder is not None
+        frames: list[Any] = [images[i] for i in chunk]  # each decoded by the core from its raw chunk
+        return list(self._spot_finder.find_many(frames, self.threads))

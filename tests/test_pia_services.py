@@ -1,0 +1,189 @@
+"""The per-image analysis services from pixels, in the local Zocalo on
+RabbitMQ: zocalo's Dispatcher and recipes, ISPyB holding where a simulated
+Eiger2 X writes, the PIA services finding spots in its frames as they are
+written, the centring service. Every count a service sends is checked
+against the spot finder run here over the same frames, and the result
+against ``centre_3d_scans`` over those counts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zocalo_xrc import ZocaloResults, ZocaloTrigger
+from zocalo_xrc.centring import GridScan, centre_3d_scans
+from zocalo_xrc.client import NoResultsFromZocaloError, Source
+from zocalo_xrc.local.detector import SimulatedDetector
+from zocalo_xrc.local.scan import Scan
+from zocalo_xrc.local.settings import Settings
+from zocalo_xrc.local.zocalo import default_scan
+from zocalo_xrc.pia.images import open_images
+from zocalo_xrc.pia.resolution import image_stats
+
+from local_zocalo import running
+
+#: a small detector keeps the frames quick to write and to search
+SHAPE = (160, 192)
+RATE = 150.0  # frames/s the detector writes
+FAST = Settings(frame_rate=RATE, idle_s=3.0, frame_timeout_s=1.0)
+GPU_KEYS = {"file", "file-number", "n_spots_total", "num_strong_pixels", "file-seen-at"}
+CPU_KEYS = {"file", "file-number", "file-seen-at", "n_spots_total", "n_spots_no_ice", "n_spots_4A", "total_intensity"}
+GPU_SERVICE, CPU_SERVICE = "Per-image analysis, GPU (zocalo-xrc)", "Per-image analysis (zocalo-xrc)"
+
+
+@pytest.fixture(scope="module")
+def local(request):
+    with running(request, "rabbitmq", FAST) as z:
+        yield z
+
+
+def small_scan(**changes) -> Scan:
+    """The demo's two crystals on a 6 x 4 + 6 x 3 grid (boxes scaled to fit), few spots a frame."""
+    data = json.loads(default_scan().read_text())
+    for g, steps_y in zip(data["grids"], (4, 3)):
+        g["gridinfo"].update(steps_x=6, steps_y=steps_y, dx_mm=0.2, dy_mm=0.12)
+    for c in data["crystals"]:
+        c["spots"] = c["spots"] / 10
+    data.update(changes)
+    return Scan.from_dict(data)
+
+
+def sent(local, service: str, dcids) -> dict[int, list[dict]]:
+    """What ``service`` sent on for each DCID, from the logbook."""
+    out: dict[int, list[dict]] = {d: [] for d in dcids}
+    for e in local.logbook.entries():
+        if e["service"] == service and e["dir"] == "out" and int(e.get("dcid") or 0) in out:
+            out[int(e["dcid"])].append(e["payload"])
+    return out
+
+
+def eventually(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (ok := check()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ok
+
+
+def run(local, scan: Scan, name: str, sources=(Source.GPU, Source.CPU), timeout_s: float = 60.0):
+    """Arm a detector, trigger the scan as a beamline does (start, frames
+    written, end), and wait for each source's result (or its failure)."""
+    registered, detector = local.add_detector_scan(scan, name=name, size=SHAPE)
+    receivers = [ZocaloResults(local.transport(), beamline=scan.beamline, private_queue=True, source=s,
+                               timeout_s=timeout_s) for s in sources]
+    for r in receivers:
+        r.subscribe()
+    try:
+        trigger = ZocaloTrigger(local.transport(), timeout_s=10)
+        trigger.run_start(*scan.start_infos(registered.dcids, name))
+        detector.write()
+        trigger.run_end(*registered.dcids)
+        results = []
+        for r in receivers:
+            try:
+                results.append(r.trigger(dcids=registered.dcids, dcgid=registered.dcgid))
+            except NoResultsFromZocaloError as e:
+                results.append(e)
+    finally:
+        for r in receivers:
+            r.close()
+    return registered, detector, results
+
+
+def found(detector: SimulatedDetector, **finder_options):
+    """The spots of every frame the detector wrote, found here."""
+    with open_images(detector.master) as images:
+        finder = images.spot_finder(**finder_options)
+        return images.geometry, [finder.find(images[i]) for i in range(len(images))]
+
+
+def by_number(messages: list[dict]) -> dict[int, dict]:
+    numbers = [m["file-number"] for m in messages]
+    assert len(numbers) == len(set(numbers)), "an image sent twice"
+    return {m["file-number"]: m for m in messages}
+
+
+def test_both_services_send_what_the_spot_finder_finds_and_the_scan_is_centred_from_them(local):
+    scan = small_scan()
+    registered, detector, (gpu, cpu) = run(local, scan, "pixels")
+    geometry, spots = found(detector)
+    _, ffs_spots = found(detector, min_local=3, max_spot_size=None)
+    firsts = np.cumsum([0] + [g.image_count for g in scan.grids])
+    gpu_sent, cpu_sent = sent(local, GPU_SERVICE, registered.dcids), sent(local, CPU_SERVICE, registered.dcids)
+    counts = []
+    for k, (dcid, grid) in enumerate(zip(registered.dcids, scan.grids)):
+        frames = range(firsts[k], firsts[k] + grid.image_count)
+        g, c = by_number(gpu_sent[dcid]), by_number(cpu_sent[dcid])
+        assert sorted(g) == sorted(c) == list(range(1, grid.image_count + 1))
+        for number, i in enumerate(frames, 1):
+            assert set(g[number]) == GPU_KEYS and set(c[number]) == CPU_KEYS
+            assert g[number]["file"] == c[number]["file"] == str(detector.master)
+            assert g[number]["n_spots_total"] == len(ffs_spots[i])
+            assert g[number]["num_strong_pixels"] == ffs_spots[i].n_strong_pixels
+            stats = image_stats(spots[i].centroid[:, 0], spots[i].centroid[:, 1], spots[i].intensity, geometry)
+            assert (c[number]["n_spots_total"], c[number]["n_spots_no_ice"], c[number]["n_spots_4A"]) == (
+                stats.n_spots_total, stats.n_spots_no_ice, stats.n_spots_4A)
+            assert c[number]["total_intensity"] == pytest.approx(stats.total_intensity, rel=1e-12)
+        counts.append(([len(ffs_spots[i]) for i in frames], [c[n]["n_spots_total"] for n in range(1, len(frames) + 1)]))
+    # the spots are the model's: the finder finds about as many as the detector drew
+    drawn = detector.spots.sum()
+    assert 0.8 * drawn <= sum(len(s) for s in ffs_spots) <= 1.2 * drawn + 10
+    for got, source in ((gpu, 0), (cpu, 1)):
+        expected = centre_3d_scans(*(GridScan(k + 1, np.array(counts[k][source]), g)
+                                     for k, g in enumerate(scan.grids)), sample_id=scan.sample_id)
+        assert got.to_dicts() == expected.to_dicts()
+        assert len(got) >= 1
+
+
+def test_frames_that_never_come_are_named_and_the_step_ends(local, caplog):
+    scan = small_scan(lost_frames=3)
+    dlq = local.transport().message_count("dlq.per_image_analysis.gpu")
+    with caplog.at_level(logging.INFO):
+        registered, detector, (gpu,) = run(local, scan, "stopped", sources=(Source.GPU,), timeout_s=3.0)
+        assert isinstance(gpu, NoResultsFromZocaloError)
+        xz = registered.dcids[1]
+        n = scan.grids[1].image_count
+        assert eventually(lambda: any("never came" in m.getMessage() and str(xz) in m.getMessage()
+                                      for m in caplog.records if m.name == "zocalo_xrc.local.pia"))
+    (line,) = [m.getMessage() for m in caplog.records if "never came" in m.getMessage() and str(xz) in m.getMessage()
+               and m.getMessage().startswith("GPU")]
+    assert f"images {n - 2}, {n - 1}, {n} of {detector.master}" in line and "after 1 s" in line
+    # the step ended (acked), not dead-lettered; every frame written was sent once
+    assert local.transport().message_count("dlq.per_image_analysis.gpu") == dlq
+    assert sorted(by_number(sent(local, GPU_SERVICE, [xz])[xz])) == list(range(1, n - 2))
+
+
+@pytest.mark.parametrize("fault", ["missing", "not HDF5", "truncated"])
+def test_data_that_cannot_be_read_dead_letters_the_step_with_the_reason(local, caplog, tmp_path, fault):
+    scan = small_scan()
+    registered, detector = local.add_detector_scan(scan, name=fault.replace(" ", "-"), size=SHAPE)
+    detector.write()
+    data = detector.writer.data_file_path(1)
+    reason = {"missing": "no such file", "not HDF5": "not an HDF5 file", "truncated": "not an HDF5 file"}[fault]
+    if fault == "missing":
+        data.unlink()
+        detector.master.unlink()
+    elif fault == "not HDF5":
+        detector.master.write_text("not a master file\n")
+    else:
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    t = local.transport()
+    queues = ("dlq.per_image_analysis.gpu", "dlq.per_image_analysis")
+    before = [t.message_count(q) for q in queues]
+    with caplog.at_level(logging.ERROR):
+        trigger = ZocaloTrigger(t, timeout_s=10)
+        trigger.run_start(*scan.start_infos(registered.dcids, "x"))
+        trigger.run_end(*registered.dcids)
+        assert eventually(lambda: [t.message_count(q) for q in queues] == [b + 2 for b in before])
+    lines = [m.getMessage() for m in caplog.records if m.name == "zocalo_xrc.local.pia"]
+    assert len(lines) == 4, lines  # one line per step: two grids, GPU and CPU
+    for dcid in registered.dcids:
+        mine = [line for line in lines if f"DCID {dcid}:" in line]
+        assert len(mine) == 2 and all(reason in line and "dead-lettering the step" in line for line in mine), mine
+        assert sorted(line.split()[0] for line in mine) == ["CPU", "GPU"]
+    assert not [m for m in caplog.records if m.exc_info]  # a clear line, no traceback
