@@ -187,3 +187,57 @@ def test_data_that_cannot_be_read_dead_letters_the_step_with_the_reason(local, c
         assert len(mine) == 2 and all(reason in line and "dead-lettering the step" in line for line in mine), mine
         assert sorted(line.split()[0] for line in mine) == ["CPU", "GPU"]
     assert not [m for m in caplog.records if m.exc_info]  # a clear line, no traceback
+
+
+def test_local_up_follows_a_detector_written_by_add_scan_in_another_process(rabbit, tmp_path):
+    """``zocalo-xrc local up`` (each service a zocalo.service process) and
+    ``local add-scan --detector eiger2x-1m``, which prints the registration
+    and then writes the frames at the frame rate: the GPU service in its own
+    process follows the files as they grow, and the result is the one the
+    finder's counts over the same frames give."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from zocalo_xrc import ZocaloStartInfo
+
+    if not hasattr(rabbit, "vhost"):
+        pytest.skip("an external broker: no vhost of our own")
+    url = rabbit.vhost(f"pixels-{os.getpid()}-{time.monotonic_ns()}")
+    state = tmp_path / "state"
+    scan_file = tmp_path / "small.json"
+    scan_file.write_text(json.dumps(small_scan().to_dict()))
+    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, "--state", str(state),
+                           "--pia", "gpu", "--idle-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        assert "local Zocalo up" in up.stdout.readline()
+        add = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "add-scan", str(scan_file), "--json",
+                                "--state", str(state), "--detector", "eiger2x-1m", "--frame-rate", "50"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        registered = json.loads(add.stdout.readline())  # printed once armed, before the frames are written
+        with ZocaloResults(url, private_queue=True, source=Source.GPU, timeout_s=60) as r:
+            r.subscribe()
+            t = ZocaloTrigger(url, timeout_s=10)
+            t.run_start(*(ZocaloStartInfo(s["parameters"]["ispyb_dcid"], registered["filename"],
+                                          s["parameters"]["start_frame_index"], s["parameters"]["number_of_frames"],
+                                          s["parameters"]["message_index"]) for s in registered["starts"]))
+            assert add.wait(60) == 0, add.stderr.read()
+            t.run_end(*registered["dcids"])
+            got = r.trigger(dcids=registered["dcids"], dcgid=registered["dcgid"])
+        r.transport.close()
+        t.transport.close()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0 and "Traceback" not in err, err[-3000:]
+    (master,) = (state / "data").glob("small_*_master.h5")
+    with open_images(master) as images:
+        finder = images.spot_finder(min_local=3, max_spot_size=None)
+        counts = np.array([len(finder.find(images[i])) for i in range(len(images))])
+    scan = small_scan()
+    first = scan.grids[0].image_count
+    expected = centre_3d_scans(GridScan(1, counts[:first], scan.grids[0]), GridScan(2, counts[first:], scan.grids[1]),
+                               sample_id=scan.sample_id)
+    assert got.to_dicts() == expected.to_dicts() and len(got) >= 1

@@ -348,6 +348,13 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("file", type=Path, help="a scan file: recorded counts or a crystal model")
     add.add_argument("--name", default=None, help="the detector file name the beamline sends (default: made up)")
     add.add_argument("--json", action="store_true", help="print what was registered as JSON")
+    add.add_argument("--detector", default=None, metavar="eiger2x-4m",
+                     help="write the scan's frames as a simulated detector does (eiger2x-1m, -4m, -9m or -16m): "
+                          "the master file first, then the frames at --frame-rate, once the registration is printed; "
+                          "per-image analysis then finds the spots in them (default: no frames, the scan file's "
+                          "counts are played)")
+    add.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
+                     help="with --detector: frames per second it writes (default: %(default)s)")
     _state_options(add)
     _logging_options(add, top=False)
     book = actions.add_parser("logbook", help="every message of a recipe run (no GUID: list the runs)",
@@ -419,13 +426,17 @@ def _local_options(parser: argparse.ArgumentParser, *, broker_required: bool = F
     parser.add_argument("--idle-timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="abandon a scan whose images stop coming for this long (default: the service's, "
                              f"{IDLE_S:g} s)")
+    parser.add_argument("--frame-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="how long GPU per-image analysis waits for a detector's next frame before it names "
+                             "the frames that never came and ends the step (default: %(default)s, as FFS)")
 
 
 def _local_settings(args: argparse.Namespace) -> Any:
     from .local.settings import Settings
 
     try:
-        return Settings(pia=Settings.parse_pia(args.pia), frame_rate=args.frame_rate, idle_s=args.idle_timeout)
+        return Settings(pia=Settings.parse_pia(args.pia), frame_rate=args.frame_rate, idle_s=args.idle_timeout,
+                        frame_timeout_s=args.frame_timeout)
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
 
@@ -641,10 +652,13 @@ def run_local_up(args: argparse.Namespace) -> int:
 
 
 def run_local_add_scan(args: argparse.Namespace) -> int:
-    from .client import RECIPE, START_FIELDS
+    import time
+
+    from .local.detector import detector_size
     from .local.ispyb import Ispyb, IspybError
     from .local.scan import check_name
-    from .local.zocalo import StateDirectory, default_state_directory, prepare_results_queue, register_scan
+    from .local.zocalo import (StateDirectory, default_state_directory, prepare_results_queue,
+                               register_detector_scan, register_scan)
 
     scan = _scan(args.file)
     name = args.file.stem if args.name is None else args.name
@@ -652,22 +666,48 @@ def run_local_add_scan(args: argparse.Namespace) -> int:
         check_name(name)
     except ValueError as e:
         raise CliError(f"--name: {e}", EXIT_USAGE) from None
+    try:
+        size = None if args.detector is None else detector_size(args.detector)
+    except ValueError as e:
+        raise CliError(f"--detector: {e}", EXIT_USAGE) from None
+    if not args.frame_rate > 0:
+        raise CliError(f"--frame-rate: expected frames per second > 0, got {args.frame_rate!r}", EXIT_USAGE)
     state = StateDirectory((args.state or default_state_directory()).resolve())
+    detector = None
     try:
         state.path.mkdir(parents=True, exist_ok=True)  # a fresh state directory: ISPyB's SQLite file goes there
         with Ispyb(args.ispyb or state.ispyb_url) as db:
             db.create_schema()
-            registered = register_scan(db, state, scan, name)
+            if size is None:
+                registered = register_scan(db, state, scan, name)
+            else:
+                registered, detector = register_detector_scan(db, state, scan, name, size=size,
+                                                              frame_rate=args.frame_rate)
         prepare_results_queue(state, scan.beamline)
     except (IspybError, OSError, ValueError, TransportError) as e:
         raise _local_errors(e) from e
+    _print_registered(args, scan, registered, name)
+    if detector is not None:
+        if not args.json:
+            print(f"detector: writing {detector.frames} frame(s) of {size} to {detector.master} at "
+                  f"{args.frame_rate:g} frames/s", flush=True)
+        started = time.monotonic()
+        written = detector.write()
+        if not args.json:
+            print(f"detector: {written} frame(s) written in {time.monotonic() - started:.2f} s")
+    return EXIT_OK
+
+
+def _print_registered(args: argparse.Namespace, scan: Any, registered: Any, name: str) -> None:
+    from .client import RECIPE, START_FIELDS
+
     infos = scan.start_infos(registered.dcids, name)
     starts = [{"recipes": [RECIPE], "parameters": {**{f: getattr(i, f) for f in START_FIELDS}, "event": "start"}}
               for i in infos]
     if args.json:
         print(json.dumps({"dcgid": registered.dcgid, "dcids": list(registered.dcids), "beamline": registered.beamline,
-                          "visit": registered.visit, "filename": name, "starts": starts}))
-        return EXIT_OK
+                          "visit": registered.visit, "filename": name, "starts": starts}), flush=True)
+        return
     kind = "3D" if len(scan.grids) == 2 else "2D"
     grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(registered.dcids, scan.grids))
     print(f"registered a {kind} grid scan on {registered.beamline} ({registered.visit}): DCG {registered.dcgid}, "
@@ -678,8 +718,7 @@ def run_local_add_scan(args: argparse.Namespace) -> int:
               f"{i.number_of_frames}, {i.message_index}))")
     for dcid in registered.dcids:
         print(f"  trigger.run_end({dcid})")
-    print(f"results come on xrc.{registered.beamline} (exchange 'results')")
-    return EXIT_OK
+    print(f"results come on xrc.{registered.beamline} (exchange 'results')", flush=True)
 
 
 def run_local_logbook(args: argparse.Namespace) -> int:

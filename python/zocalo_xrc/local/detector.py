@@ -32,6 +32,8 @@ RADIAL_BACKGROUND = 0.5
 #: defects of the simulated sensor (masked hot and dead pixels)
 HOT_PIXELS = 5
 DEAD_PIXELS = 5
+#: background frames drawn once and reused (a frame's Poisson noise over millions of pixels is the slow part)
+BACKGROUNDS = 4
 
 
 def detector_size(name: str) -> str:
@@ -64,13 +66,32 @@ class SimulatedDetector:
                                   saturation_value=self.simulator.saturation_value,
                                   frames_per_file=max(1, self.frames))
         self.master = self.writer.master_path
+        self._backgrounds: dict[int, NDArray[Any]] = {}
+        self._good = self.simulator.pixel_mask == 0
         #: when the last frame was written (time.time()), once it is
         self.last_written_at: float | None = None
 
     def frame(self, index: int) -> NDArray[Any]:
-        """Frame ``index`` of the file: the spots the scan says, on the background."""
-        spots = self.simulator.random_spots(int(self.spots[index]), index)
-        return self.simulator.frame(spots, index)
+        """Frame ``index`` of the file: the spots the scan says (Poisson
+        counts of small Gaussians) on one of a few background frames."""
+        sim = self.simulator
+        k = index % BACKGROUNDS
+        if k not in self._backgrounds:
+            self._backgrounds[k] = sim.frame((), index=2**32 + k)  # indices no frame of the file has
+        frame = self._backgrounds[k].copy()
+        rng = np.random.default_rng([sim.seed, index, 2])
+        height, width = sim.shape
+        for spot in sim.random_spots(int(self.spots[index]), index):
+            reach = int(np.ceil(4 * spot.sigma))
+            x0, x1 = max(int(spot.x) - reach, 0), min(int(spot.x) + reach + 1, width)
+            y0, y1 = max(int(spot.y) - reach, 0), min(int(spot.y) + reach + 1, height)
+            ys, xs = np.mgrid[y0:y1, x0:x1] + 0.5
+            mean = spot.intensity / (2 * np.pi * spot.sigma**2) * np.exp(
+                -((xs - spot.x) ** 2 + (ys - spot.y) ** 2) / (2 * spot.sigma**2))
+            good = self._good[y0:y1, x0:x1]
+            patch = frame[y0:y1, x0:x1]
+            patch[good] = np.minimum(patch[good] + rng.poisson(mean[good]), sim.saturation_value)
+        return frame
 
     def write(self, stopping: threading.Event | None = None) -> int:
         """Write every frame at the frame rate (frame ``i`` not before
