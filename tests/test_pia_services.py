@@ -29,7 +29,7 @@ from local_zocalo import running
 
 #: a small detector keeps the frames quick to write and to search
 SHAPE = (160, 192)
-RATE = 150.0  # frames/s the detector writes
+RATE = 60.0  # frames/s the detector writes: slow enough to be followed
 FAST = Settings(frame_rate=RATE, idle_s=3.0, frame_timeout_s=1.0)
 GPU_KEYS = {"file", "file-number", "n_spots_total", "num_strong_pixels", "file-seen-at"}
 CPU_KEYS = {"file", "file-number", "file-seen-at", "n_spots_total", "n_spots_no_ice", "n_spots_4A", "total_intensity"}
@@ -129,6 +129,8 @@ def test_both_services_send_what_the_spot_finder_finds_and_the_scan_is_centred_f
                 stats.n_spots_total, stats.n_spots_no_ice, stats.n_spots_4A)
             assert c[number]["total_intensity"] == pytest.approx(stats.total_intensity, rel=1e-12)
         counts.append(([len(ffs_spots[i]) for i in frames], [c[n]["n_spots_total"] for n in range(1, len(frames) + 1)]))
+    # GPU followed the file as it was written: its first frames were seen before the detector was done
+    assert min(m["file-seen-at"] for m in gpu_sent[registered.dcids[0]]) < detector.last_written_at - 0.1
     # the spots are the model's: the finder finds about as many as the detector drew
     drawn = detector.spots.sum()
     assert 0.8 * drawn <= sum(len(s) for s in ffs_spots) <= 1.2 * drawn + 10

@@ -325,6 +325,11 @@ def _parser() -> argparse.ArgumentParser:
     _local_options(demo)
     demo.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for Zocalo's results (default: %(default)s)")
+    demo.add_argument("--detector", default=None, metavar="eiger2x-4m",
+                      help="run from pixels: a simulated detector (eiger2x-1m, -4m, -9m or -16m) writes the scan's "
+                           "frames at --frame-rate and per-image analysis finds the spots in them (default: the scan "
+                           "file's counts are played); the frames go to the state directory, removed at exit unless "
+                           "--state is given")
     demo.add_argument("--plot", type=Path, default=Path("demo.png"), metavar="OUT.png",
                       help="where to draw the grids with the crystals found, in mm (default: %(default)s; "
                            "needs the [plot] extra; 'none' for no picture)")
@@ -570,9 +575,16 @@ def run_demo(args: argparse.Namespace) -> int:
         check_plot_path(plot_to)
     settings = _local_settings(args)
     broker = None if args.broker == "in-process" else args.broker
+    from .local.detector import detector_size
+
+    try:
+        size = None if args.detector is None else detector_size(args.detector)
+    except ValueError as e:
+        raise CliError(f"--detector: {e}", EXIT_USAGE) from None
     try:
         run = demo.Demo(scan, broker=broker, ispyb_url=args.ispyb, settings=settings,
-                        state=str(args.state) if args.state else None, name=(args.file.stem if args.file else "demo"))
+                        state=str(args.state) if args.state else None, name=(args.file.stem if args.file else "demo"),
+                        detector=size)
     except (ValueError, ConfigurationError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
     print(f"Local Zocalo: {run.local.describe()}", flush=True)
@@ -587,6 +599,8 @@ def run_demo(args: argparse.Namespace) -> int:
         timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame" if o.after_last_frame_s is not None
                   else f"{o.after_end_s * 1e3:.1f} ms after the end")
         print(f"\n{o.source.value.upper()} results ({timing}):")
+        if run.spots_drawn is not None and o.source in run.spots_found:
+            print(f"  spots: {run.spots_drawn} put on the frames by the model, {run.spots_found[o.source]} found")
         if isinstance(o.results, XrcResults):
             xy, xz = scan.grids
             print(format_3d(o.results, (xy.steps_x, xy.steps_y, xz.steps_y)))

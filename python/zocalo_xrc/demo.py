@@ -82,8 +82,14 @@ class Demo:
     SQLAlchemy URL."""
 
     def __init__(self, scan: Scan, *, broker: str | None = None, ispyb_url: str | None = None,
-                 settings: Settings = Settings(), state: str | None = None, name: str = "demo") -> None:
+                 settings: Settings = Settings(), state: str | None = None, name: str = "demo",
+                 detector: str | tuple[int, int] | None = None) -> None:
         self.scan, self.name, self.settings = scan, name, settings
+        #: the simulated detector's size ("1M".."16M", or (height, width)); None: the scan file's counts are played
+        self.detector_size = detector
+        #: spots the model put on the frames, and those per-image analysis found, by source (with a detector)
+        self.spots_drawn: int | None = None
+        self.spots_found: dict[Source, int] = {}
         self.local = LocalZocalo(broker=broker, ispyb_url=ispyb_url, state=state, settings=settings)
         self.registered: RegisteredScan | None = None
         self.last_frame_at: dict[Source, float] = {}
@@ -98,7 +104,13 @@ class Demo:
         :class:`~zocalo_xrc.client.NoResultsFromZocaloError` /
         :class:`TransportError`."""
         with self.local:
-            self.registered = scan = self.local.add_scan(self.scan, name=self.name)
+            detector = None
+            if self.detector_size is None:
+                self.registered = scan = self.local.add_scan(self.scan, name=self.name)
+            else:
+                scan, detector = self.local.add_detector_scan(self.scan, name=self.name, size=self.detector_size)
+                self.registered = scan
+                self.spots_drawn = int(detector.spots[:detector.frames].sum())
             kind = "3D" if len(self.scan.grids) == 2 else "2D"
             announce(f"registered a {kind} grid scan in ISPyB: DCG {scan.dcgid}, DCIDs "
                      + ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(scan.dcids, self.scan.grids)))
@@ -112,7 +124,12 @@ class Demo:
             trigger = ZocaloTrigger(transport, timeout_s=10.0)
             trigger.run_start(*self.scan.start_infos(scan.dcids, self.name))
             announce("sent start for each grid to processing_recipe (recipe mimas), as dodal does")
+            writing = None if detector is None else detector.start()
             self._play(Source.GPU, scan, progress, timeout_s)
+            if writing is not None and detector is not None:
+                writing.join()
+                if detector.last_written_at is not None:
+                    self.last_frame_at = {s: detector.last_written_at for s in self.sources}
             trigger.run_end(*scan.dcids)
             ended = time.time()
             announce("sent end for each grid")
@@ -170,3 +187,4 @@ class Demo:
         seen = [g.last_seen_at for g in grids if g is not None and g.last_seen_at is not None]
         if seen:
             self.last_frame_at[source] = max(seen)
+        self.spots_found[source] = sum(g.spots for g in grids if g is not None)

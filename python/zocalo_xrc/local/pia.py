@@ -71,6 +71,7 @@ class GridProgress:
     dcid: int
     frames: int
     sent: int = 0
+    spots: int = 0  # n_spots_total over the frames sent
     last_seen_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -246,6 +247,7 @@ class PerImageAnalysis(CommonService):
             for payload in messages:
                 rw.send(payload)  # type: ignore[no-untyped-call]
                 progress.sent += 1
+                progress.spots += payload["n_spots_total"]
                 progress.last_seen_at = payload["file-seen-at"]
             if self._stopping.is_set():
                 return  # the step stays unacked: it is run again by the next service

@@ -324,7 +324,9 @@ class LocalZocalo:
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         command = Path(sys.executable).with_name("zocalo.service")
-        env = dict(os.environ, ZOCALO_CONFIG=str(self.state.zocalo_config), ZOCALO_XRC_ISPYB=self.ispyb_url)
+        # HDF5's file lock off, as Diamond's readers run: per-image analysis follows files another process writes
+        env = dict(os.environ, ZOCALO_CONFIG=str(self.state.zocalo_config), ZOCALO_XRC_ISPYB=self.ispyb_url,
+                   HDF5_USE_FILE_LOCKING="FALSE")
         log.info("starting %s: zocalo.service -s %s -e %s", name, name, ENVIRONMENT)
         return subprocess.Popen([str(command), "-s", name, "-e", ENVIRONMENT], env=env, start_new_session=True)
 

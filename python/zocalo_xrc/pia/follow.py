@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from numpy.typing import NDArray
+
 from .finder import BATCH_PER_THREAD, SpotFinder, Spots
 from .images import Images, ImagesError, open_images
 from .resolution import Geometry
@@ -108,5 +110,28 @@ class FileFollower:
 
     def _find(self, images: Images, chunk: list[int]) -> list[Spots]:
         assert self._spot_finder is not None
-        frames: list[Any] = [images[i] for i in chunk]  # each decoded by the core from its raw chunk
-        return list(self._spot_finder.find_many(frames, self.threads))
+        # as Images, so that the core decodes the raw chunks in parallel as it searches them
+        return list(self._spot_finder.find_many(_Frames(images, chunk), self.threads))
+
+
+class _Frames(Images):
+    """Some frames of open images, as ``Images`` (what ``find_many`` decodes
+    in the core). Images has no window of its own yet: this one takes only
+    what ``find_many`` reads (length, shape, dtype, frames, raw chunks, errors)."""
+
+    def __init__(self, images: Images, frames: list[int]) -> None:  # noqa: super().__init__ would open nothing
+        self.path, self.shape, self.dtype = images.path, images.shape, images.dtype
+        self.mask, self.trusted_max, self.geometry = images.mask, images.trusted_max, images.geometry
+        self._images, self._frames = images, frames
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, index: int) -> NDArray[Any]:
+        return self._images[self._frames[index]]
+
+    def bslz4_chunk(self, index: int) -> Optional[bytes]:
+        return self._images.bslz4_chunk(self._frames[index])
+
+    def corrupt(self, index: int, reason: str) -> ImagesError:
+        return self._images.corrupt(self._frames[index], reason)

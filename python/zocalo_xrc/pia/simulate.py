@@ -309,7 +309,7 @@ class EigerWriter:
         self._dataset: Any = None
 
         geometry = geometry if geometry is not None else default_geometry(self.shape)
-        self._master = h5py.File(self.master_path, "w", locking=False)  # readers follow the files as they grow
+        self._master = h5py.File(self.master_path, "w")
         entry = _nx_group(self._master, "entry", "NXentry")
         _nx_group(entry, "data", "NXdata")
         instrument = _nx_group(entry, "instrument", "NXinstrument")
@@ -373,7 +373,7 @@ class EigerWriter:
             self._data_file.close()
         number = self.n_frames // self.frames_per_file + 1
         path = self.data_file_path(number)
-        self._data_file = self._h5py.File(path, "w", locking=False)
+        self._data_file = self._h5py.File(path, "w")
         entry = _nx_group(self._data_file, "entry", "NXentry")
         data = _nx_group(entry, "data", "NXdata")
         height, width = self.shape
