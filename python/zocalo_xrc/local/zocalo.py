@@ -3,7 +3,7 @@
 ::
 
     beamline --processing_recipe--> Dispatcher (zocalo's, ISPyB filters) --> Mimas
-    Mimas --processing_recipe--> Dispatcher --> per-image analysis (simulated, GPU at start / CPU at end)
+    Mimas --processing_recipe--> Dispatcher --> per-image analysis (GPU at start / CPU at end; from pixels or simulated)
       --> X-ray centring (this project's service) --results exchange, xrc.<beamline>--> beamline
 
 Every part is a ``workflows`` service configured by one zocalo configuration
