@@ -123,7 +123,10 @@ class Step:
         if not directory or not template:
             raise StepError(f"DCID {dcid}: ISPyB gave no image directory/template (ISPyB does not hold the DCID, "
                             "or the dispatcher's ISPyB filter is off)")
-        group = sorted({dcid, *(int(d) for d in others)})
+        try:
+            group = sorted({dcid, *(int(d) for d in others)})
+        except (TypeError, ValueError):
+            raise StepError(f"dcg_dcids: expected a list of DCIDs, got {others!r:.60}") from None
         return cls(dcid, group.index(dcid), Path(directory) / template, parameters)
 
     @property
