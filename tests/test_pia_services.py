@@ -243,3 +243,23 @@ def test_local_up_follows_a_detector_written_by_add_scan_in_another_process(rabb
     expected = centre_3d_scans(GridScan(1, counts[:first], scan.grids[0]), GridScan(2, counts[first:], scan.grids[1]),
                                sample_id=scan.sample_id)
     assert got.to_dicts() == expected.to_dicts() and len(got) >= 1
+
+
+def test_waiting_for_frames_opens_the_file_again_only_when_it_changes(tmp_path):
+    """A GPU step waits up to 30 s for a frame: opening the files every few
+    ms meanwhile took most of a core from the spot finding of other steps."""
+    from zocalo_xrc.pia.follow import FileFollower
+
+    detector = SimulatedDetector(small_scan(), tmp_path, "idle", size=SHAPE)
+    for i in range(5):
+        detector.writer.write(detector.frame(i))
+    follower = FileFollower(detector.master, range(10), finder=lambda images: images.spot_finder(), timeout_s=2.0)
+    found = 0
+    for _ in follower:
+        found += 1
+        if found == 5:
+            cpu, wall = time.thread_time(), time.monotonic()
+    waited_cpu, waited = time.thread_time() - cpu, time.monotonic() - wall
+    detector.writer.close()
+    assert follower.missing == [5, 6, 7, 8, 9] and waited >= 2.0
+    assert waited_cpu < 0.25 * waited, f"{waited_cpu:.2f} s of CPU in {waited:.2f} s of waiting"

@@ -30,8 +30,10 @@ from .resolution import Geometry
 
 #: FFS's default wait for a frame (``SPOTFINDER_TIMEOUT``), seconds.
 TIMEOUT_S = 30.0
-#: How often a file is looked at again while frames are awaited, seconds.
+#: How often the files' sizes and times are looked at while frames are awaited, seconds.
 POLL_S = 0.002
+#: The file is opened again after this long even when nothing seems to have changed, seconds.
+REOPEN_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class FileFollower:
                 self.stopped = True
                 return
             error: Optional[ImagesError] = None
+            before, opened_at = _signature(self.path), time.monotonic()  # a write after this is seen
             try:
                 with open_images(self.path) as images:
                     seen_at = time.time()
@@ -101,17 +104,38 @@ class FileFollower:
                 error = e  # maybe the writer is half-way through a frame: look again
             if done == len(frames) or self._stopping.is_set():
                 continue
-            if time.monotonic() - last_progress >= self.timeout_s:
-                if error is not None:
-                    raise error
-                self.missing = list(frames[done:])
-                return
-            time.sleep(self.poll_s)
+            while True:  # opening the files again costs: only once something changed, or now and then
+                if time.monotonic() - last_progress >= self.timeout_s:
+                    if error is not None:
+                        raise error
+                    self.missing = list(frames[done:])
+                    return
+                if self._stopping.wait(self.poll_s):
+                    break
+                if time.monotonic() - opened_at >= REOPEN_S or _signature(self.path) != before:
+                    break
 
     def _find(self, images: Images, chunk: list[int]) -> list[Spots]:
         assert self._spot_finder is not None
         # as Images, so that the core decodes the raw chunks in parallel as it searches them
         return list(self._spot_finder.find_many(_Frames(images, chunk), self.threads))
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of the file and the files beside
+    it named like it (an Eiger's ``<name>_master.h5`` and ``<name>_data_N.h5``):
+    what changes as a detector writes."""
+    stem = path.stem.removesuffix("_master")
+    found = []
+    try:
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.name.startswith(stem):
+                    stat = entry.stat()
+                    found.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    except OSError:
+        pass  # a file that comes and goes: open_images says what is wrong
+    return tuple(sorted(found))
 
 
 class _Frames(Images):
