@@ -845,7 +845,7 @@ class _AmqpSubscription(Subscription):
             if not commit.future.done():
                 commit.future.set_exception(PublishRefusedError(
                     "the broker refused a message of a commit; nothing was acked (the deliveries come again)"))
-            self.channel.close()
+            self.channel._impl.close()  # not the blocking close: this runs inside pika's dispatch
             return
         if commit.tags:
             self._ack(commit.tags)

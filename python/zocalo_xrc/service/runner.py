@@ -13,7 +13,7 @@ tombstone of the scan comes first if the result went, and the rebuilt scan
 is settled, not sent again. A tombstone taken is held unacked for a minute
 (:data:`TOMBSTONE_S`), so that a restart in that time finds it again, and
 so do repeats of the scan's images (a shard router killed between its
-forwards and its acks). An open group is not held unacked for long: now and
+forwards and its acks); a service that stops hands it back with the rest. An open group is not held unacked for long: now and
 then its state goes to the service's own queue as a checkpoint, and the
 images it covers are acked once it is confirmed (module :mod:`.checkpoint`);
 a restarted service resumes from it, merging checkpoints by union. The
@@ -192,14 +192,6 @@ class XrcService(AtomicConsumer):
         self._events: list[tuple[float, int, str, tuple[int, ...]]] = []
         self._event_seq = itertools.count()
         self._timer_at: float | None = None
-
-    def stop(self) -> None:
-        """Stop consuming; the tombstones held are acked (a clean stop leaves
-        only its open scans behind), what else is held goes back to the queue."""
-        tombstones, self.tombstones = self.tombstones, collections.deque()
-        for _, d in tombstones:
-            d.ack()
-        super().stop()
 
     # ---- one message -------------------------------------------------------------
 
