@@ -116,17 +116,25 @@ class SpotFinder:
         """A bool array of the image's shape, True where a pixel is strong."""
         return self._core.strong_pixels(_image(image))
 
-    def find_many(self, images: Union[Images, Iterable[ArrayLike]], threads: int = 0) -> Iterator[Spots]:
+    def find_many(
+        self, images: Union[Images, Iterable[ArrayLike]], threads: int = 0, *, frames: Optional[range] = None
+    ) -> Iterator[Spots]:
         """The spots of every frame, in order, ``threads`` frames at a time
-        (0: one per core). ``images``: an ``Images`` (from ``open_images``),
-        a 3D array, or any iterable of 2D arrays."""
+        (0: one per core). ``images``: an ``Images`` (from ``open_images``;
+        ``frames``: which of its frames, from 0), a 3D array, or any
+        iterable of 2D arrays."""
         threads = _threads(threads)
         batch = BATCH_PER_THREAD * (threads or _native_cores())
         from .images import Images  # no h5py needed unless a file is open
 
         if isinstance(images, Images):
-            yield from self._find_in(images, threads, batch)
+            which = range(len(images)) if frames is None else frames
+            if which.step != 1 or (len(which) and not (0 <= which.start and which.stop <= len(images))):
+                raise ValueError(f"frames {which} are not consecutive frames of the {len(images)}")
+            yield from self._find_in(images, which, threads, batch)
             return
+        if frames is not None:
+            raise ValueError("frames= picks frames of an Images; slice other sequences yourself")
         frames: list[Any] = []
         start = 0
         for image in images:
@@ -147,10 +155,10 @@ class SpotFinder:
                 raise
             raise ValueError(f"image {start + i}: {error}") from None
 
-    def _find_in(self, images: Images, threads: int, batch: int) -> Iterator[Spots]:
+    def _find_in(self, images: Images, frames: range, threads: int, batch: int) -> Iterator[Spots]:
         dtype = np.dtype(images.dtype).name
-        for start in range(0, len(images), batch):
-            stop = min(start + batch, len(images))
+        for start in range(frames.start, frames.stop, batch):
+            stop = min(start + batch, frames.stop)
             read = [images.bslz4_chunk(i) for i in range(start, stop)]
             chunks = [c for c in read if c is not None]
             if len(chunks) == len(read) and dtype in _native_dtypes:
