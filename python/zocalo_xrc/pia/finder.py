@@ -135,16 +135,16 @@ class SpotFinder:
             return
         if frames is not None:
             raise ValueError("frames= picks frames of an Images; slice other sequences yourself")
-        frames: list[Any] = []
+        pending: list[Any] = []
         start = 0
         for image in images:
-            frames.append(_image(image))
-            if len(frames) == batch:
-                yield from self._many(frames, threads, start)
-                start += len(frames)
-                frames = []
-        if frames:
-            yield from self._many(frames, threads, start)
+            pending.append(_image(image))
+            if len(pending) == batch:
+                yield from self._many(pending, threads, start)
+                start += len(pending)
+                pending = []
+        if pending:
+            yield from self._many(pending, threads, start)
 
     def _many(self, frames: list[Any], threads: int, start: int) -> list[Spots]:
         try:
