@@ -26,7 +26,7 @@ def test_json_per_image_is_the_library_s_answer(scan):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["file-number"] for r in rows] == [3, 4, 5, 6, 7]
-    finder = zx.SpotFinder(d.pixel_mask == 0, trusted_max=d.saturation_value)
+    finder = zx.SpotFinder(d.pixel_mask == 0, trusted_max=d.saturation_value, max_separation=2)
     for row in rows:
         spots = finder.find(frames[row["file-number"] - 1])
         stats = image_stats(spots.centroid[:, 0], spots.centroid[:, 1], spots.intensity, d.geometry)
@@ -66,6 +66,7 @@ def test_a_npy_array_has_no_geometry(tmp_path, scan):
         (["{master}", "--d-min", "50"], cli.EXIT_USAGE, "--d-min 50.0 is above --d-max 40.0"),
         (["{master}", "--images", "2:3", "--plot", "x.png", "--image", "9"], cli.EXIT_USAGE, "--image 9 is not among"),
         (["{text}"], cli.EXIT_FILE, "not an HDF5 file"),
+        (["{master}", "--max-separation", "-1"], cli.EXIT_USAGE, "a distance in pixels is a number >= 0"),
     ],
 )
 def test_errors_are_one_line(scan, tmp_path, args, code, message):

@@ -354,6 +354,10 @@ def _parser() -> argparse.ArgumentParser:
     spots.add_argument("--min-spot-size", type=_count, default=3, metavar="PIXELS", help="(default: %(default)s)")
     spots.add_argument("--max-spot-size", type=_count, default=1000, metavar="PIXELS",
                        help="(default: %(default)s; 0 for no maximum)")
+    spots.add_argument("--max-separation", type=_pixels, default=2.0, metavar="PIXELS",
+                       help="keep spots whose brightest pixel is at most this far from their centroid, as DIALS's "
+                            "spot finding (and so Diamond's per-image analysis) does (default: %(default)s; 'none' "
+                            "for no such filter, as fast-feedback-service)")
     spots.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                        help="draw one image (--image) with its spots circled (needs the [plot] extra)")
     spots.add_argument("--image", type=_count, default=None, metavar="N",
@@ -781,6 +785,18 @@ def _count(text: str) -> int:
     return n
 
 
+def _pixels(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        d = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a distance in pixels: {text!r}") from None
+    if not 0 <= d < float("inf"):
+        raise argparse.ArgumentTypeError(f"a distance in pixels is a number >= 0, not {text!r}")
+    return d
+
+
 def _resolution(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -811,7 +827,7 @@ def run_find_spots(args: argparse.Namespace) -> int:
             if args.plot and not first <= shown <= last:
                 raise CliError(f"--image {shown} is not among --images {first}:{last}", EXIT_USAGE)
             finder = data.spot_finder(algorithm=args.algorithm, min_spot_size=args.min_spot_size,
-                                      max_spot_size=args.max_spot_size or None)
+                                      max_spot_size=args.max_spot_size or None, max_separation=args.max_separation)
             geometry = data.geometry
             if geometry is None:
                 print(f"{args.file}: no detector geometry: every spot counts, no resolution or ice filter",

@@ -66,6 +66,7 @@ class SpotFinder:
         gain: Optional[float] = None,
         min_spot_size: int = 3,
         max_spot_size: Optional[int] = 1000,
+        max_separation: Optional[float] = None,
     ) -> None:
         good = None if mask is None else _mask(mask)
         kx, ky = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
@@ -85,6 +86,7 @@ class SpotFinder:
         self.gain = None if gain is None else float(gain)
         self.min_spot_size = int(min_spot_size)
         self.max_spot_size = None if max_spot_size is None else int(max_spot_size)
+        self.max_separation = None if max_separation is None else float(max_separation)
         self._core = _native.Finder(
             good,
             self.trusted_max,
@@ -97,6 +99,7 @@ class SpotFinder:
             self.gain,
             self.min_spot_size,
             self.max_spot_size,
+            self.max_separation,
         )
 
     def __repr__(self) -> str:
@@ -105,7 +108,7 @@ class SpotFinder:
             f"SpotFinder({self.algorithm}, {shape}, trusted_max={self.trusted_max}, kernel_size={self.kernel_size},"
             f" sigma_background={self.sigma_background}, sigma_strong={self.sigma_strong},"
             f" global_threshold={self.global_threshold}, min_local={self.min_local}, gain={self.gain},"
-            f" spot size {self.min_spot_size}..{self.max_spot_size})"
+            f" spot size {self.min_spot_size}..{self.max_spot_size}, max_separation={self.max_separation})"
         )
 
     def find(self, image: ArrayLike) -> Spots:
