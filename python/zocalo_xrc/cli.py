@@ -588,6 +588,7 @@ def _local_errors(e: Exception) -> CliError:
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
+    from ._progress import Progress
     from .client import NoResultsFromZocaloError
     from .local.ispyb import IspybError
 
@@ -604,7 +605,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     print(f"Local Zocalo: {run.local.describe()}", flush=True)
     try:
-        outcomes = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr), announce=print)
+        outcomes = run.run(timeout_s=args.timeout, progress=Progress(sys.stderr), announce=print)
     except NoResultsFromZocaloError as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
     except (TransportError, ConfigurationError, IspybError, OSError, TimeoutError) as e:
@@ -775,16 +776,6 @@ def _image_range(text: str) -> tuple[int, int]:
     return a, b
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
-    return n
-
-
 def _pixels(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -841,6 +832,7 @@ def run_find_spots(args: argparse.Namespace) -> int:
             found = finder.find_many(data, threads=args.threads, frames=range(first - 1, last))
             for number, spots in enumerate(found, start=first):
                 x, y = spots.centroid[:, 0], spots.centroid[:, 1]
+                row: dict[str, float | None]
                 if geometry is not None:
                     stats = image_stats(x, y, spots.intensity, geometry, d_min=args.d_min, d_max=args.d_max)
                     row = {"file-number": number, "n_spots_total": stats.n_spots_total,
