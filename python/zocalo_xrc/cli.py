@@ -27,7 +27,7 @@ from typing import Any, NoReturn, Sequence
 from . import __version__
 from ._text import read_json
 from ._native import XrcResults
-from ._results import GridScan2DResult
+from ._results import GridScan2DResult, XrcResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
 from .messaging.config import ConfigurationError, default_environment, looks_like_url, redact, zocalo_environment_blocks
 from .geometry import GridGeometry
@@ -139,7 +139,8 @@ def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[
     if "grids" in case:
         scans = scans_of(case)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
-        results = centre_3d_scans(*scans, **options, **_pin(case, scans[0].grid))
+        first, second = scans
+        results = centre_3d_scans(first, second, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
                  for i, s in enumerate(scans)]
         return results, shown, geometry_of([s.grid for s in scans])
@@ -234,7 +235,8 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, Patch, Rectangle
 
-    results = list(result) if isinstance(result, XrcResults) else ([result] if result.ok else [])
+    results: list[XrcResult | GridScan2DResult] = (
+        list(result) if isinstance(result, XrcResults) else ([result] if result.ok else []))
     unit = "mm" if geometry is not None else "boxes"
     if geometry is None:  # one box per unit, box k centred on k
         shape = [grids[0][1].shape[0], grids[0][1].shape[1]] + ([grids[1][1].shape[1]] if len(grids) > 1 else [])
