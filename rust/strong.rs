@@ -653,13 +653,31 @@ mod fast {
         (packed, small * small)
     }
 
+    /// The largest level: a pixel's value as the filter sees it.
+    const LEVEL_MAX: u8 = 255;
+
+    /// A pixel's level: 0 when it cannot be strong (masked, not valid, not
+    /// above the threshold), else its value up to `LEVEL_MAX` (at which it
+    /// is decided exactly). Every pixel that may be strong is at least 1:
+    /// `above >= 1` for integer pixels, the threshold being >= 0.
+    #[inline(always)]
+    fn level<T: Pixel>(v: T, g: bool, above: T, valid_max: T) -> u8 {
+        if g & (v >= above) & (v <= valid_max) {
+            v.small().min(LEVEL_MAX as u32) as u8
+        } else {
+            0
+        }
+    }
+
     /// The window of rows: the packed terms of its rows (row `e` in slot
-    /// `e % rows`; a pixel's square is that of its low bits) and their sums
-    /// down each column, with `kx` zero columns either side.
+    /// `e % rows`; a pixel's square is that of its low bits) and their levels,
+    /// and the sums of the terms down each column, with `kx` zero columns
+    /// either side.
     struct Window {
         rows: usize,
         kx: usize,
         ring_p: Vec<u32>,
+        ring_level: Vec<u8>,
         col_p: Vec<u32>,
         col_y: Vec<u32>,
     }
@@ -671,6 +689,7 @@ mod fast {
                 rows,
                 kx,
                 ring_p: vec![0; rows * w],
+                ring_level: vec![0; rows * w],
                 col_p: vec![0; w + 2 * kx],
                 col_y: vec![0; w + 2 * kx],
             }
@@ -679,10 +698,11 @@ mod fast {
         /// Row `e` enters (None: past the frame's end) and row `e - rows`,
         /// whose terms are in the same slot, leaves.
         #[inline(always)]
-        fn enter<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T) {
+        fn enter<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
             let w = self.col_p.len() - 2 * self.kx;
             let slot = (e % self.rows) * w;
             let rp = &mut self.ring_p[slot..slot + w];
+            let rl = &mut self.ring_level[slot..slot + w];
             let (cp, cy) = (&mut self.col_p[self.kx..self.kx + w], &mut self.col_y[self.kx..self.kx + w]);
             match row {
                 Some((v, g)) => {
@@ -693,6 +713,7 @@ mod fast {
                         cp[c] = cp[c].wrapping_add(p).wrapping_sub(rp[c]);
                         cy[c] = cy[c].wrapping_add(y).wrapping_sub(old * old);
                         rp[c] = p;
+                        rl[c] = level(v[c], g[c], f.above, f.valid_max);
                     }
                 }
                 None => {
@@ -702,8 +723,17 @@ mod fast {
                         cy[c] = cy[c].wrapping_sub(old * old);
                         rp[c] = 0;
                     }
+                    rl.fill(0);
                 }
             }
+        }
+    }
+
+    impl Window {
+        /// The levels of row `r` (entered, not left).
+        fn levels(&self, r: usize, w: usize) -> &[u8] {
+            let slot = (r % self.rows) * w;
+            &self.ring_level[slot..slot + w]
         }
     }
 
@@ -724,27 +754,26 @@ mod fast {
         /// takes always passes both. This one needs only `m` and `x`, and
         /// lets through some 1.5% of a background of 0.5 counts a pixel.
         #[inline(always)]
-        fn may_signal(&self, v: T, packed: u32) -> bool {
+        fn may_signal(&self, level: u8, packed: u32) -> bool {
             let (x, m, big) = (packed & X_BITS, (packed >> 18) & 63, packed >> 24);
-            // a box with a big pixel, or a big pixel itself, is decided exactly
-            let vs = v.small().min(SMALL + 1);
-            let exact = (big > 0) | (vs > SMALL);
-            // all below 2^31 (signed conversions are one instruction); small
-            // values make m*v and x exact in f32
-            let (mf, xf, vf) = ((m as i32) as f32, (x as i32) as f32, (vs as i32) as f32);
+            // a box with a big pixel, or a pixel at the top level, is decided exactly
+            let exact = (big > 0) | (level == LEVEL_MAX);
+            // all below 2^31 (signed conversions are one instruction); levels
+            // below 255 and small pixels make m*v and x exact in f32
+            let (mf, xf, vf) = ((m as i32) as f32, (x as i32) as f32, (level as i32) as f32);
             // the signal: b = m*v - x > sigma_strong * sqrt(g*x*m)
             let b = mf * vf - xf;
             let signal = (b > 0.0) & (b * b > self.s2 * xf * mf);
-            (v >= self.above) & (v <= self.valid_max) & (m >= self.min_local) & (exact | signal)
+            (level > 0) & (m >= self.min_local) & (exact | signal)
         }
 
         /// The second sieve, for the pixels the first let through: may the
         /// box pass the dispersion test `m*y - x*x - g*x*(m-1) >
         /// g*x*sigma_b*sqrt(2*(m-1))`?
         #[inline(always)]
-        fn may_disperse(&self, v: T, packed: u32, ys: u32) -> bool {
+        fn may_disperse(&self, level: u8, packed: u32, ys: u32) -> bool {
             let (x, m, big) = (packed & X_BITS, (packed >> 18) & 63, packed >> 24);
-            let exact = (big > 0) | (v.small().min(SMALL + 1) > SMALL);
+            let exact = (big > 0) | (level == LEVEL_MAX);
             let (mf, xf, yf) = ((m as i32) as f32, (x as i32) as f32, (ys as i32) as f32);
             let (t1, t2, t3) = (mf * yf, xf * xf, self.gain * xf * (mf - 1.0));
             let a = (t1 - t2 - t3) + (t1 + t2 + t3) * 3e-7;
@@ -760,7 +789,7 @@ mod fast {
         f: &Filter<T>,
         win: &Window,
         taps: usize,
-        values: &[T],
+        levels: &[u8],
         c0: usize,
         n: usize,
         sums: &mut ([u32; BLOCK], [u32; BLOCK]),
@@ -771,16 +800,17 @@ mod fast {
         // column c of the frame is col[kx + c]: the box around it is col[c..c + taps]
         let (cp, cy) = (&win.col_p[c0..c0 + n + taps - 1], &win.col_y[c0..c0 + n + taps - 1]);
         if n == BLOCK {
-            let values = &values[c0..c0 + BLOCK];
-            *bp = [0; BLOCK];
-            for d in 0..taps {
-                let cp = &cp[d..d + BLOCK];
-                for i in 0..BLOCK {
-                    bp[i] = bp[i].wrapping_add(cp[i]);
+            let levels = &levels[c0..c0 + BLOCK];
+            let cp = &cp[..BLOCK + taps - 1];
+            for i in 0..BLOCK {
+                let mut p = 0u32;
+                for d in 0..taps {
+                    p = p.wrapping_add(cp[i + d]);
                 }
+                bp[i] = p;
             }
             for i in 0..BLOCK {
-                flags[i] = f.may_signal(values[i], bp[i]) as u8;
+                flags[i] = f.may_signal(levels[i], bp[i]) as u8;
             }
             // the sums of squares only where the first sieve let a pixel through
             for k in (0..BLOCK).step_by(8) {
@@ -788,7 +818,7 @@ mod fast {
                     for i in k..k + 8 {
                         let y = (0..taps).fold(0u32, |s, d| s.wrapping_add(cy[i + d]));
                         by[i] = y;
-                        flags[i] &= f.may_disperse(values[i], bp[i], y) as u8;
+                        flags[i] &= f.may_disperse(levels[i], bp[i], y) as u8;
                     }
                 }
             }
@@ -801,7 +831,7 @@ mod fast {
                 }
                 bp[i] = p;
                 by[i] = y;
-                flags[i] = (f.may_signal(values[c0 + i], p) && f.may_disperse(values[c0 + i], p, y)) as u8;
+                flags[i] = (f.may_signal(levels[c0 + i], p) && f.may_disperse(levels[c0 + i], p, y)) as u8;
             }
             flags[n..].fill(0);
         }
@@ -814,14 +844,16 @@ mod fast {
         f: &Filter<T>,
         win: &Window,
         taps: usize,
-        values: &[T],
+        levels: &[u8],
+        next: Row<T>,
         each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK]),
     ) {
         let mut sums = ([0u32; BLOCK], [0u32; BLOCK]);
         let mut flags = [0u8; BLOCK];
-        let w = values.len();
+        let w = levels.len();
         for c0 in (0..w).step_by(BLOCK) {
-            block::<T, TAPS>(f, win, taps, values, c0, BLOCK.min(w - c0), &mut sums, &mut flags);
+            prefetch(next, c0);
+            block::<T, TAPS>(f, win, taps, levels, c0, BLOCK.min(w - c0), &mut sums, &mut flags);
             let any = flags.chunks_exact(8).fold(0u64, |a, e| a | u64::from_ne_bytes(e.try_into().expect("8 flags")));
             if any != 0 {
                 each(c0, &sums, &flags);
@@ -829,38 +861,64 @@ mod fast {
         }
     }
 
+    /// Ask for the lines of columns `c0..c0 + BLOCK` of the row entering
+    /// next, so that they come from memory while this row is filtered (the
+    /// pass that moves the window is otherwise bound by reading the frame).
+    #[inline(always)]
+    fn prefetch<T>(next: Row<T>, c0: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((v, g)) = next {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let end = (c0 + BLOCK).min(v.len());
+            if c0 < end {
+                let (v, g) = (&v[c0..end], &g[c0..end]);
+                let bytes = v.as_ptr() as *const i8;
+                // SAFETY: a prefetch of addresses inside the slices; it never faults
+                unsafe {
+                    for at in (0..std::mem::size_of_val(v)).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(bytes.add(at));
+                    }
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr() as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(g.len() - 1) as *const i8);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (next, c0);
+    }
+
     /// The two passes over a row, compiled for the CPU found at run time.
     struct Kernels<T: 'static> {
-        enter: unsafe fn(&mut Window, usize, Row<T>, T),
-        filter: unsafe fn(&Filter<T>, &Window, &[T], &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])),
+        enter: unsafe fn(&mut Window, usize, Row<T>, T, &Filter<T>),
+        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])),
     }
 
     #[inline(always)]
-    fn filter_any<T: Pixel>(f: &Filter<T>, win: &Window, values: &[T], each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+    fn filter_any<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
         let taps = 2 * win.kx + 1;
         match taps {
-            3 => filter_row::<T, 3>(f, win, taps, values, each),
-            5 => filter_row::<T, 5>(f, win, taps, values, each),
-            7 => filter_row::<T, 7>(f, win, taps, values, each),
-            _ => filter_row::<T, 0>(f, win, taps, values, each),
+            3 => filter_row::<T, 3>(f, win, taps, levels, next, each),
+            5 => filter_row::<T, 5>(f, win, taps, levels, next, each),
+            7 => filter_row::<T, 7>(f, win, taps, levels, next, each),
+            _ => filter_row::<T, 0>(f, win, taps, levels, next, each),
         }
     }
 
-    fn enter<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T) {
-        win.enter(e, row, max)
+    fn enter<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+        win.enter(e, row, max, f)
     }
-    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, values: &[T], each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, values, each)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T) {
-        win.enter(e, row, max)
+    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+        filter_any(f, win, levels, next, each)
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, values: &[T], each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, values, each)
+    fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+        win.enter(e, row, max, f)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+        filter_any(f, win, levels, next, each)
     }
 
     fn kernels<T: Pixel>() -> Kernels<T> {
@@ -897,11 +955,11 @@ mod fast {
         let mut win = Window::new(w, rule.kernel);
         // SAFETY (each call below): `kernels` chose code this CPU runs
         for e in 0..ky.min(h) {
-            unsafe { (k.enter)(&mut win, e, Some(row(e)), box_max) };
+            unsafe { (k.enter)(&mut win, e, Some(row(e)), box_max, &f) };
         }
         for r in 0..h {
             let e = r + ky;
-            unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max) };
+            unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
             let values = frame.row(r);
             let mut candidates = |c0: usize, (bp, by): &([u32; BLOCK], [u32; BLOCK]), flags: &[u8; BLOCK]| {
                 for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
@@ -925,7 +983,8 @@ mod fast {
                     }
                 }
             };
-            unsafe { (k.filter)(&f, &win, values, &mut candidates) };
+            let next = (e + 1 < h).then(|| row(e + 1));
+            unsafe { (k.filter)(&f, &win, win.levels(r, w), next, &mut candidates) };
         }
     }
 }
