@@ -1,15 +1,21 @@
 //! zocalo-xrc core: X-ray centring over grid scans, exactly as Diamond's Zocalo
 //! service computes it (`docs/algorithm.md`), with no Python in sight.
+//! Spot finding (DIALS's dispersion rule, 4-connected spots, bitshuffle-LZ4
+//! frames) is here too: `strong`, `spots`, `bslz4`, `finder`.
 //! The PyO3 bindings live in one module behind the `python` feature.
 
+pub mod bslz4;
 pub mod centre2d;
 pub mod centre3d;
 pub mod error;
+pub mod finder;
 pub mod grid;
 pub mod json;
 pub mod label;
 pub mod pia;
 pub mod pyrepr;
+pub mod spots;
+pub mod strong;
 pub mod wells;
 pub mod wire;
 

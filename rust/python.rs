@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use numpy::ndarray::Array;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError};
@@ -17,6 +19,9 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PySlice, PyString, PyTup
 use crate::centre2d::{self, Snapshot};
 use crate::centre3d::{self, Halt, Params, Xrc3d};
 use crate::error::InputError;
+use crate::finder::{self, Finder};
+use crate::spots::{SpotFilter, Spots};
+use crate::strong::{Algorithm, Frame, Pixel, Rule};
 use crate::grid::{Grid, Orientation, Scan};
 use crate::json;
 use crate::pia;
@@ -653,6 +658,276 @@ fn pia_fields<'py>(
     Ok(Some((f.dcid, group, f.experiment_type, f.gridinfo, f.file_number, f.spots, f.seen_at)))
 }
 
+// ---- spot finding -------------------------------------------------------
+
+/// Run `$body` with `$frame` bound to a `Frame` of the 2D array `$image`,
+/// whichever pixel type it holds (a strided array is copied first).
+macro_rules! with_frame {
+    ($image:expr, |$frame:ident| $body:expr) => {{
+        let image: &Bound<'_, PyAny> = $image;
+        with_frame!(@try image, $frame, $body; u16, u32, i32, f32, f64, u8, i16)
+    }};
+    (@try $image:ident, $frame:ident, $body:expr; $t:ty $(, $rest:ty)*) => {
+        if let Ok(a) = $image.cast::<PyArray2<$t>>() {
+            let ro = a.readonly();
+            let view = ro.as_array();
+            let standard = view.as_standard_layout();
+            let (h, w) = standard.dim();
+            let data = standard.as_slice().expect("a standard-layout array is one slice");
+            let $frame = Frame::new(data, h, w)?;
+            ($body).map_err(PyErr::from)
+        } else {
+            with_frame!(@try $image, $frame, $body; $($rest),*)
+        }
+    };
+    (@try $image:ident, $frame:ident, $body:expr;) => {
+        Err(not_an_image($image))
+    };
+}
+
+fn not_an_image(image: &Bound<'_, PyAny>) -> PyErr {
+    match image.cast::<numpy::PyUntypedArray>() {
+        Ok(a) if a.ndim() != 2 => PyValueError::new_err(format!(
+            "an image is a 2D array, not {}D (shape {:?})",
+            a.ndim(),
+            a.shape()
+        )),
+        Ok(a) => PyTypeError::new_err(format!(
+            "an image of {} pixels: uint8, uint16, uint32, int16, int32, float32 or float64 (native byte order) are read",
+            a.dtype()
+        )),
+        Err(_) => PyTypeError::new_err(format!(
+            "an image is a 2D numpy array, not {}",
+            image.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        )),
+    }
+}
+
+/// The spots of one frame: columns, one entry per spot.
+#[pyclass(module = "zocalo_xrc", frozen, name = "Spots")]
+pub struct PySpots {
+    spots: Spots,
+}
+
+#[pymethods]
+impl PySpots {
+    /// Strong pixels in the frame, in spots of any size.
+    #[getter]
+    fn n_strong_pixels(&self) -> usize {
+        self.spots.n_strong_pixels
+    }
+    fn __len__(&self) -> usize {
+        self.spots.len()
+    }
+    /// `(n, 2)`: value-weighted `(x, y)` in pixels, a pixel's centre at +0.5.
+    #[getter]
+    fn centroid<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
+        let flat: Vec<f64> = self.spots.centroid.iter().flatten().copied().collect();
+        Array::from_shape_vec((self.spots.len(), 2), flat).expect("2 per spot").into_pyarray(py)
+    }
+    /// `(n,)`: pixels in each spot.
+    #[getter]
+    fn size<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_iter(py, self.spots.size.iter().map(|&s| s as i64))
+    }
+    /// `(n,)`: the sum of each spot's pixel values.
+    #[getter]
+    fn intensity<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        PyArray1::from_slice(py, &self.spots.intensity)
+    }
+    /// `(n, 4)`: `x0, x1, y0, y1`, half-open, as DIALS orders a bounding box.
+    #[getter]
+    fn bounding_box<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<i64>> {
+        let flat: Vec<i64> = self.spots.bounding_box.iter().flatten().map(|&v| v as i64).collect();
+        Array::from_shape_vec((self.spots.len(), 4), flat).expect("4 per spot").into_pyarray(py)
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<PySpots>().is_ok_and(|o| o.get().spots == self.spots)
+    }
+    fn __repr__(&self) -> String {
+        format!("Spots({} spots, {} strong pixels)", self.spots.len(), self.spots.n_strong_pixels)
+    }
+}
+
+/// The Rust spot finder behind `zocalo_xrc.SpotFinder`.
+#[pyclass(module = "zocalo_xrc._native", frozen, name = "Finder")]
+pub struct PyFinder {
+    finder: Finder,
+}
+
+/// A frame's error, with which frame it was (`index`) for the caller to name.
+fn frame_error(py: Python<'_>, index: usize, e: InputError) -> PyErr {
+    let err = PyValueError::new_err(e.0);
+    let _ = err.value(py).setattr("index", index);
+    err
+}
+
+fn spots_list<'py>(py: Python<'py>, results: Vec<Result<Spots, InputError>>) -> PyResult<Vec<Bound<'py, PySpots>>> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Ok(spots) => Bound::new(py, PySpots { spots }),
+            Err(e) => Err(frame_error(py, i, e)),
+        })
+        .collect()
+}
+
+#[pymethods]
+impl PyFinder {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (mask, trusted_max, algorithm, kernel_size, sigma_background, sigma_strong,
+                        global_threshold, min_local, gain, min_spot_size, max_spot_size, max_separation))]
+    fn new(
+        mask: Option<PyReadonlyArray2<'_, bool>>,
+        trusted_max: Option<f64>,
+        algorithm: &str,
+        kernel_size: (usize, usize),
+        sigma_background: f64,
+        sigma_strong: f64,
+        global_threshold: f64,
+        min_local: u32,
+        gain: Option<f64>,
+        min_spot_size: u32,
+        max_spot_size: Option<u32>,
+        max_separation: Option<f64>,
+    ) -> PyResult<Self> {
+        let rule = Rule {
+            algorithm: Algorithm::parse(algorithm)?,
+            kernel: kernel_size,
+            sigma_background,
+            sigma_strong,
+            global_threshold,
+            min_local,
+            gain,
+        };
+        let mask = mask.map(|m| {
+            let v = m.as_array();
+            let (h, w) = v.dim();
+            (v.iter().copied().collect::<Vec<bool>>(), h, w)
+        });
+        let limits = SpotFilter { min_size: min_spot_size, max_size: max_spot_size, max_separation };
+        Ok(PyFinder { finder: Finder::new(rule, limits, mask, trusted_max)? })
+    }
+
+    fn find<'py>(&self, py: Python<'py>, image: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PySpots>> {
+        let spots = with_frame!(image, |frame| py.detach(|| self.finder.find(&frame)))?;
+        Bound::new(py, PySpots { spots })
+    }
+
+    /// A bool array of the image's shape: True where a pixel is strong.
+    fn strong_pixels<'py>(&self, py: Python<'py>, image: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        let (strong, h, w) = with_frame!(image, |frame| {
+            let (h, w) = (frame.height, frame.width);
+            py.detach(|| self.finder.strong(&frame)).map(|s| (s, h, w))
+        })?;
+        let mut out = Array::from_elem((h, w), false);
+        let flat = out.as_slice_mut().expect("a new array is one slice");
+        for &at in &strong.index {
+            flat[at as usize] = true;
+        }
+        Ok(out.into_pyarray(py))
+    }
+
+    /// The spots of 2D arrays of one pixel type, `threads` at a time (0: every core).
+    fn find_many<'py>(
+        &self,
+        py: Python<'py>,
+        images: Vec<Bound<'py, PyAny>>,
+        threads: usize,
+    ) -> PyResult<Vec<Bound<'py, PySpots>>> {
+        let Some(first) = images.first() else { return Ok(Vec::new()) };
+        macro_rules! many {
+            ($t:ty) => {{
+                let arrays = images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        a.cast::<PyArray2<$t>>().map(|a| a.readonly()).map_err(|_| {
+                            frame_error(py, i, InputError::new(format!(
+                                "image {i} is not a 2D {} array like image 0", <$t as Pixel>::DTYPE)))
+                        })
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                let views: Vec<_> = arrays.iter().map(|a| a.as_array()).collect();
+                let standard: Vec<_> = views.iter().map(|v| v.as_standard_layout()).collect();
+                let frames = standard
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let (h, w) = s.dim();
+                        Frame::new(s.as_slice().expect("one slice"), h, w).map_err(|e| frame_error(py, i, e))
+                    })
+                    .collect::<PyResult<Vec<Frame<$t>>>>()?;
+                let results = py.detach(|| self.finder.find_many(&frames, threads));
+                spots_list(py, results)
+            }};
+        }
+        macro_rules! dispatch {
+            ($($t:ty),*) => {
+                $(if first.cast::<PyArray2<$t>>().is_ok() { return many!($t); })*
+            };
+        }
+        dispatch!(u16, u32, i32, f32, f64, u8, i16);
+        Err(not_an_image(first))
+    }
+
+    /// The spots of bitshuffle-LZ4 chunks (HDF5 filter 32008) of `shape`
+    /// frames of `dtype`, decoded and searched `threads` at a time.
+    fn find_chunks<'py>(
+        &self,
+        py: Python<'py>,
+        chunks: Vec<Bound<'py, PyBytes>>,
+        dtype: &str,
+        shape: (usize, usize),
+        threads: usize,
+    ) -> PyResult<Vec<Bound<'py, PySpots>>> {
+        let raw: Vec<&[u8]> = chunks.iter().map(|c| c.as_bytes()).collect();
+        let (h, w) = shape;
+        let results = match dtype {
+            "uint16" => py.detach(|| self.finder.find_chunks::<u16>(&raw, h, w, threads)),
+            "uint32" => py.detach(|| self.finder.find_chunks::<u32>(&raw, h, w, threads)),
+            "int32" => py.detach(|| self.finder.find_chunks::<i32>(&raw, h, w, threads)),
+            "uint8" => py.detach(|| self.finder.find_chunks::<u8>(&raw, h, w, threads)),
+            "int16" => py.detach(|| self.finder.find_chunks::<i16>(&raw, h, w, threads)),
+            "float32" => py.detach(|| self.finder.find_chunks::<f32>(&raw, h, w, threads)),
+            "float64" => py.detach(|| self.finder.find_chunks::<f64>(&raw, h, w, threads)),
+            other => return Err(PyTypeError::new_err(format!("frames of {other} are not read"))),
+        };
+        spots_list(py, results)
+    }
+}
+
+/// A bitshuffle-LZ4 chunk (HDF5 filter 32008) decoded into an array of `shape`.
+#[pyfunction]
+fn decode_bslz4<'py>(
+    py: Python<'py>,
+    chunk: &Bound<'py, PyBytes>,
+    dtype: &str,
+    shape: Vec<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let raw = chunk.as_bytes();
+    let n: usize = shape.iter().product();
+    macro_rules! decode {
+        ($t:ty) => {{
+            let mut frame = vec![<$t as Pixel>::ZERO; n];
+            py.detach(|| finder::decode_frame(raw, &mut frame, &mut Vec::new()))?;
+            Ok(Array::from_shape_vec(shape, frame).expect("n values").into_pyarray(py).into_any())
+        }};
+    }
+    match dtype {
+        "uint16" => decode!(u16),
+        "uint32" => decode!(u32),
+        "int32" => decode!(i32),
+        "uint8" => decode!(u8),
+        "int16" => decode!(i16),
+        "float32" => decode!(f32),
+        "float64" => decode!(f64),
+        other => Err(PyTypeError::new_err(format!("frames of {other} are not read"))),
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reshape_grid, m)?)?;
@@ -665,6 +940,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pia_fields, m)?)?;
     m.add_class::<XrcResults>()?;
     m.add_class::<ResultMessage>()?;
+    m.add_class::<PySpots>()?;
+    m.add_class::<PyFinder>()?;
+    m.add_function(wrap_pyfunction!(decode_bslz4, m)?)?;
     m.add("ResultPayloadError", m.py().get_type::<ResultPayloadError>())?;
     Ok(())
 }

@@ -5,6 +5,7 @@ Python faces.
 """
 
 from collections.abc import Sequence as _Sequence
+from typing import TYPE_CHECKING
 from importlib.metadata import PackageNotFoundError as _NotInstalled
 from importlib.metadata import version as _version
 
@@ -23,6 +24,7 @@ from .centring import (
 from .messaging import ConfigurationError, ConnectionSettings
 from .geometry import GridGeometry, MotorPosition, OutsideGridError
 from .grid import GridInfo, reshape_grid
+from .pia.finder import SpotFinder, Spots
 from .messages import ResultMessage, ResultPayloadError, build_result_message, parse_result_message
 from .messaging import ConnectionLostError, InProcessTransport, QueueInUseError, Transport, TransportError, UnroutableError
 from .client import (
@@ -44,8 +46,26 @@ except _NotInstalled:  # imported from a source tree that was never installed
 
 _Sequence.register(XrcResults)
 
+
+if TYPE_CHECKING:
+    from .pia.images import Images, ImagesError, open_images
+
+
+def __getattr__(name: str) -> object:
+    # reading images pulls h5py in: only when asked for
+    if name in ("open_images", "Images", "ImagesError"):
+        from .pia import images
+
+        return getattr(images, name)
+    raise AttributeError(f"module 'zocalo_xrc' has no attribute {name!r}")
+
 __all__ = [
     "IN_PROCESS",
+    "Images",
+    "ImagesError",
+    "SpotFinder",
+    "Spots",
+    "open_images",
     "__version__",
     "ConfigurationError",
     "ConnectionLostError",

@@ -1,7 +1,7 @@
 """The Rust core of zocalo-xrc (PyO3). Users reach it through ``zocalo_xrc``."""
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -140,3 +140,41 @@ def pia_fields(
     current step's gridinfo object in ``body``, file_number, n_spots_total,
     file-seen-at)``; None for anything else, which the caller reads the slow
     way (that decides, with the reason)."""
+
+class Spots:
+    """The spots of one frame: columns, one entry per spot."""
+
+    @property
+    def n_strong_pixels(self) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def centroid(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def size(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def intensity(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def bounding_box(self) -> npt.NDArray[np.int64]: ...
+
+class Finder:
+    def __init__(
+        self,
+        mask: npt.NDArray[np.bool_] | None,
+        trusted_max: float | None,
+        algorithm: str,
+        kernel_size: tuple[int, int],
+        sigma_background: float,
+        sigma_strong: float,
+        global_threshold: float,
+        min_local: int,
+        gain: float | None,
+        min_spot_size: int,
+        max_spot_size: int | None,
+        max_separation: float | None,
+    ) -> None: ...
+    def find(self, image: npt.NDArray[Any]) -> Spots: ...
+    def strong_pixels(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]: ...
+    def find_many(self, images: list[npt.NDArray[Any]], threads: int) -> list[Spots]: ...
+    def find_chunks(self, chunks: list[bytes], dtype: str, shape: tuple[int, int], threads: int) -> list[Spots]: ...
+
+def decode_bslz4(chunk: bytes, dtype: str, shape: list[int]) -> npt.NDArray[Any]: ...

@@ -1,0 +1,642 @@
+//! Bitshuffle-LZ4 chunks (HDF5 filter 32008) as the Eiger and Odin write
+//! them, decoded without libhdf5.
+//!
+//! A chunk is a header, the uncompressed size in bytes (u64, big-endian) and
+//! the block size in bytes (u32, big-endian), then, block after block, a
+//! compressed length (u32, big-endian) and an LZ4 block. Each block holds
+//! `block` elements bit-transposed: for byte `j` of an element and bit `b`
+//! of that byte, a row of `block / 8` bytes whose byte `q` bit `i` is that
+//! bit of element `8q + i`. A last partial block has its size rounded down
+//! to a multiple of 8 elements; the elements left over (fewer than 8) follow
+//! uncompressed. Each block is inflated into a buffer that stays in the L1
+//! cache and transposed from there straight into the frame.
+//!
+//! Both steps are written for speed: the LZ4 blocks are inflated here (the
+//! long overlapping matches of detector frames, runs of zero bits, are copied
+//! 16 bytes at a time, where a general decoder goes byte by byte), and the
+//! bits are put back with SSE2, eight bit rows at a time.
+
+use std::fmt;
+
+/// A chunk that cannot be what the header says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkError(pub String);
+
+impl fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ChunkError {}
+
+fn err<T>(what: String) -> Result<T, ChunkError> {
+    Err(ChunkError(what))
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The uncompressed size a chunk's header states, in bytes.
+pub fn uncompressed_size(chunk: &[u8]) -> Result<u64, ChunkError> {
+    if chunk.len() < 12 {
+        return err(format!("a bitshuffle-LZ4 chunk of {} bytes is shorter than its 12-byte header", chunk.len()));
+    }
+    Ok(u64::from_be_bytes(chunk[..8].try_into().unwrap()))
+}
+
+/// Decode `chunk` of elements `elem_size` bytes wide into `out` (exactly the
+/// uncompressed size). `scratch` is reused between calls.
+pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
+    let total = uncompressed_size(chunk)?;
+    if total != out.len() as u64 {
+        return err(format!("the chunk holds {total} bytes, the frame needs {}", out.len()));
+    }
+    if !matches!(elem_size, 1 | 2 | 4 | 8) || out.len() % elem_size != 0 {
+        return err(format!("elements of {elem_size} bytes cannot fill {} bytes", out.len()));
+    }
+    let block_bytes = be32(&chunk[8..12]) as usize;
+    let block = block_bytes / elem_size;
+    if block == 0 || block % 8 != 0 || block_bytes % elem_size != 0 {
+        return err(format!("a block size of {block_bytes} bytes is not a multiple of 8 elements of {elem_size} bytes"));
+    }
+    let n = out.len() / elem_size;
+    let mut at = 12usize;
+    let mut start = 0usize; // element
+    let last = {
+        let rest = n % block;
+        rest - rest % 8
+    };
+    let blocks = (0..n / block).map(|_| block).chain((last > 0).then_some(last));
+    for size in blocks {
+        let bytes = size * elem_size;
+        if chunk.len() < at + 4 {
+            return err(format!("the chunk ends inside the block at element {start} (byte {at})"));
+        }
+        let packed = be32(&chunk[at..at + 4]) as usize;
+        at += 4;
+        let Some(lz4) = chunk.get(at..at + packed) else {
+            return err(format!(
+                "the block at element {start} says {packed} bytes, the chunk has {} left",
+                chunk.len() - at
+            ));
+        };
+        scratch.resize(bytes + SLACK, 0);
+        if let Err(e) = inflate(lz4, scratch, bytes) {
+            return err(format!("the block at element {start} is not LZ4: {e}"));
+        }
+        untranspose(&scratch[..bytes], size, elem_size, &mut out[start * elem_size..start * elem_size + bytes]);
+        at += packed;
+        start += size;
+    }
+    let left = (n - start) * elem_size;
+    match chunk.get(at..at + left) {
+        Some(raw) if at + left == chunk.len() => out[start * elem_size..].copy_from_slice(raw),
+        Some(_) => return err(format!("{} bytes follow the last block", chunk.len() - at - left)),
+        None => return err(format!("the chunk ends before its last {left} uncompressed bytes")),
+    }
+    Ok(())
+}
+
+/// Bytes an inflated block needs past its end: copies go 16 bytes at a time.
+const SLACK: usize = 32;
+
+/// Inflate the LZ4 block `src` into exactly `out[..size]` (`out` is at least
+/// `size + SLACK` long; the bytes after `size` are overwritten). Every read
+/// and write is checked against the block's bounds before it is made, so a
+/// corrupt block is an error, never a read or write outside `src` or `out`.
+fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    assert!(out.len() >= size + SLACK);
+    let n = src.len();
+    let (mut i, mut d) = (0usize, 0usize);
+    // the length that follows a nibble of 15: bytes added up to one below 255
+    let more = |i: &mut usize| -> Result<usize, &'static str> {
+        let mut v = 0usize;
+        loop {
+            let Some(&b) = src.get(*i) else { return Err("it ends inside a length") };
+            *i += 1;
+            v += b as usize;
+            if b != 255 {
+                return Ok(v);
+            }
+        }
+    };
+    loop {
+        let Some(&token) = src.get(i) else { return Err("it ends before its last literals") };
+        i += 1;
+        let mut lit = (token >> 4) as usize;
+        if lit == 15 {
+            lit += more(&mut i)?;
+        }
+        if lit > n - i || lit > size - d {
+            return Err("literals run past the block");
+        }
+        if lit <= 16 && n - i >= 16 {
+            // SAFETY: 16 bytes of src from i (checked just above), 16 of out
+            // from d <= size (out has SLACK >= 16 more), distinct buffers
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i), out.as_mut_ptr().add(d), 16) };
+        } else {
+            out[d..d + lit].copy_from_slice(&src[i..i + lit]);
+        }
+        i += lit;
+        d += lit;
+        if i == n {
+            break;
+        }
+        if n - i < 2 {
+            return Err("it ends inside a match offset");
+        }
+        let offset = u16::from_le_bytes([src[i], src[i + 1]]) as usize;
+        i += 2;
+        let mut len = (token & 15) as usize;
+        if len == 15 {
+            len += more(&mut i)?;
+        }
+        len += 4;
+        if offset == 0 || offset > d {
+            return Err("a match reaches before the block");
+        }
+        if len > size - d {
+            return Err("a match runs past the block");
+        }
+        // SAFETY: the match reads from d - offset >= 0 and writes d..d+len
+        // (<= size) plus at most 15 bytes of SLACK
+        unsafe { copy_match(out.as_mut_ptr(), d, offset, len) };
+        d += len;
+    }
+    if d != size {
+        return Err("it inflates to fewer bytes than the block holds");
+    }
+    Ok(())
+}
+
+/// `out[d..d + len] = out[d - offset..]` byte after byte as LZ4 means it
+/// (the source may overlap what is being written), in 16-byte copies that
+/// may write up to 15 bytes past `d + len`.
+///
+/// # Safety
+/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 15`.
+#[inline(always)]
+unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
+    let end = out.add(d + len);
+    let mut dst = out.add(d);
+    // copying 16 bytes from `dst - step` is right once `step >= 16` is a
+    // multiple of the offset and the first `step - offset` bytes are written:
+    // from there on `out[p] = out[p - offset] = out[p - step]`
+    let step = if offset >= 16 { offset } else { offset * 16usize.div_ceil(offset) };
+    let head = (step - offset).min(len);
+    for k in 0..head {
+        *dst.add(k) = *dst.add(k).sub(offset);
+    }
+    dst = dst.add(head);
+    while dst < end {
+        std::ptr::copy_nonoverlapping(dst.sub(step), dst, 16);
+        dst = dst.add(16);
+    }
+}
+
+/// The 8x8 bit-matrix transpose of the bytes of `x` (byte `r` bit `c` to
+/// byte `c` bit `r`), as bitshuffle's `TRANS_BIT_8X8`.
+#[inline(always)]
+fn transpose8(mut x: u64) -> u64 {
+    let t = (x ^ (x >> 7)) & 0x00AA_00AA_00AA_00AA;
+    x = x ^ t ^ (t << 7);
+    let t = (x ^ (x >> 14)) & 0x0000_CCCC_0000_CCCC;
+    x = x ^ t ^ (t << 14);
+    let t = (x ^ (x >> 28)) & 0x0000_0000_F0F0_F0F0;
+    x ^ t ^ (t << 28)
+}
+
+/// Bit rows of `n` elements (`n % 8 == 0`) back into elements.
+fn untranspose(planes: &[u8], n: usize, elem_size: usize, out: &mut [u8]) {
+    let row = n / 8; // bytes in a bit row
+    assert!(planes.len() >= n * elem_size && out.len() >= n * elem_size);
+    let mut done = 0; // bytes of each row done
+    #[cfg(target_arch = "x86_64")]
+    {
+        use simd::{groups, Avx2, Sse2};
+        // SAFETY (both): the lengths are asserted above; Avx2 only where the CPU has it
+        if std::arch::is_x86_feature_detected!("avx2") {
+            done = unsafe { groups::<Avx2>(planes, row, elem_size, out, done) };
+        }
+        done = unsafe { groups::<Sse2>(planes, row, elem_size, out, done) };
+    }
+    for j in 0..elem_size {
+        let rows: [&[u8]; 8] = std::array::from_fn(|b| &planes[(j * 8 + b) * row..(j * 8 + b + 1) * row]);
+        for q in done..row {
+            let x = u64::from_le_bytes(std::array::from_fn(|b| rows[b][q]));
+            let t = transpose8(x).to_le_bytes();
+            let base = 8 * q * elem_size + j;
+            for i in 0..8 {
+                out[base + i * elem_size] = t[i];
+            }
+        }
+    }
+}
+
+/// The bit transpose in SIMD: 16 bytes of every bit row at a time (SSE2, on
+/// every x86_64) or 32 (AVX2), the same code over either register.
+///
+/// Bit row `8j + b`, byte `q`, bit `i` is bit `b` of byte `j` of element
+/// `8q + i`. The 8 rows of byte `j`, loaded as 8 vectors, are an 8x8 bit
+/// matrix in each byte lane (vector `b`, bit `i`); transposed (three rounds
+/// of swaps) vector `i` byte `q` is byte `j` of element `8q + i`, and
+/// interleaving the vectors, then the bytes of an element, puts them in order.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// A SIMD register as the transpose uses it; AVX2's works in two 128-bit
+    /// lanes, each doing what one SSE2 register does for its 16 bytes of rows.
+    pub(super) trait Vector: Copy {
+        /// Bytes of a row taken at a time.
+        const WIDTH: usize;
+        unsafe fn load(at: *const u8) -> Self;
+        /// Store lane 0 at `at`, lane 1 (AVX2) `lane` bytes further on.
+        unsafe fn store(self, at: *mut u8, lane: usize);
+        unsafe fn zero() -> Self;
+        unsafe fn is_zero(self) -> bool;
+        unsafe fn or(self, o: Self) -> Self;
+        /// Bits `p + S` of each byte of `a` and bits `p` of `c`, `p` in
+        /// `keep` (those with `p & S == 0`), swapped.
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8);
+        unsafe fn unpack8(self, o: Self) -> (Self, Self);
+        unsafe fn unpack16(self, o: Self) -> (Self, Self);
+        unsafe fn unpack32(self, o: Self) -> (Self, Self);
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Sse2(__m128i);
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256i);
+
+    impl Vector for Sse2 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        unsafe fn load(at: *const u8) -> Self {
+            Sse2(_mm_loadu_si128(at as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn store(self, at: *mut u8, _: usize) {
+            _mm_storeu_si128(at as *mut __m128i, self.0)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Sse2(_mm_setzero_si128())
+        }
+        #[inline(always)]
+        unsafe fn is_zero(self) -> bool {
+            _mm_movemask_epi8(_mm_cmpeq_epi8(self.0, _mm_setzero_si128())) == 0xFFFF
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            Sse2(_mm_or_si128(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8) {
+            let t = _mm_and_si128(_mm_xor_si128(_mm_srli_epi16::<S>(a.0), c.0), _mm_set1_epi8(keep as i8));
+            c.0 = _mm_xor_si128(c.0, t);
+            a.0 = _mm_xor_si128(a.0, _mm_slli_epi16::<S>(t));
+        }
+        #[inline(always)]
+        unsafe fn unpack8(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi8(self.0, o.0)), Sse2(_mm_unpackhi_epi8(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack16(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi16(self.0, o.0)), Sse2(_mm_unpackhi_epi16(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack32(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi32(self.0, o.0)), Sse2(_mm_unpackhi_epi32(self.0, o.0)))
+        }
+    }
+
+    impl Vector for Avx2 {
+        const WIDTH: usize = 32;
+        #[inline(always)]
+        unsafe fn load(at: *const u8) -> Self {
+            Avx2(_mm256_loadu_si256(at as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn store(self, at: *mut u8, lane: usize) {
+            _mm_storeu_si128(at as *mut __m128i, _mm256_castsi256_si128(self.0));
+            _mm_storeu_si128(at.add(lane) as *mut __m128i, _mm256_extracti128_si256::<1>(self.0));
+        }
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_si256())
+        }
+        #[inline(always)]
+        unsafe fn is_zero(self) -> bool {
+            _mm256_testz_si256(self.0, self.0) == 1
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            Avx2(_mm256_or_si256(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8) {
+            let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16::<S>(a.0), c.0), _mm256_set1_epi8(keep as i8));
+            c.0 = _mm256_xor_si256(c.0, t);
+            a.0 = _mm256_xor_si256(a.0, _mm256_slli_epi16::<S>(t));
+        }
+        #[inline(always)]
+        unsafe fn unpack8(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi8(self.0, o.0)), Avx2(_mm256_unpackhi_epi8(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack16(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi16(self.0, o.0)), Avx2(_mm256_unpackhi_epi16(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack32(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi32(self.0, o.0)), Avx2(_mm256_unpackhi_epi32(self.0, o.0)))
+        }
+    }
+
+    /// Byte `j` of the elements of rows' bytes `at..at + WIDTH`: per lane,
+    /// 8 vectors of 16 elements in order; None when all its bits are 0.
+    #[inline(always)]
+    unsafe fn plane<V: Vector>(planes: *const u8, row: usize, j: usize, at: usize) -> Option<[V; 8]> {
+        let mut r: [V; 8] = std::array::from_fn(|b| unsafe { V::load(planes.add((8 * j + b) * row + at)) });
+        if r.iter().fold(V::zero(), |a, &v| unsafe { a.or(v) }).is_zero() {
+            return None;
+        }
+        for b in [0, 2, 4, 6] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<1>(&mut lo[b], &mut hi[0], 0x55);
+        }
+        for b in [0, 1, 4, 5] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<2>(&mut lo[b], &mut hi[1], 0x33);
+        }
+        for b in [0, 1, 2, 3] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<4>(&mut lo[b], &mut hi[3], 0x0F);
+        }
+        // vector i byte q -> element 8q + i: interleave bytes, pairs, fours
+        let a: [(V, V); 4] = std::array::from_fn(|k| unsafe { r[2 * k].unpack8(r[2 * k + 1]) });
+        let mut e = [V::zero(); 8];
+        for half in 0..2 {
+            let pick = |x: (V, V)| if half == 0 { x.0 } else { x.1 };
+            let (b0, b1) = pick(a[0]).unpack16(pick(a[1]));
+            let (c0, c1) = pick(a[2]).unpack16(pick(a[3]));
+            (e[4 * half], e[4 * half + 1]) = b0.unpack32(c0);
+            (e[4 * half + 2], e[4 * half + 3]) = b1.unpack32(c1);
+        }
+        Some(e)
+    }
+
+    /// The elements of rows' bytes `at..at + V::WIDTH`, bytes interleaved.
+    #[inline(always)]
+    unsafe fn group<V: Vector, const E: usize>(planes: *const u8, row: usize, at: usize, out: *mut u8) {
+        let z = [V::zero(); 8];
+        let p: [[V; 8]; E] = std::array::from_fn(|j| unsafe { plane::<V>(planes, row, j, at).unwrap_or(z) });
+        let out = out.add(8 * at * E);
+        let lane = 128 * E; // bytes of the elements of one lane's 16 bytes of rows
+        // vector k of every plane: elements 16k..16k+16 of the lane
+        for k in 0..8 {
+            let put = |t: usize, v: V| unsafe { v.store(out.add(16 * (E * k + t)), lane) };
+            match E {
+                1 => put(0, p[0][k]),
+                2 => {
+                    let (l, h) = p[0][k].unpack8(p[1][k]);
+                    put(0, l);
+                    put(1, h);
+                }
+                4 => {
+                    let (l01, h01) = p[0][k].unpack8(p[1][k]);
+                    let (l23, h23) = p[2][k].unpack8(p[3][k]);
+                    let ((a, b), (c, d)) = (l01.unpack16(l23), h01.unpack16(h23));
+                    for (t, v) in [a, b, c, d].into_iter().enumerate() {
+                        put(t, v);
+                    }
+                }
+                _ => {
+                    let pair = |x: usize| unsafe { p[x][k].unpack8(p[x + 1][k]) };
+                    let (a, b, c, d) = (pair(0), pair(2), pair(4), pair(6));
+                    let (ab0, ab1) = (a.0.unpack16(b.0), a.1.unpack16(b.1));
+                    let (cd0, cd1) = (c.0.unpack16(d.0), c.1.unpack16(d.1));
+                    for (t, (x, y)) in [(ab0.0, cd0.0), (ab0.1, cd0.1), (ab1.0, cd1.0), (ab1.1, cd1.1)].into_iter().enumerate() {
+                        let (l, h) = x.unpack32(y);
+                        put(2 * t, l);
+                        put(2 * t + 1, h);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn each<V: Vector, const E: usize>(planes: *const u8, row: usize, out: *mut u8, from: usize) -> usize {
+        let mut at = from;
+        while at + V::WIDTH <= row {
+            group::<V, E>(planes, row, at, out);
+            at += V::WIDTH;
+        }
+        at
+    }
+
+    /// Elements from their bit rows, `V::WIDTH` bytes of each row at a time
+    /// from byte `from`, as far as whole groups go; returns where it stopped.
+    ///
+    /// # Safety
+    /// `planes` holds `8 * elem_size` rows of `row` bytes and `out` as many
+    /// bytes; the CPU has `V`'s instructions.
+    #[inline(always)]
+    unsafe fn groups_of<V: Vector>(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+        let (p, o) = (planes.as_ptr(), out.as_mut_ptr());
+        match elem_size {
+            1 => each::<V, 1>(p, row, o, from),
+            2 => each::<V, 2>(p, row, o, from),
+            4 => each::<V, 4>(p, row, o, from),
+            _ => each::<V, 8>(p, row, o, from),
+        }
+    }
+
+    /// [`groups_of`], compiled for the instructions of `V`.
+    pub(super) unsafe fn groups<V: Compiled>(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+        V::groups(planes, row, elem_size, out, from)
+    }
+
+    pub(super) trait Compiled {
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize;
+    }
+    impl Compiled for Sse2 {
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+            groups_of::<Sse2>(planes, row, elem_size, out, from)
+        }
+    }
+    impl Compiled for Avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+            groups_of::<Avx2>(planes, row, elem_size, out, from)
+        }
+    }
+}
+
+/// Encode `data` (elements `elem_size` bytes wide) as a bitshuffle-LZ4 chunk
+/// with blocks of `block` elements: the inverse of [`decode_into`], for the
+/// tests and the simulated detector.
+pub fn encode(data: &[u8], elem_size: usize, block: usize) -> Vec<u8> {
+    assert!(block > 0 && block % 8 == 0 && data.len() % elem_size == 0);
+    let n = data.len() / elem_size;
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    out.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    out.extend_from_slice(&((block * elem_size) as u32).to_be_bytes());
+    let last = {
+        let rest = n % block;
+        rest - rest % 8
+    };
+    let mut start = 0;
+    for size in (0..n / block).map(|_| block).chain((last > 0).then_some(last)) {
+        let elems = &data[start * elem_size..(start + size) * elem_size];
+        let row = size / 8;
+        let mut planes = vec![0u8; elems.len()];
+        for j in 0..elem_size {
+            for q in 0..row {
+                let x = u64::from_le_bytes(std::array::from_fn(|i| elems[(8 * q + i) * elem_size + j]));
+                let t = transpose8(x).to_le_bytes();
+                for b in 0..8 {
+                    planes[(j * 8 + b) * row + q] = t[b];
+                }
+            }
+        }
+        let packed = lz4_flex::block::compress(&planes);
+        out.extend_from_slice(&(packed.len() as u32).to_be_bytes());
+        out.extend_from_slice(&packed);
+        start += size;
+    }
+    out.extend_from_slice(&data[start * elem_size..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<u8> {
+        let mut s = 99u64;
+        (0..n as u32)
+            .flat_map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let v: u32 = if i % 97 == 0 { u32::MAX } else { ((s >> 40) % 7) as u32 };
+                v.to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_whole_and_partial_blocks() {
+        for n in [0usize, 1, 7, 8, 9, 2048, 2049, 2055, 2056, 5000] {
+            let data = values(n);
+            let chunk = encode(&data, 4, 2048);
+            let mut out = vec![0u8; data.len()];
+            decode_into(&chunk, 4, &mut out, &mut Vec::new()).unwrap();
+            assert_eq!(out, data, "{n} elements");
+        }
+    }
+
+    /// Bytes of every kind: random, small counts, zero runs, short periods
+    /// (LZ4 matches that overlap what they write).
+    fn mixed(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let len = (next() % 700) as usize + 1;
+            match next() % 4 {
+                0 => out.extend((0..len).map(|_| next() as u8)),
+                1 => out.extend((0..len).map(|_| (next() % 3 == 0) as u8)),
+                2 => out.extend(std::iter::repeat(0).take(len)),
+                _ => {
+                    let period: Vec<u8> = (0..next() % 19 + 1).map(|_| next() as u8).collect();
+                    out.extend(period.iter().cycle().take(len));
+                }
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn every_element_size_round_trips_through_the_simd_and_scalar_paths() {
+        // rows of 16 and 32 bytes and the odd bytes after them
+        for elem in [1usize, 2, 4, 8] {
+            for (n, block) in [(8 * 32 * 3 + 8 * 17, 8 * 32 * 2), (8192 / elem * 3 + 40, 8192 / elem), (1000, 1000 - 1000 % 8)] {
+                let data = mixed(n * elem, (n * elem) as u64);
+                let chunk = encode(&data, elem, block);
+                let mut out = vec![0u8; data.len()];
+                decode_into(&chunk, elem, &mut out, &mut Vec::new()).unwrap();
+                assert_eq!(out, data, "{elem}-byte elements, {n} of them, blocks of {block}");
+            }
+        }
+    }
+
+    #[test]
+    fn lz4_blocks_inflate_as_lz4_flex_inflates_them() {
+        for seed in 0..40 {
+            let data = mixed(5000 + 997 * seed as usize, seed);
+            let packed = lz4_flex::block::compress(&data);
+            let mut out = vec![0u8; data.len() + SLACK];
+            inflate(&packed, &mut out, data.len()).unwrap();
+            assert_eq!(&out[..data.len()], &data[..]);
+            assert!(inflate(&packed, &mut vec![0; data.len() + SLACK + 1], data.len() + 1).is_err());
+        }
+    }
+
+    #[test]
+    fn damaged_chunks_are_errors_or_frames_never_a_crash() {
+        let data = mixed(4 * 3000, 5);
+        let chunk = encode(&data, 4, 2048);
+        let mut out = vec![0u8; data.len()];
+        let mut s = 17u64;
+        for _ in 0..3000 {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut bad = chunk.clone();
+            let at = 12 + (s >> 33) as usize % (bad.len() - 12);
+            bad[at] ^= 1 << ((s >> 20) % 8);
+            let _ = decode_into(&bad, 4, &mut out, &mut Vec::new());
+        }
+        for cut in (0..chunk.len()).step_by(7) {
+            assert!(decode_into(&chunk[..cut], 4, &mut out, &mut Vec::new()).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_bit_lands_where_bitshuffle_puts_it() {
+        // element 9 of 16, byte 1, bit 3: row 1*8+3, byte 9/8 = 1, bit 9%8 = 1
+        let mut data = vec![0u8; 16 * 2];
+        data[9 * 2 + 1] = 1 << 3;
+        let mut planes = vec![0u8; 32];
+        planes[(8 + 3) * 2 + 1] = 1 << 1;
+        let mut out = vec![0u8; 32];
+        untranspose(&planes, 16, 2, &mut out);
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn corrupt_chunks_are_named() {
+        let data = values(3003); // 3 elements left over, uncompressed at the end
+        let chunk = encode(&data, 4, 2048);
+        let mut out = vec![0u8; data.len()];
+        let e = decode_into(&chunk[..chunk.len() - 5], 4, &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.0.contains("ends before its last 12"), "{e}");
+        let e = decode_into(&[&chunk[..], &[0]].concat(), 4, &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.0.contains("1 bytes follow"), "{e}");
+        let e = decode_into(&chunk[..100], 4, &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.0.contains("says"), "{e}");
+        let e = decode_into(&chunk, 4, &mut out[..8], &mut Vec::new()).unwrap_err();
+        assert!(e.0.contains("the frame needs 8"), "{e}");
+        let mut bad = chunk.clone();
+        bad[16] ^= 0xFF;
+        bad[17] ^= 0xFF;
+        assert!(decode_into(&bad, 4, &mut out, &mut Vec::new()).is_err());
+        assert!(decode_into(&chunk[..4], 4, &mut out, &mut Vec::new()).unwrap_err().0.contains("header"));
+    }
+}

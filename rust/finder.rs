@@ -1,0 +1,222 @@
+//! The spot finder: a rule, a detector's mask and trusted range, spot size
+//! limits; frames in (arrays, or bitshuffle-LZ4 chunks decoded here), spots
+//! out, frames in parallel on scoped threads, each with its own buffers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::bslz4;
+use crate::error::{InputError, Result};
+use crate::spots::{label, SpotFilter, Spots};
+use crate::strong::{strong_pixels, Frame, Pixel, Rule, Strong, Valid};
+
+/// What a finder is built from.
+#[derive(Clone, Debug, Default)]
+pub struct Finder {
+    pub rule: Rule,
+    pub limits: SpotFilter,
+    /// True = good, `height * width` of them, row after row.
+    pub mask: Option<Vec<bool>>,
+    /// The mask's `(height, width)`: frames must have it.
+    pub shape: Option<(usize, usize)>,
+    /// Values above this are not valid (the detector's saturation, say).
+    pub trusted_max: Option<f64>,
+}
+
+impl Finder {
+    pub fn new(
+        rule: Rule,
+        limits: SpotFilter,
+        mask: Option<(Vec<bool>, usize, usize)>,
+        trusted_max: Option<f64>,
+    ) -> Result<Finder> {
+        rule.check()?;
+        if limits.min_size == 0 {
+            return Err(InputError::new("min_spot_size must be at least 1"));
+        }
+        if let Some(max) = limits.max_size {
+            if max < limits.min_size {
+                return Err(InputError::new(format!(
+                    "max_spot_size {max} is below min_spot_size {}",
+                    limits.min_size
+                )));
+            }
+        }
+        if let Some(d) = limits.max_separation {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(InputError::new(format!("max_separation must be a finite number >= 0, not {d}")));
+            }
+        }
+        if let Some(t) = trusted_max {
+            if t.is_nan() {
+                return Err(InputError::new("trusted_max is NaN"));
+            }
+        }
+        let (mask, shape) = match mask {
+            None => (None, None),
+            Some((m, h, w)) => {
+                if h == 0 || w == 0 || m.len() != h * w {
+                    return Err(InputError::new(format!("a mask of {h} x {w} pixels with {} values", m.len())));
+                }
+                (Some(m), Some((h, w)))
+            }
+        };
+        Ok(Finder { rule, limits, mask, shape, trusted_max })
+    }
+
+    fn check_shape(&self, height: usize, width: usize) -> Result<()> {
+        match self.shape {
+            Some((h, w)) if (h, w) != (height, width) => Err(InputError::new(format!(
+                "the image is {height} x {width} pixels, the mask {h} x {w}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The strong pixels of a frame.
+    pub fn strong<T: Pixel>(&self, frame: &Frame<T>) -> Result<Strong> {
+        self.check_shape(frame.height, frame.width)?;
+        let valid = Valid::new(self.mask.as_deref(), self.trusted_max);
+        let mut out = Strong::default();
+        strong_pixels(frame, &valid, &self.rule, &mut out)?;
+        Ok(out)
+    }
+
+    /// The spots of a frame.
+    pub fn find<T: Pixel>(&self, frame: &Frame<T>) -> Result<Spots> {
+        let strong = self.strong(frame)?;
+        Ok(label(&strong, frame.width, self.limits))
+    }
+
+    /// The spots of every frame, `threads` at a time (0: one per core), in order.
+    pub fn find_many<T: Pixel>(&self, frames: &[Frame<T>], threads: usize) -> Vec<Result<Spots>> {
+        in_parallel(frames.len(), threads, || (), |_, i| self.find(&frames[i]))
+    }
+
+    /// The spots of bitshuffle-LZ4 chunks of `height x width` frames of `T`,
+    /// decoded and searched `threads` at a time, in order. A chunk that cannot
+    /// be decoded is an error for that frame alone.
+    pub fn find_chunks<T: Pixel>(
+        &self,
+        chunks: &[&[u8]],
+        height: usize,
+        width: usize,
+        threads: usize,
+    ) -> Vec<Result<Spots>> {
+        if let Err(e) = self.check_shape(height, width) {
+            return chunks.iter().map(|_| Err(e.clone())).collect();
+        }
+        let fresh = || (vec![T::ZERO; height * width], Vec::new());
+        in_parallel(chunks.len(), threads, fresh, |(frame, scratch), i| {
+            decode_frame(chunks[i], frame, scratch)?;
+            self.find(&Frame::new(frame, height, width)?)
+        })
+    }
+}
+
+/// Decode one bitshuffle-LZ4 chunk into a frame of `T`.
+pub fn decode_frame<T: Pixel>(chunk: &[u8], frame: &mut [T], scratch: &mut Vec<u8>) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    // SAFETY: every Pixel type is a plain number, valid for any bytes; the
+    // slice covers exactly the frame's memory, which it borrows mutably.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(frame.as_mut_ptr() as *mut u8, std::mem::size_of_val(frame)) };
+    bslz4::decode_into(chunk, size, bytes, scratch).map_err(|e| InputError::new(e.0))?;
+    if cfg!(target_endian = "big") {
+        return Err(InputError::new("little-endian frames on a big-endian machine are not supported"));
+    }
+    if let Some(at) = frame.iter().position(|v| v.is_nan()) {
+        return Err(InputError::new(format!("the frame holds NaN at pixel {at}")));
+    }
+    Ok(())
+}
+
+/// How many threads `threads` means: 0 is one per core.
+pub fn thread_count(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    }
+}
+
+/// `work(state, i)` for `i in 0..n` on up to `threads` scoped threads, each
+/// with its own `state`; results in order of `i`.
+fn in_parallel<S, R, F, W>(n: usize, threads: usize, fresh: F, work: W) -> Vec<R>
+where
+    R: Send,
+    F: Fn() -> S + Sync,
+    W: Fn(&mut S, usize) -> R + Sync,
+{
+    let threads = thread_count(threads).min(n.max(1));
+    if threads <= 1 {
+        let mut state = fresh();
+        return (0..n).map(|i| work(&mut state, i)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Mutex<Vec<Option<R>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut state = fresh();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let r = work(&mut state, i);
+                    slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    slots.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|r| r.expect("every frame is done")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(h: usize, w: usize, seed: u64) -> Vec<u16> {
+        let mut s = seed;
+        (0..h * w)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let (r, c) = (i / w, i % w);
+                let spot = (r % 20 < 2 && c % 25 < 2) as u16 * 300;
+                ((s >> 35) % 3) as u16 + spot
+            })
+            .collect()
+    }
+
+    #[test]
+    fn many_frames_in_parallel_come_back_in_order() {
+        let (h, w) = (60, 80);
+        let frames: Vec<Vec<u16>> = (0..9).map(|k| frame(h, w, k)).collect();
+        let views: Vec<Frame<u16>> = frames.iter().map(|f| Frame::new(f, h, w).unwrap()).collect();
+        let finder = Finder::default();
+        let one: Vec<Spots> = views.iter().map(|f| finder.find(f).unwrap()).collect();
+        assert!(one[0].len() >= 9, "{}", one[0].len());
+        for threads in [1, 2, 3, 0] {
+            let many: Vec<Spots> = finder.find_many(&views, threads).into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(many, one);
+        }
+        let bytes: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| bslz4::encode(&f.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(), 2, 4096))
+            .collect();
+        let chunks: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+        let decoded: Vec<Spots> = finder.find_chunks::<u16>(&chunks, h, w, 2).into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(decoded, one);
+        let bad = finder.find_chunks::<u16>(&[&bytes[0][..50]], h, w, 1);
+        assert!(bad[0].is_err());
+    }
+
+    #[test]
+    fn the_mask_shape_must_match() {
+        let finder = Finder::new(Rule::default(), SpotFilter::default(), Some((vec![true; 6], 2, 3)), None).unwrap();
+        let data = vec![0u16; 6];
+        let e = finder.find(&Frame::new(&data, 3, 2).unwrap()).unwrap_err();
+        assert!(e.0.contains("3 x 2 pixels, the mask 2 x 3"), "{e}");
+        assert!(Finder::new(Rule::default(), SpotFilter { min_size: 5, max_size: Some(2), max_separation: None }, None, None).is_err());
+    }
+}
