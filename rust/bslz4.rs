@@ -10,6 +10,11 @@
 //! to a multiple of 8 elements; the elements left over (fewer than 8) follow
 //! uncompressed. Each block is inflated into a buffer that stays in the L1
 //! cache and transposed from there straight into the frame.
+//!
+//! Both steps are written for speed: the LZ4 blocks are inflated here (the
+//! long overlapping matches of detector frames, runs of zero bits, are copied
+//! 16 bytes at a time, where a general decoder goes byte by byte), and the
+//! bits are put back with SSE2, eight bit rows at a time.
 
 use std::fmt;
 
@@ -77,11 +82,9 @@ pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut
                 chunk.len() - at
             ));
         };
-        scratch.resize(bytes, 0);
-        match lz4_flex::block::decompress_into(lz4, &mut scratch[..bytes]) {
-            Ok(got) if got == bytes => {}
-            Ok(got) => return err(format!("the block at element {start} inflates to {got} bytes, not {bytes}")),
-            Err(e) => return err(format!("the block at element {start} is not LZ4: {e}")),
+        scratch.resize(bytes + SLACK, 0);
+        if let Err(e) = inflate(lz4, scratch, bytes) {
+            return err(format!("the block at element {start} is not LZ4: {e}"));
         }
         untranspose(&scratch[..bytes], size, elem_size, &mut out[start * elem_size..start * elem_size + bytes]);
         at += packed;
@@ -94,6 +97,103 @@ pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut
         None => return err(format!("the chunk ends before its last {left} uncompressed bytes")),
     }
     Ok(())
+}
+
+/// Bytes an inflated block needs past its end: copies go 16 bytes at a time.
+const SLACK: usize = 32;
+
+/// Inflate the LZ4 block `src` into exactly `out[..size]` (`out` is at least
+/// `size + SLACK` long; the bytes after `size` are overwritten). Every read
+/// and write is checked against the block's bounds before it is made, so a
+/// corrupt block is an error, never a read or write outside `src` or `out`.
+fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    assert!(out.len() >= size + SLACK);
+    let n = src.len();
+    let (mut i, mut d) = (0usize, 0usize);
+    // the length that follows a nibble of 15: bytes added up to one below 255
+    let more = |i: &mut usize| -> Result<usize, &'static str> {
+        let mut v = 0usize;
+        loop {
+            let Some(&b) = src.get(*i) else { return Err("it ends inside a length") };
+            *i += 1;
+            v += b as usize;
+            if b != 255 {
+                return Ok(v);
+            }
+        }
+    };
+    loop {
+        let Some(&token) = src.get(i) else { return Err("it ends before its last literals") };
+        i += 1;
+        let mut lit = (token >> 4) as usize;
+        if lit == 15 {
+            lit += more(&mut i)?;
+        }
+        if lit > n - i || lit > size - d {
+            return Err("literals run past the block");
+        }
+        if lit <= 16 && n - i >= 16 {
+            // SAFETY: 16 bytes of src from i (checked just above), 16 of out
+            // from d <= size (out has SLACK >= 16 more), distinct buffers
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i), out.as_mut_ptr().add(d), 16) };
+        } else {
+            out[d..d + lit].copy_from_slice(&src[i..i + lit]);
+        }
+        i += lit;
+        d += lit;
+        if i == n {
+            break;
+        }
+        if n - i < 2 {
+            return Err("it ends inside a match offset");
+        }
+        let offset = u16::from_le_bytes([src[i], src[i + 1]]) as usize;
+        i += 2;
+        let mut len = (token & 15) as usize;
+        if len == 15 {
+            len += more(&mut i)?;
+        }
+        len += 4;
+        if offset == 0 || offset > d {
+            return Err("a match reaches before the block");
+        }
+        if len > size - d {
+            return Err("a match runs past the block");
+        }
+        // SAFETY: the match reads from d - offset >= 0 and writes d..d+len
+        // (<= size) plus at most 15 bytes of SLACK
+        unsafe { copy_match(out.as_mut_ptr(), d, offset, len) };
+        d += len;
+    }
+    if d != size {
+        return Err("it inflates to fewer bytes than the block holds");
+    }
+    Ok(())
+}
+
+/// `out[d..d + len] = out[d - offset..]` byte after byte as LZ4 means it
+/// (the source may overlap what is being written), in 16-byte copies that
+/// may write up to 15 bytes past `d + len`.
+///
+/// # Safety
+/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 15`.
+#[inline(always)]
+unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
+    let end = out.add(d + len);
+    let mut dst = out.add(d);
+    // copying 16 bytes from `dst - step` is right once `step >= 16` is a
+    // multiple of the offset and the first `step - offset` bytes are written:
+    // from there on `out[p] = out[p - offset] = out[p - step]`
+    let step = if offset >= 16 { offset } else { offset * 16usize.div_ceil(offset) };
+    let head = (step - offset).min(len);
+    for k in 0..head {
+        *dst.add(k) = *dst.add(k).sub(offset);
+    }
+    dst = dst.add(head);
+    while dst < end {
+        std::ptr::copy_nonoverlapping(dst.sub(step), dst, 16);
+        dst = dst.add(16);
+    }
 }
 
 /// The 8x8 bit-matrix transpose of the bytes of `x` (byte `r` bit `c` to
@@ -111,21 +211,268 @@ fn transpose8(mut x: u64) -> u64 {
 /// Bit rows of `n` elements (`n % 8 == 0`) back into elements.
 fn untranspose(planes: &[u8], n: usize, elem_size: usize, out: &mut [u8]) {
     let row = n / 8; // bytes in a bit row
+    assert!(planes.len() >= n * elem_size && out.len() >= n * elem_size);
+    let mut done = 0; // bytes of each row done
+    #[cfg(target_arch = "x86_64")]
+    {
+        use simd::{groups, Avx2, Sse2};
+        // SAFETY (both): the lengths are asserted above; Avx2 only where the CPU has it
+        if std::arch::is_x86_feature_detected!("avx2") {
+            done = unsafe { groups::<Avx2>(planes, row, elem_size, out, done) };
+        }
+        done = unsafe { groups::<Sse2>(planes, row, elem_size, out, done) };
+    }
     for j in 0..elem_size {
         let rows: [&[u8]; 8] = std::array::from_fn(|b| &planes[(j * 8 + b) * row..(j * 8 + b + 1) * row]);
-        for q in 0..row {
+        for q in done..row {
             let x = u64::from_le_bytes(std::array::from_fn(|b| rows[b][q]));
-            let base = 8 * q * elem_size + j;
-            if x == 0 {
-                for i in 0..8 {
-                    out[base + i * elem_size] = 0;
-                }
-                continue;
-            }
             let t = transpose8(x).to_le_bytes();
+            let base = 8 * q * elem_size + j;
             for i in 0..8 {
                 out[base + i * elem_size] = t[i];
             }
+        }
+    }
+}
+
+/// The bit transpose in SIMD: 16 bytes of every bit row at a time (SSE2, on
+/// every x86_64) or 32 (AVX2), the same code over either register.
+///
+/// Bit row `8j + b`, byte `q`, bit `i` is bit `b` of byte `j` of element
+/// `8q + i`. The 8 rows of byte `j`, loaded as 8 vectors, are an 8x8 bit
+/// matrix in each byte lane (vector `b`, bit `i`); transposed (three rounds
+/// of swaps) vector `i` byte `q` is byte `j` of element `8q + i`, and
+/// interleaving the vectors, then the bytes of an element, puts them in order.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// A SIMD register as the transpose uses it; AVX2's works in two 128-bit
+    /// lanes, each doing what one SSE2 register does for its 16 bytes of rows.
+    pub(super) trait Vector: Copy {
+        /// Bytes of a row taken at a time.
+        const WIDTH: usize;
+        unsafe fn load(at: *const u8) -> Self;
+        /// Store lane 0 at `at`, lane 1 (AVX2) `lane` bytes further on.
+        unsafe fn store(self, at: *mut u8, lane: usize);
+        unsafe fn zero() -> Self;
+        unsafe fn is_zero(self) -> bool;
+        unsafe fn or(self, o: Self) -> Self;
+        /// Bits `p + S` of each byte of `a` and bits `p` of `c`, `p` in
+        /// `keep` (those with `p & S == 0`), swapped.
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8);
+        unsafe fn unpack8(self, o: Self) -> (Self, Self);
+        unsafe fn unpack16(self, o: Self) -> (Self, Self);
+        unsafe fn unpack32(self, o: Self) -> (Self, Self);
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Sse2(__m128i);
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256i);
+
+    impl Vector for Sse2 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        unsafe fn load(at: *const u8) -> Self {
+            Sse2(_mm_loadu_si128(at as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn store(self, at: *mut u8, _: usize) {
+            _mm_storeu_si128(at as *mut __m128i, self.0)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Sse2(_mm_setzero_si128())
+        }
+        #[inline(always)]
+        unsafe fn is_zero(self) -> bool {
+            _mm_movemask_epi8(_mm_cmpeq_epi8(self.0, _mm_setzero_si128())) == 0xFFFF
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            Sse2(_mm_or_si128(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8) {
+            let t = _mm_and_si128(_mm_xor_si128(_mm_srli_epi16::<S>(a.0), c.0), _mm_set1_epi8(keep as i8));
+            c.0 = _mm_xor_si128(c.0, t);
+            a.0 = _mm_xor_si128(a.0, _mm_slli_epi16::<S>(t));
+        }
+        #[inline(always)]
+        unsafe fn unpack8(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi8(self.0, o.0)), Sse2(_mm_unpackhi_epi8(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack16(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi16(self.0, o.0)), Sse2(_mm_unpackhi_epi16(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack32(self, o: Self) -> (Self, Self) {
+            (Sse2(_mm_unpacklo_epi32(self.0, o.0)), Sse2(_mm_unpackhi_epi32(self.0, o.0)))
+        }
+    }
+
+    impl Vector for Avx2 {
+        const WIDTH: usize = 32;
+        #[inline(always)]
+        unsafe fn load(at: *const u8) -> Self {
+            Avx2(_mm256_loadu_si256(at as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn store(self, at: *mut u8, lane: usize) {
+            _mm_storeu_si128(at as *mut __m128i, _mm256_castsi256_si128(self.0));
+            _mm_storeu_si128(at.add(lane) as *mut __m128i, _mm256_extracti128_si256::<1>(self.0));
+        }
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_si256())
+        }
+        #[inline(always)]
+        unsafe fn is_zero(self) -> bool {
+            _mm256_testz_si256(self.0, self.0) == 1
+        }
+        #[inline(always)]
+        unsafe fn or(self, o: Self) -> Self {
+            Avx2(_mm256_or_si256(self.0, o.0))
+        }
+        #[inline(always)]
+        unsafe fn swap<const S: i32>(a: &mut Self, c: &mut Self, keep: u8) {
+            let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16::<S>(a.0), c.0), _mm256_set1_epi8(keep as i8));
+            c.0 = _mm256_xor_si256(c.0, t);
+            a.0 = _mm256_xor_si256(a.0, _mm256_slli_epi16::<S>(t));
+        }
+        #[inline(always)]
+        unsafe fn unpack8(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi8(self.0, o.0)), Avx2(_mm256_unpackhi_epi8(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack16(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi16(self.0, o.0)), Avx2(_mm256_unpackhi_epi16(self.0, o.0)))
+        }
+        #[inline(always)]
+        unsafe fn unpack32(self, o: Self) -> (Self, Self) {
+            (Avx2(_mm256_unpacklo_epi32(self.0, o.0)), Avx2(_mm256_unpackhi_epi32(self.0, o.0)))
+        }
+    }
+
+    /// Byte `j` of the elements of rows' bytes `at..at + WIDTH`: per lane,
+    /// 8 vectors of 16 elements in order; None when all its bits are 0.
+    #[inline(always)]
+    unsafe fn plane<V: Vector>(planes: *const u8, row: usize, j: usize, at: usize) -> Option<[V; 8]> {
+        let mut r: [V; 8] = std::array::from_fn(|b| unsafe { V::load(planes.add((8 * j + b) * row + at)) });
+        if r.iter().fold(V::zero(), |a, &v| unsafe { a.or(v) }).is_zero() {
+            return None;
+        }
+        for b in [0, 2, 4, 6] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<1>(&mut lo[b], &mut hi[0], 0x55);
+        }
+        for b in [0, 1, 4, 5] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<2>(&mut lo[b], &mut hi[1], 0x33);
+        }
+        for b in [0, 1, 2, 3] {
+            let (lo, hi) = r.split_at_mut(b + 1);
+            V::swap::<4>(&mut lo[b], &mut hi[3], 0x0F);
+        }
+        // vector i byte q -> element 8q + i: interleave bytes, pairs, fours
+        let a: [(V, V); 4] = std::array::from_fn(|k| unsafe { r[2 * k].unpack8(r[2 * k + 1]) });
+        let mut e = [V::zero(); 8];
+        for half in 0..2 {
+            let pick = |x: (V, V)| if half == 0 { x.0 } else { x.1 };
+            let (b0, b1) = pick(a[0]).unpack16(pick(a[1]));
+            let (c0, c1) = pick(a[2]).unpack16(pick(a[3]));
+            (e[4 * half], e[4 * half + 1]) = b0.unpack32(c0);
+            (e[4 * half + 2], e[4 * half + 3]) = b1.unpack32(c1);
+        }
+        Some(e)
+    }
+
+    /// The elements of rows' bytes `at..at + V::WIDTH`, bytes interleaved.
+    #[inline(always)]
+    unsafe fn group<V: Vector, const E: usize>(planes: *const u8, row: usize, at: usize, out: *mut u8) {
+        let z = [V::zero(); 8];
+        let p: [[V; 8]; E] = std::array::from_fn(|j| unsafe { plane::<V>(planes, row, j, at).unwrap_or(z) });
+        let out = out.add(8 * at * E);
+        let lane = 128 * E; // bytes of the elements of one lane's 16 bytes of rows
+        // vector k of every plane: elements 16k..16k+16 of the lane
+        for k in 0..8 {
+            let put = |t: usize, v: V| unsafe { v.store(out.add(16 * (E * k + t)), lane) };
+            match E {
+                1 => put(0, p[0][k]),
+                2 => {
+                    let (l, h) = p[0][k].unpack8(p[1][k]);
+                    put(0, l);
+                    put(1, h);
+                }
+                4 => {
+                    let (l01, h01) = p[0][k].unpack8(p[1][k]);
+                    let (l23, h23) = p[2][k].unpack8(p[3][k]);
+                    let ((a, b), (c, d)) = (l01.unpack16(l23), h01.unpack16(h23));
+                    for (t, v) in [a, b, c, d].into_iter().enumerate() {
+                        put(t, v);
+                    }
+                }
+                _ => {
+                    let pair = |x: usize| unsafe { p[x][k].unpack8(p[x + 1][k]) };
+                    let (a, b, c, d) = (pair(0), pair(2), pair(4), pair(6));
+                    let (ab0, ab1) = (a.0.unpack16(b.0), a.1.unpack16(b.1));
+                    let (cd0, cd1) = (c.0.unpack16(d.0), c.1.unpack16(d.1));
+                    for (t, (x, y)) in [(ab0.0, cd0.0), (ab0.1, cd0.1), (ab1.0, cd1.0), (ab1.1, cd1.1)].into_iter().enumerate() {
+                        let (l, h) = x.unpack32(y);
+                        put(2 * t, l);
+                        put(2 * t + 1, h);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn each<V: Vector, const E: usize>(planes: *const u8, row: usize, out: *mut u8, from: usize) -> usize {
+        let mut at = from;
+        while at + V::WIDTH <= row {
+            group::<V, E>(planes, row, at, out);
+            at += V::WIDTH;
+        }
+        at
+    }
+
+    /// Elements from their bit rows, `V::WIDTH` bytes of each row at a time
+    /// from byte `from`, as far as whole groups go; returns where it stopped.
+    ///
+    /// # Safety
+    /// `planes` holds `8 * elem_size` rows of `row` bytes and `out` as many
+    /// bytes; the CPU has `V`'s instructions.
+    #[inline(always)]
+    unsafe fn groups_of<V: Vector>(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+        let (p, o) = (planes.as_ptr(), out.as_mut_ptr());
+        match elem_size {
+            1 => each::<V, 1>(p, row, o, from),
+            2 => each::<V, 2>(p, row, o, from),
+            4 => each::<V, 4>(p, row, o, from),
+            _ => each::<V, 8>(p, row, o, from),
+        }
+    }
+
+    /// [`groups_of`], compiled for the instructions of `V`.
+    pub(super) unsafe fn groups<V: Compiled>(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+        V::groups(planes, row, elem_size, out, from)
+    }
+
+    pub(super) trait Compiled {
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize;
+    }
+    impl Compiled for Sse2 {
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+            groups_of::<Sse2>(planes, row, elem_size, out, from)
+        }
+    }
+    impl Compiled for Avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8], from: usize) -> usize {
+            groups_of::<Avx2>(planes, row, elem_size, out, from)
         }
     }
 }
@@ -189,6 +536,75 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decode_into(&chunk, 4, &mut out, &mut Vec::new()).unwrap();
             assert_eq!(out, data, "{n} elements");
+        }
+    }
+
+    /// Bytes of every kind: random, small counts, zero runs, short periods
+    /// (LZ4 matches that overlap what they write).
+    fn mixed(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let len = (next() % 700) as usize + 1;
+            match next() % 4 {
+                0 => out.extend((0..len).map(|_| next() as u8)),
+                1 => out.extend((0..len).map(|_| (next() % 3 == 0) as u8)),
+                2 => out.extend(std::iter::repeat(0).take(len)),
+                _ => {
+                    let period: Vec<u8> = (0..next() % 19 + 1).map(|_| next() as u8).collect();
+                    out.extend(period.iter().cycle().take(len));
+                }
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn every_element_size_round_trips_through_the_simd_and_scalar_paths() {
+        // rows of 16 and 32 bytes and the odd bytes after them
+        for elem in [1usize, 2, 4, 8] {
+            for (n, block) in [(8 * 32 * 3 + 8 * 17, 8 * 32 * 2), (8192 / elem * 3 + 40, 8192 / elem), (1000, 1000 - 1000 % 8)] {
+                let data = mixed(n * elem, (n * elem) as u64);
+                let chunk = encode(&data, elem, block);
+                let mut out = vec![0u8; data.len()];
+                decode_into(&chunk, elem, &mut out, &mut Vec::new()).unwrap();
+                assert_eq!(out, data, "{elem}-byte elements, {n} of them, blocks of {block}");
+            }
+        }
+    }
+
+    #[test]
+    fn lz4_blocks_inflate_as_lz4_flex_inflates_them() {
+        for seed in 0..40 {
+            let data = mixed(5000 + 997 * seed as usize, seed);
+            let packed = lz4_flex::block::compress(&data);
+            let mut out = vec![0u8; data.len() + SLACK];
+            inflate(&packed, &mut out, data.len()).unwrap();
+            assert_eq!(&out[..data.len()], &data[..]);
+            assert!(inflate(&packed, &mut vec![0; data.len() + SLACK + 1], data.len() + 1).is_err());
+        }
+    }
+
+    #[test]
+    fn damaged_chunks_are_errors_or_frames_never_a_crash() {
+        let data = mixed(4 * 3000, 5);
+        let chunk = encode(&data, 4, 2048);
+        let mut out = vec![0u8; data.len()];
+        let mut s = 17u64;
+        for _ in 0..3000 {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut bad = chunk.clone();
+            let at = 12 + (s >> 33) as usize % (bad.len() - 12);
+            bad[at] ^= 1 << ((s >> 20) % 8);
+            let _ = decode_into(&bad, 4, &mut out, &mut Vec::new());
+        }
+        for cut in (0..chunk.len()).step_by(7) {
+            assert!(decode_into(&chunk[..cut], 4, &mut out, &mut Vec::new()).is_err(), "cut at {cut}");
         }
     }
 

@@ -7,14 +7,14 @@ use std::sync::Mutex;
 
 use crate::bslz4;
 use crate::error::{InputError, Result};
-use crate::spots::{label, SizeLimits, Spots};
+use crate::spots::{label, SpotFilter, Spots};
 use crate::strong::{strong_pixels, Frame, Pixel, Rule, Strong, Valid};
 
 /// What a finder is built from.
 #[derive(Clone, Debug, Default)]
 pub struct Finder {
     pub rule: Rule,
-    pub limits: SizeLimits,
+    pub limits: SpotFilter,
     /// True = good, `height * width` of them, row after row.
     pub mask: Option<Vec<bool>>,
     /// The mask's `(height, width)`: frames must have it.
@@ -26,7 +26,7 @@ pub struct Finder {
 impl Finder {
     pub fn new(
         rule: Rule,
-        limits: SizeLimits,
+        limits: SpotFilter,
         mask: Option<(Vec<bool>, usize, usize)>,
         trusted_max: Option<f64>,
     ) -> Result<Finder> {
@@ -40,6 +40,11 @@ impl Finder {
                     "max_spot_size {max} is below min_spot_size {}",
                     limits.min_size
                 )));
+            }
+        }
+        if let Some(d) = limits.max_separation {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(InputError::new(format!("max_separation must be a finite number >= 0, not {d}")));
             }
         }
         if let Some(t) = trusted_max {
@@ -208,10 +213,10 @@ mod tests {
 
     #[test]
     fn the_mask_shape_must_match() {
-        let finder = Finder::new(Rule::default(), SizeLimits::default(), Some((vec![true; 6], 2, 3)), None).unwrap();
+        let finder = Finder::new(Rule::default(), SpotFilter::default(), Some((vec![true; 6], 2, 3)), None).unwrap();
         let data = vec![0u16; 6];
         let e = finder.find(&Frame::new(&data, 3, 2).unwrap()).unwrap_err();
         assert!(e.0.contains("3 x 2 pixels, the mask 2 x 3"), "{e}");
-        assert!(Finder::new(Rule::default(), SizeLimits { min_size: 5, max_size: Some(2) }, None, None).is_err());
+        assert!(Finder::new(Rule::default(), SpotFilter { min_size: 5, max_size: Some(2), max_separation: None }, None, None).is_err());
     }
 }

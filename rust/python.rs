@@ -20,7 +20,7 @@ use crate::centre2d::{self, Snapshot};
 use crate::centre3d::{self, Halt, Params, Xrc3d};
 use crate::error::InputError;
 use crate::finder::{self, Finder};
-use crate::spots::{SizeLimits, Spots};
+use crate::spots::{SpotFilter, Spots};
 use crate::strong::{Algorithm, Frame, Pixel, Rule};
 use crate::grid::{Grid, Orientation, Scan};
 use crate::json;
@@ -778,7 +778,7 @@ impl PyFinder {
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (mask, trusted_max, algorithm, kernel_size, sigma_background, sigma_strong,
-                        global_threshold, min_local, gain, min_spot_size, max_spot_size))]
+                        global_threshold, min_local, gain, min_spot_size, max_spot_size, max_separation))]
     fn new(
         mask: Option<PyReadonlyArray2<'_, bool>>,
         trusted_max: Option<f64>,
@@ -791,6 +791,7 @@ impl PyFinder {
         gain: Option<f64>,
         min_spot_size: u32,
         max_spot_size: Option<u32>,
+        max_separation: Option<f64>,
     ) -> PyResult<Self> {
         let rule = Rule {
             algorithm: Algorithm::parse(algorithm)?,
@@ -806,7 +807,7 @@ impl PyFinder {
             let (h, w) = v.dim();
             (v.iter().copied().collect::<Vec<bool>>(), h, w)
         });
-        let limits = SizeLimits { min_size: min_spot_size, max_size: max_spot_size };
+        let limits = SpotFilter { min_size: min_spot_size, max_size: max_spot_size, max_separation };
         Ok(PyFinder { finder: Finder::new(rule, limits, mask, trusted_max)? })
     }
 

@@ -33,16 +33,20 @@ impl Spots {
     }
 }
 
-/// Which spots are kept: `min_size <= size <= max_size` (None: no maximum).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SizeLimits {
+/// Which spots are kept: `min_size <= size <= max_size` (None: no maximum),
+/// and, with `max_separation`, those whose brightest pixel's centre is at
+/// most that far from their centroid (DIALS's `PeakCentroidDistanceFilter`;
+/// the first brightest pixel in raster order).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpotFilter {
     pub min_size: u32,
     pub max_size: Option<u32>,
+    pub max_separation: Option<f64>,
 }
 
-impl Default for SizeLimits {
+impl Default for SpotFilter {
     fn default() -> Self {
-        SizeLimits { min_size: 3, max_size: Some(1000) }
+        SpotFilter { min_size: 3, max_size: Some(1000), max_separation: None }
     }
 }
 
@@ -51,6 +55,18 @@ struct Run {
     c0: u32,
     c1: u32, // exclusive
     first: usize,
+}
+
+/// What a spot sums while its runs are visited.
+#[derive(Default)]
+struct Sums {
+    size: u32,
+    sum: f64,
+    sx: f64,
+    sy: f64,
+    bounding_box: [u32; 4],
+    peak: f64,
+    peak_at: [f64; 2],
 }
 
 fn find(parent: &mut [u32], mut a: u32) -> u32 {
@@ -63,7 +79,7 @@ fn find(parent: &mut [u32], mut a: u32) -> u32 {
 }
 
 /// The spots of the strong pixels of a frame `width` pixels wide.
-pub fn label(strong: &Strong, width: usize, limits: SizeLimits) -> Spots {
+pub fn label(strong: &Strong, width: usize, limits: SpotFilter) -> Spots {
     let w = width as u32;
     let mut runs: Vec<Run> = Vec::new();
     for (i, &at) in strong.index.iter().enumerate() {
@@ -112,37 +128,48 @@ pub fn label(strong: &Strong, width: usize, limits: SizeLimits) -> Spots {
     }
     // each root's spot, in the order of roots (raster order of first pixels)
     let mut slot = vec![u32::MAX; runs.len()];
-    let mut acc: Vec<(u32, f64, f64, f64, [u32; 4])> = Vec::new();
+    let mut acc: Vec<Sums> = Vec::new();
     for r in 0..runs.len() {
         let root = find(&mut parent, r as u32) as usize;
         if slot[root] == u32::MAX {
             slot[root] = acc.len() as u32;
-            acc.push((0, 0.0, 0.0, 0.0, [u32::MAX, 0, u32::MAX, 0]));
+            acc.push(Sums { bounding_box: [u32::MAX, 0, u32::MAX, 0], peak: f64::NEG_INFINITY, ..Sums::default() });
         }
         let s = &mut acc[slot[root] as usize];
         let run = &runs[r];
         for (k, col) in (run.c0..run.c1).enumerate() {
             let v = strong.value[run.first + k];
-            s.0 += 1;
-            s.1 += v;
-            s.2 += v * (col as f64 + 0.5);
-            s.3 += v * (run.row as f64 + 0.5);
+            s.size += 1;
+            s.sum += v;
+            s.sx += v * (col as f64 + 0.5);
+            s.sy += v * (run.row as f64 + 0.5);
+            // runs of one spot come in raster order, so the first brightest stays
+            if v > s.peak {
+                s.peak = v;
+                s.peak_at = [col as f64 + 0.5, run.row as f64 + 0.5];
+            }
         }
-        let bb = &mut s.4;
+        let bb = &mut s.bounding_box;
         bb[0] = bb[0].min(run.c0);
         bb[1] = bb[1].max(run.c1);
         bb[2] = bb[2].min(run.row);
         bb[3] = bb[3].max(run.row + 1);
     }
     let mut spots = Spots { n_strong_pixels: strong.len(), ..Spots::default() };
-    for (size, sum, sx, sy, bb) in acc {
-        if size < limits.min_size || limits.max_size.is_some_and(|max| size > max) {
+    for s in acc {
+        if s.size < limits.min_size || limits.max_size.is_some_and(|max| s.size > max) {
             continue;
         }
-        spots.size.push(size);
-        spots.intensity.push(sum);
-        spots.centroid.push([sx / sum, sy / sum]);
-        spots.bounding_box.push(bb);
+        let centroid = [s.sx / s.sum, s.sy / s.sum];
+        if let Some(max) = limits.max_separation {
+            if (centroid[0] - s.peak_at[0]).hypot(centroid[1] - s.peak_at[1]) > max {
+                continue;
+            }
+        }
+        spots.size.push(s.size);
+        spots.intensity.push(s.sum);
+        spots.centroid.push(centroid);
+        spots.bounding_box.push(s.bounding_box);
     }
     spots
 }
@@ -165,7 +192,7 @@ mod tests {
         (s, w)
     }
 
-    const ALL: SizeLimits = SizeLimits { min_size: 1, max_size: None };
+    const ALL: SpotFilter = SpotFilter { min_size: 1, max_size: None, max_separation: None };
 
     #[test]
     fn four_connected_only() {
@@ -202,7 +229,18 @@ mod tests {
         assert_eq!(spots.intensity, vec![4.0, 2.0]);
         assert_eq!(spots.centroid[0], [(0.5 + 3.0 * 1.5) / 4.0, 0.5]);
         assert_eq!(spots.n_strong_pixels, 3);
-        let kept = label(&s, w, SizeLimits { min_size: 2, max_size: Some(2) });
+        let kept = label(&s, w, SpotFilter { min_size: 2, max_size: Some(2), max_separation: None });
         assert_eq!((kept.size, kept.n_strong_pixels), (vec![2], 3));
+    }
+
+    #[test]
+    fn the_peak_may_be_kept_near_the_centroid() {
+        // a long faint tail pulls the centroid (76 / 20 = 3.8) 3.3 px from the bright first pixel
+        let (s, w) = strong_of(&["911111111111"]);
+        let centroid = label(&s, w, ALL).centroid[0][0];
+        assert!((centroid - 3.8).abs() < 1e-12, "{centroid}");
+        let near = |d| SpotFilter { max_separation: Some(d), ..ALL };
+        assert_eq!(label(&s, w, near(3.35)).len(), 1);
+        assert_eq!(label(&s, w, near(3.25)).len(), 0);
     }
 }

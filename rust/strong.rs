@@ -610,18 +610,23 @@ fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &m
 
 /// Integer frames, boxes of at most 63 pixels (7x7 is DIALS's): packed `u32` sums.
 ///
-/// Row by row: the column sums of `m` and `x` over the window of rows are
-/// moved by the row entering and the row leaving, the box sums are the
-/// column sums added across `2k+1` columns, and a filter in `f32` (branch-free,
-/// so the compiler makes it SIMD) keeps the pixels that may pass
-/// `m*v - x > sigma_strong*sqrt(g*x*m)`. Its bounds are wider than its
-/// rounding: every pixel DIALS's rule takes passes it; the few that pass are
-/// decided exactly, with the sum of squares taken over their box then.
+/// Row by row, in two passes over the row:
+/// 1. the window of rows moves down one: the row entering has its terms
+///    (packed `x`, `m`, big pixels; `y` of the small pixels) computed once
+///    and kept in a ring of the `2ky+1` rows of the window, the row leaving
+///    has its terms there, and the column sums take the difference;
+/// 2. 64 columns at a time, the box sums are the column sums added across
+///    `2kx+1` columns, and a filter in `f32` (branch-free, so the compiler
+///    makes it SIMD) keeps the pixels that may pass DIALS's two tests. Its
+///    bounds are wider than its rounding: every pixel DIALS's rule takes
+///    passes it; the few that pass are decided exactly.
+///
+/// Memory: the ring (`4 (2ky+1)` bytes a column) and two rows of column sums.
 mod fast {
     use super::*;
 
     /// Pixels of at most this value are "small": their sums fit the packed
-    /// column sums below (49 * 4095 < 2^18, 49 * 4095^2 < 2^30); a box with
+    /// column sums below (63 * 4095 < 2^18, 63 * 4095^2 < 2^30); a box with
     /// a bigger one is decided exactly.
     const SMALL: u32 = 4095;
     /// The most pixels a box may have for the packing (63 * 4095 < 2^18).
@@ -631,69 +636,105 @@ mod fast {
     const M_ONE: u32 = 1 << 18;
     const BIG_ONE: u32 = 1 << 24;
     const X_BITS: u32 = M_ONE - 1;
-
-    /// Column sums over the window of rows: packed `x`, `m`, big pixels, and
-    /// `y` of the small pixels.
-    struct Columns {
-        packed: Vec<u32>,
-        ys: Vec<u32>,
-    }
+    /// Columns the filter takes at a time.
+    const BLOCK: usize = 64;
 
     type Row<'a, T> = Option<(&'a [T], &'a [bool])>;
 
-    #[inline(always)]
-    fn wrapping_sum(v: &[u32]) -> u32 {
-        let mut s = 0u32;
-        for &a in v {
-            s = s.wrapping_add(a);
-        }
-        s
-    }
-
+    /// A pixel's terms: packed (`x` if small, 1 in `m`, 1 in big if big) and
+    /// its square if small; zeros for a pixel outside the box sums.
     #[inline(always)]
     fn term<T: Pixel>(v: T, g: bool, max: T) -> (u32, u32) {
-        let a = (g & (v >= T::ZERO) & (v <= max)) as u32;
-        let x = v.small() * a;
-        let big = (x > SMALL) as u32;
-        let small = x * (1 - big);
-        (small + a * M_ONE + big * BIG_ONE, small * small)
+        let a = g & (v >= T::ZERO) & (v <= max);
+        let x = if a { v.small() } else { 0 };
+        let big = x > SMALL;
+        let small = if big { 0 } else { x } & SMALL;
+        let packed = small | if a { M_ONE } else { 0 } | if big { BIG_ONE } else { 0 };
+        (packed, small * small)
     }
 
-    impl Columns {
-        /// Move the window: the row entering is added, the row leaving taken off.
-        #[inline(always)]
-        fn update<T: Pixel>(&mut self, enter: Row<T>, leave: Row<T>, max: T) {
-            let w = self.packed.len();
-            let (p, ys) = (&mut self.packed[..w], &mut self.ys[..w]);
-            match (enter, leave) {
-                (Some((ve, ge)), Some((vl, gl))) => {
-                    let (ve, ge, vl, gl) = (&ve[..w], &ge[..w], &vl[..w], &gl[..w]);
-                    for c in 0..w {
-                        let (e, l) = (term(ve[c], ge[c], max), term(vl[c], gl[c], max));
-                        p[c] = p[c].wrapping_add(e.0).wrapping_sub(l.0);
-                        ys[c] = ys[c].wrapping_add(e.1).wrapping_sub(l.1);
-                    }
-                }
-                (Some((v, g)), None) => {
-                    let (v, g) = (&v[..w], &g[..w]);
-                    for c in 0..w {
-                        let e = term(v[c], g[c], max);
-                        p[c] = p[c].wrapping_add(e.0);
-                        ys[c] = ys[c].wrapping_add(e.1);
-                    }
-                }
-                (None, Some((v, g))) => {
-                    let (v, g) = (&v[..w], &g[..w]);
-                    for c in 0..w {
-                        let l = term(v[c], g[c], max);
-                        p[c] = p[c].wrapping_sub(l.0);
-                        ys[c] = ys[c].wrapping_sub(l.1);
-                    }
-                }
-                (None, None) => {}
+    /// The largest level: a pixel's value as the filter sees it.
+    const LEVEL_MAX: u8 = 255;
+
+    /// A pixel's level: 0 when it cannot be strong (masked, not valid, not
+    /// above the threshold), else its value up to `LEVEL_MAX` (at which it
+    /// is decided exactly). Every pixel that may be strong is at least 1:
+    /// `above >= 1` for integer pixels, the threshold being >= 0.
+    #[inline(always)]
+    fn level<T: Pixel>(v: T, g: bool, above: T, valid_max: T) -> u8 {
+        if g & (v >= above) & (v <= valid_max) {
+            v.small().min(LEVEL_MAX as u32) as u8
+        } else {
+            0
+        }
+    }
+
+    /// The window of rows: the packed terms of its rows (row `e` in slot
+    /// `e % rows`; a pixel's square is that of its low bits) and their levels,
+    /// and the sums of the terms down each column, with `kx` zero columns
+    /// either side.
+    struct Window {
+        rows: usize,
+        kx: usize,
+        ring_p: Vec<u32>,
+        ring_level: Vec<u8>,
+        col_p: Vec<u32>,
+        col_y: Vec<u32>,
+    }
+
+    impl Window {
+        fn new(w: usize, (kx, ky): (usize, usize)) -> Window {
+            let rows = 2 * ky + 1;
+            Window {
+                rows,
+                kx,
+                ring_p: vec![0; rows * w],
+                ring_level: vec![0; rows * w],
+                col_p: vec![0; w + 2 * kx],
+                col_y: vec![0; w + 2 * kx],
             }
         }
 
+        /// Row `e` enters (None: past the frame's end) and row `e - rows`,
+        /// whose terms are in the same slot, leaves.
+        #[inline(always)]
+        fn enter<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            let w = self.col_p.len() - 2 * self.kx;
+            let slot = (e % self.rows) * w;
+            let rp = &mut self.ring_p[slot..slot + w];
+            let rl = &mut self.ring_level[slot..slot + w];
+            let (cp, cy) = (&mut self.col_p[self.kx..self.kx + w], &mut self.col_y[self.kx..self.kx + w]);
+            match row {
+                Some((v, g)) => {
+                    let (v, g) = (&v[..w], &g[..w]);
+                    for c in 0..w {
+                        let (p, y) = term(v[c], g[c], max);
+                        let old = rp[c] & SMALL;
+                        cp[c] = cp[c].wrapping_add(p).wrapping_sub(rp[c]);
+                        cy[c] = cy[c].wrapping_add(y).wrapping_sub(old * old);
+                        rp[c] = p;
+                        rl[c] = level(v[c], g[c], f.above, f.valid_max);
+                    }
+                }
+                None => {
+                    for c in 0..w {
+                        let old = rp[c] & SMALL;
+                        cp[c] = cp[c].wrapping_sub(rp[c]);
+                        cy[c] = cy[c].wrapping_sub(old * old);
+                        rp[c] = 0;
+                    }
+                    rl.fill(0);
+                }
+            }
+        }
+    }
+
+    impl Window {
+        /// The levels of row `r` (entered, not left).
+        fn levels(&self, r: usize, w: usize) -> &[u8] {
+            let slot = (r % self.rows) * w;
+            &self.ring_level[slot..slot + w]
+        }
     }
 
     struct Filter<T> {
@@ -708,120 +749,191 @@ mod fast {
     }
 
     impl<T: Pixel> Filter<T> {
-        /// May the pixel be strong? Branch-free, in `f32`, with bounds wider
-        /// than the rounding: a pixel DIALS's rule takes always passes.
+        /// May the pixel be strong? The first of two sieves, branch-free, in
+        /// `f32`, with bounds wider than the rounding: a pixel DIALS's rule
+        /// takes always passes both. This one needs only `m` and `x`, and
+        /// lets through some 1.5% of a background of 0.5 counts a pixel.
         #[inline(always)]
-        fn may_pass(&self, v: T, packed: u32, ys: u32) -> bool {
+        fn may_signal(&self, level: u8, packed: u32) -> bool {
             let (x, m, big) = (packed & X_BITS, (packed >> 18) & 63, packed >> 24);
-            // a box with a big pixel, or a big pixel itself, is decided exactly
-            let vs = v.small().min(SMALL + 1);
-            let exact = (big > 0) | (vs > SMALL);
-            // all below 2^31 (signed conversions are one instruction); small
-            // values make m*v and x exact in f32
-            let (mf, xf, vf, yf) = ((m as i32) as f32, (x as i32) as f32, (vs as i32) as f32, (ys as i32) as f32);
+            // a box with a big pixel, or a pixel at the top level, is decided exactly
+            let exact = (big > 0) | (level == LEVEL_MAX);
+            // all below 2^31 (signed conversions are one instruction); levels
+            // below 255 and small pixels make m*v and x exact in f32
+            let (mf, xf, vf) = ((m as i32) as f32, (x as i32) as f32, (level as i32) as f32);
             // the signal: b = m*v - x > sigma_strong * sqrt(g*x*m)
             let b = mf * vf - xf;
             let signal = (b > 0.0) & (b * b > self.s2 * xf * mf);
-            // the dispersion: m*y - x*x - g*x*(m-1) > g*x*sigma_b*sqrt(2*(m-1))
+            (level > 0) & (m >= self.min_local) & (exact | signal)
+        }
+
+        /// The second sieve, for the pixels the first let through: may the
+        /// box pass the dispersion test `m*y - x*x - g*x*(m-1) >
+        /// g*x*sigma_b*sqrt(2*(m-1))`?
+        #[inline(always)]
+        fn may_disperse(&self, level: u8, packed: u32, ys: u32) -> bool {
+            let (x, m, big) = (packed & X_BITS, (packed >> 18) & 63, packed >> 24);
+            let exact = (big > 0) | (level == LEVEL_MAX);
+            let (mf, xf, yf) = ((m as i32) as f32, (x as i32) as f32, (ys as i32) as f32);
             let (t1, t2, t3) = (mf * yf, xf * xf, self.gain * xf * (mf - 1.0));
             let a = (t1 - t2 - t3) + (t1 + t2 + t3) * 3e-7;
-            let dispersion = (a > 0.0) & (a * a > self.b2 * t2 * (mf - 1.0));
-            (v >= self.above) & (v <= self.valid_max) & (m >= self.min_local) & (exact | (signal & dispersion))
+            exact | ((a > 0.0) & (a * a > self.b2 * t2 * (mf - 1.0)))
         }
+    }
 
-        /// A flag for every pixel of a row, from the box sums of the row.
-        #[inline(always)]
-        fn row(&self, boxes: &Boxes, values: &[T], flags: &mut [u8]) {
-            let n = values.len();
-            let (p, ys, flags) = (&boxes.packed[..n], &boxes.ys[..n], &mut flags[..n]);
+    /// The box sums of columns `c0..c0 + BLOCK` and the filter's flags for
+    /// them (`n` of them at the row's end): `TAPS` columns across the box
+    /// (0: `taps`, known at run time only).
+    #[inline(always)]
+    fn block<T: Pixel, const TAPS: usize>(
+        f: &Filter<T>,
+        win: &Window,
+        taps: usize,
+        levels: &[u8],
+        c0: usize,
+        n: usize,
+        sums: &mut ([u32; BLOCK], [u32; BLOCK]),
+        flags: &mut [u8; BLOCK],
+    ) {
+        let taps = if TAPS == 0 { taps } else { TAPS };
+        let (bp, by) = sums;
+        // column c of the frame is col[kx + c]: the box around it is col[c..c + taps]
+        let (cp, cy) = (&win.col_p[c0..c0 + n + taps - 1], &win.col_y[c0..c0 + n + taps - 1]);
+        if n == BLOCK {
+            let levels = &levels[c0..c0 + BLOCK];
+            let cp = &cp[..BLOCK + taps - 1];
+            for i in 0..BLOCK {
+                let mut p = 0u32;
+                for d in 0..taps {
+                    p = p.wrapping_add(cp[i + d]);
+                }
+                bp[i] = p;
+            }
+            for i in 0..BLOCK {
+                flags[i] = f.may_signal(levels[i], bp[i]) as u8;
+            }
+            // the sums of squares only where the first sieve let a pixel through
+            for k in (0..BLOCK).step_by(8) {
+                if u64::from_ne_bytes(flags[k..k + 8].try_into().expect("8 flags")) != 0 {
+                    for i in k..k + 8 {
+                        let y = (0..taps).fold(0u32, |s, d| s.wrapping_add(cy[i + d]));
+                        by[i] = y;
+                        flags[i] &= f.may_disperse(levels[i], bp[i], y) as u8;
+                    }
+                }
+            }
+        } else {
             for i in 0..n {
-                flags[i] = self.may_pass(values[i], p[i], ys[i]) as u8;
+                let (mut p, mut y) = (0u32, 0u32);
+                for d in 0..taps {
+                    p = p.wrapping_add(cp[i + d]);
+                    y = y.wrapping_add(cy[i + d]);
+                }
+                bp[i] = p;
+                by[i] = y;
+                flags[i] = (f.may_signal(levels[c0 + i], p) && f.may_disperse(levels[c0 + i], p, y)) as u8;
             }
+            flags[n..].fill(0);
         }
     }
 
-    /// The box sums of one row, and room for the pairs and fours they are made of.
-    struct Boxes {
-        packed: Vec<u32>,
-        ys: Vec<u32>,
-        two: Vec<u32>,
-        four: Vec<u32>,
-    }
-
-    /// `out[c]` = the sum of `column[c-k ..= c+k]`, clipped. For k = 3, the
-    /// middle in three passes over the row (pairs, fours, then four + two +
-    /// one), each a plain SIMD loop over memory in L1.
+    /// Flags for a whole row, handed with the box sums to `each(c0, sums,
+    /// flags)` block by block; `TAPS` as in [`block`].
     #[inline(always)]
-    fn across(column: &[u32], k: usize, out: &mut [u32], two: &mut [u32], four: &mut [u32]) {
-        let w = column.len();
-        if k != 3 || w < 7 {
-            for (c, o) in out.iter_mut().enumerate().take(w) {
-                *o = wrapping_sum(&column[c.saturating_sub(k)..(c + k + 1).min(w)]);
+    fn filter_row<T: Pixel, const TAPS: usize>(
+        f: &Filter<T>,
+        win: &Window,
+        taps: usize,
+        levels: &[u8],
+        next: Row<T>,
+        each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK]),
+    ) {
+        let mut sums = ([0u32; BLOCK], [0u32; BLOCK]);
+        let mut flags = [0u8; BLOCK];
+        let w = levels.len();
+        for c0 in (0..w).step_by(BLOCK) {
+            prefetch(next, c0);
+            block::<T, TAPS>(f, win, taps, levels, c0, BLOCK.min(w - c0), &mut sums, &mut flags);
+            let any = flags.chunks_exact(8).fold(0u64, |a, e| a | u64::from_ne_bytes(e.try_into().expect("8 flags")));
+            if any != 0 {
+                each(c0, &sums, &flags);
             }
-            return;
-        }
-        let n = w - 6;
-        let (two, four) = (&mut two[..w - 1], &mut four[..w - 3]);
-        for i in 0..w - 1 {
-            two[i] = column[i].wrapping_add(column[i + 1]);
-        }
-        for i in 0..w - 3 {
-            four[i] = two[i].wrapping_add(two[i + 2]);
-        }
-        let mid = &mut out[3..3 + n];
-        for i in 0..n {
-            mid[i] = four[i].wrapping_add(two[i + 4]).wrapping_add(column[i + 6]);
-        }
-        for c in (0..3).chain(w - 3..w) {
-            out[c] = wrapping_sum(&column[c.saturating_sub(3)..(c + 4).min(w)]);
         }
     }
 
+    /// Ask for the lines of columns `c0..c0 + BLOCK` of the row entering
+    /// next, so that they come from memory while this row is filtered (the
+    /// pass that moves the window is otherwise bound by reading the frame).
+    #[inline(always)]
+    fn prefetch<T>(next: Row<T>, c0: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((v, g)) = next {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let end = (c0 + BLOCK).min(v.len());
+            if c0 < end {
+                let (v, g) = (&v[c0..end], &g[c0..end]);
+                let bytes = v.as_ptr() as *const i8;
+                // SAFETY: a prefetch of addresses inside the slices; it never faults
+                unsafe {
+                    for at in (0..std::mem::size_of_val(v)).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(bytes.add(at));
+                    }
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr() as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(g.len() - 1) as *const i8);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (next, c0);
+    }
 
-    /// The hot loops, compiled for the CPU found at run time.
+    /// The two passes over a row, compiled for the CPU found at run time.
     struct Kernels<T: 'static> {
-        update: unsafe fn(&mut Columns, Row<T>, Row<T>, T),
-        row: unsafe fn(&Filter<T>, &Columns, usize, &mut Boxes, &[T], &mut [u8]),
+        enter: unsafe fn(&mut Window, usize, Row<T>, T, &Filter<T>),
+        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])),
     }
 
     #[inline(always)]
-    fn row_body<T: Pixel>(f: &Filter<T>, cols: &Columns, k: usize, boxes: &mut Boxes, values: &[T], flags: &mut [u8]) {
-        let b = boxes;
-        across(&cols.packed, k, &mut b.packed, &mut b.two, &mut b.four);
-        across(&cols.ys, k, &mut b.ys, &mut b.two, &mut b.four);
-        f.row(b, values, flags)
+    fn filter_any<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+        let taps = 2 * win.kx + 1;
+        match taps {
+            3 => filter_row::<T, 3>(f, win, taps, levels, next, each),
+            5 => filter_row::<T, 5>(f, win, taps, levels, next, each),
+            7 => filter_row::<T, 7>(f, win, taps, levels, next, each),
+            _ => filter_row::<T, 0>(f, win, taps, levels, next, each),
+        }
     }
 
-    fn update<T: Pixel>(cols: &mut Columns, enter: Row<T>, leave: Row<T>, max: T) {
-        cols.update(enter, leave, max)
+    fn enter<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+        win.enter(e, row, max, f)
     }
-    fn row<T: Pixel>(f: &Filter<T>, cols: &Columns, k: usize, boxes: &mut Boxes, values: &[T], flags: &mut [u8]) {
-        row_body(f, cols, k, boxes, values, flags)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn update_avx2<T: Pixel>(cols: &mut Columns, enter: Row<T>, leave: Row<T>, max: T) {
-        cols.update(enter, leave, max)
+    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+        filter_any(f, win, levels, next, each)
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn row_avx2<T: Pixel>(f: &Filter<T>, cols: &Columns, k: usize, boxes: &mut Boxes, values: &[T], flags: &mut [u8]) {
-        row_body(f, cols, k, boxes, values, flags)
+    fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+        win.enter(e, row, max, f)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
+        filter_any(f, win, levels, next, each)
     }
 
     fn kernels<T: Pixel>() -> Kernels<T> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            return Kernels { update: update_avx2::<T>, row: row_avx2::<T> };
+            return Kernels { enter: enter_avx2::<T>, filter: filter_avx2::<T> };
         }
-        Kernels { update: update::<T>, row: row::<T> }
+        Kernels { enter: enter::<T>, filter: filter::<T> }
     }
 
     pub(super) fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &mut Strong) {
         let (h, w) = (frame.height, frame.width);
         let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return };
         let Some(above) = T::above(rule.global_threshold) else { return };
-        let (kx, ky) = rule.kernel;
+        let ky = rule.kernel.1;
         let g = rule.gain.unwrap_or(1.0);
         let f = Filter {
             above,
@@ -840,34 +952,23 @@ mod fast {
             (frame.row(r), good)
         };
         let k = kernels::<T>();
-        let mut cols = Columns { packed: vec![0; w], ys: vec![0; w] };
-        let mut flags = vec![0u8; w];
-        let mut boxes = Boxes { packed: vec![0; w], ys: vec![0; w], two: vec![0; w], four: vec![0; w] };
+        let mut win = Window::new(w, rule.kernel);
         // SAFETY (each call below): `kernels` chose code this CPU runs
-        for r in 0..ky.min(h) {
-            unsafe { (k.update)(&mut cols, Some(row(r)), None, box_max) };
+        for e in 0..ky.min(h) {
+            unsafe { (k.enter)(&mut win, e, Some(row(e)), box_max, &f) };
         }
         for r in 0..h {
-            let enter = (r + ky < h).then(|| row(r + ky));
-            let leave = (r > ky).then(|| row(r - ky - 1));
-            unsafe { (k.update)(&mut cols, enter, leave, box_max) };
+            let e = r + ky;
+            unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
             let values = frame.row(r);
-            unsafe { (k.row)(&f, &cols, kx, &mut boxes, values, &mut flags) };
-            // the flags are nearly all 0: look at them 8 at a time
-            for (block, eight) in flags.chunks(8).enumerate() {
-                if eight.len() == 8 && u64::from_ne_bytes(eight.try_into().expect("8 flags")) == 0 {
-                    continue;
-                }
-                for (i, &b) in eight.iter().enumerate() {
-                    if b == 0 {
-                        continue;
-                    }
-                    let c = block * 8 + i;
+            let mut candidates = |c0: usize, (bp, by): &([u32; BLOCK], [u32; BLOCK]), flags: &[u8; BLOCK]| {
+                for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
+                    let c = c0 + i;
                     let at = r * w + c;
                     if !super::good(valid.mask, at) {
                         continue;
                     }
-                    let (p, ys) = (boxes.packed[c], boxes.ys[c]);
+                    let (p, ys) = (bp[i], by[i]);
                     let (m, big) = ((p >> 18) & 63, p >> 24);
                     let v = values[c].f64();
                     // the box sums of the big pixels are taken over the box again
@@ -881,7 +982,9 @@ mod fast {
                         out.push(at, v);
                     }
                 }
-            }
+            };
+            let next = (e + 1 < h).then(|| row(e + 1));
+            unsafe { (k.filter)(&f, &win, win.levels(r, w), next, &mut candidates) };
         }
     }
 }

@@ -193,9 +193,12 @@ def find_spots(
     *,
     min_spot_size: int = 3,
     max_spot_size: Optional[int] = 1000,
+    max_separation: Optional[float] = None,
 ) -> Spots:
     """4-connected groups of strong pixels, kept when
-    ``min_spot_size <= size <= max_spot_size`` (None: no maximum)."""
+    ``min_spot_size <= size <= max_spot_size`` (None: no maximum) and, with
+    ``max_separation``, when the centre of their first brightest pixel (raster
+    order) is at most that far from the centroid (DIALS's PeakCentroidDistanceFilter)."""
     labels, n = ndimage.label(strong, structure=FOUR_CONNECTED)
     index = np.arange(1, n + 1)
     size = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
@@ -214,4 +217,8 @@ def find_spots(
     keep = size >= min_spot_size
     if max_spot_size is not None:
         keep &= size <= max_spot_size
+    if max_separation is not None and n:
+        peaks = np.asarray(ndimage.maximum_position(np.where(strong, values, -np.inf), labels, index), dtype=np.float64)
+        peak_xy = peaks[:, ::-1] + 0.5
+        keep &= np.hypot(*(centroid - peak_xy).T) <= max_separation
     return Spots(size[keep], centroid[keep], intensity[keep], bounding_box[keep])

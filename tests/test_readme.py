@@ -75,6 +75,17 @@ def test_the_command_line_examples_run_as_written(tmp_path):
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_spot_finding_commands_run_as_written(tmp_path):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    lines = commands(next(b for b in blocks("bash") if "find-spots" in b and "zocalo-xrc centre" not in b))
+    assert len(lines) == 2
+    for line in lines:
+        out = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, env=clean_env(), timeout=120)
+        assert out.returncode == 0, (line, out.stderr)
+        assert out.stdout.strip(), line
+    assert (tmp_path / "image.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_the_first_commands_demo_and_ci_runs_the_test_command(tmp_path):
     install_and_demo, tests = commands(blocks("bash")[0])
     demo = install_and_demo.split(" && ", 1)[1]

@@ -18,10 +18,12 @@ from zocalo_xrc.pia.simulate import Simulator, Spot
 RULES = {"dispersion": strong_pixels, "dispersion_extended": strong_pixels_extended}
 
 
-def same(image, mask=None, *, trusted_max=None, algorithm="dispersion", min_spot_size=3, max_spot_size=1000, **rule):
+def same(image, mask=None, *, trusted_max=None, algorithm="dispersion", min_spot_size=3, max_spot_size=1000,
+         max_separation=None, **rule):
     """Ours equals the reference: strong pixels, then every spot column."""
     finder = zx.SpotFinder(
-        mask, trusted_max=trusted_max, algorithm=algorithm, min_spot_size=min_spot_size, max_spot_size=max_spot_size, **rule
+        mask, trusted_max=trusted_max, algorithm=algorithm, min_spot_size=min_spot_size, max_spot_size=max_spot_size,
+        max_separation=max_separation, **rule
     )
     kernel = rule.pop("kernel_size", 3)
     expected = RULES[algorithm](image, mask, trusted_max=trusted_max, kernel=kernel, **rule)
@@ -29,7 +31,8 @@ def same(image, mask=None, *, trusted_max=None, algorithm="dispersion", min_spot
     assert strong.shape == image.shape and strong.dtype == np.bool_
     np.testing.assert_array_equal(strong, expected)
     spots = finder.find(image)
-    ref = find_spots(image, expected, min_spot_size=min_spot_size, max_spot_size=max_spot_size)
+    ref = find_spots(image, expected, min_spot_size=min_spot_size, max_spot_size=max_spot_size,
+                     max_separation=max_separation)
     assert spots.n_strong_pixels == int(expected.sum())
     assert len(spots) == len(ref)
     np.testing.assert_array_equal(spots.size, ref.size)
@@ -112,6 +115,9 @@ def test_parameters_fast_feedback_service_uses_and_others(detector):
     same(frame, mask, kernel_size=5)
     same(frame, mask, kernel_size=8, algorithm="dispersion")  # a box of 289: the general path
     same(frame, mask, min_spot_size=1, max_spot_size=4)
+    every = same(frame, mask, min_spot_size=1)
+    near = same(frame, mask, min_spot_size=1, max_separation=0.6)  # DIALS's default is 2
+    assert 0 < len(near) < len(every)
 
 
 frames = hnp.arrays(

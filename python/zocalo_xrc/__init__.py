@@ -5,6 +5,7 @@ Python faces.
 """
 
 from collections.abc import Sequence as _Sequence
+from typing import TYPE_CHECKING
 from importlib.metadata import PackageNotFoundError as _NotInstalled
 from importlib.metadata import version as _version
 
@@ -44,6 +45,10 @@ except _NotInstalled:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
 _Sequence.register(XrcResults)
+
+
+if TYPE_CHECKING:
+    from .pia.images import Images, ImagesError, open_images
 
 
 def __getattr__(name: str) -> object:

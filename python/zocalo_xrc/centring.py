@@ -141,9 +141,10 @@ def _sample_id(name: str, value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer or None, got {quoted(value)}")
-    if not -(2**63) <= value < 2**63:
+    whole = int(value)
+    if not -(2**63) <= whole < 2**63:
         raise ValueError(f"{name} must fit in 64 bits, got {quoted(value)}")
-    return int(value)
+    return whole
 
 
 def _multipin_ids(ids: Mapping[int | str, int] | None) -> dict[int, int]:

@@ -20,13 +20,14 @@ import logging
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__
 from ._text import read_json
 from ._native import XrcResults
-from ._results import GridScan2DResult
+from ._results import GridScan2DResult, XrcResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
 from .messaging.config import ConfigurationError, default_environment, looks_like_url, redact, zocalo_environment_blocks
 from .geometry import GridGeometry
@@ -48,13 +49,13 @@ EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 #: What each exit code means, and which commands can end with it.
 _MEANINGS = [
-    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service local"),
-    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo local"),
-    (EXIT_USAGE, "the command line is wrong", "centre demo service local"),
+    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service local find-spots"),
+    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo local find-spots"),
+    (EXIT_USAGE, "the command line is wrong", "centre demo service local find-spots"),
     (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached", "demo service local"),
     (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
-    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service local"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service local"),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service local find-spots"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service local find-spots"),
 ]
 
 
@@ -138,7 +139,8 @@ def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[
     if "grids" in case:
         scans = scans_of(case)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
-        results = centre_3d_scans(*scans, **options, **_pin(case, scans[0].grid))
+        first, second = scans
+        results = centre_3d_scans(first, second, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
                  for i, s in enumerate(scans)]
         return results, shown, geometry_of([s.grid for s in scans])
@@ -233,7 +235,8 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, Patch, Rectangle
 
-    results = list(result) if isinstance(result, XrcResults) else ([result] if result.ok else [])
+    results: list[XrcResult | GridScan2DResult] = (
+        list(result) if isinstance(result, XrcResults) else ([result] if result.ok else []))
     unit = "mm" if geometry is not None else "boxes"
     if geometry is None:  # one box per unit, box k centred on k
         shape = [grids[0][1].shape[0], grids[0][1].shape[1]] + ([grids[1][1].shape[1]] if len(grids) > 1 else [])
@@ -334,6 +337,41 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to draw the grids with the crystals found, in mm (default: %(default)s; "
                            "needs the [plot] extra; 'none' for no picture)")
     _logging_options(demo, top=False)
+    spots = _command(
+        commands, "find-spots", "find the spots on detector images, as Diamond's per-image analysis counts them",
+        "Find the spots on every image of an Eiger/Odin master file (or a data file, or a .npy array) with "
+        "DIALS's dispersion rule and print, per image, what Diamond's CPU per-image analysis reports: "
+        "n_spots_total (spots with d <= --d-max), n_spots_no_ice (off the hexagonal-ice rings), n_spots_4A "
+        "(d > 4 A) and total_intensity (of the spots off the ice rings), and the strong pixels. The file's pixel "
+        "mask, trusted maximum and geometry are used; frames are searched in parallel. Images are numbered "
+        "from 1, as Diamond's file-number.")
+    spots.add_argument("file", type=Path, help="an Eiger/Odin *_master.h5, a data file, or a .npy (2D or 3D) array")
+    spots.add_argument("--images", type=_image_range, default=None, metavar="FIRST:LAST",
+                       help="which images, from 1, both included (default: all); one number for one image")
+    spots.add_argument("--json", action="store_true",
+                       help="one JSON object per image, keys as Diamond's per-image analysis sends them")
+    spots.add_argument("--threads", type=_count, default=0, metavar="N", help="frames at a time (default: 0, every core)")
+    spots.add_argument("--d-max", type=_resolution, default=40.0, metavar="ANGSTROM",
+                       help="spots with centroids at lower resolution than this are left out (default: %(default)s; "
+                            "'none' for no limit)")
+    spots.add_argument("--d-min", type=_resolution, default=None, metavar="ANGSTROM",
+                       help="spots at higher resolution than this are left out (default: no limit)")
+    spots.add_argument("--algorithm", choices=["dispersion", "dispersion_extended"], default="dispersion",
+                       help="DIALS's threshold rule (default: %(default)s, as Diamond's per-image analysis)")
+    spots.add_argument("--min-spot-size", type=_count, default=3, metavar="PIXELS", help="(default: %(default)s)")
+    spots.add_argument("--max-spot-size", type=_count, default=1000, metavar="PIXELS",
+                       help="(default: %(default)s; 0 for no maximum)")
+    spots.add_argument("--max-separation", type=_pixels, default=2.0, metavar="PIXELS",
+                       help="keep spots whose brightest pixel is at most this far from their centroid, as DIALS's "
+                            "spot finding (and so Diamond's per-image analysis) does (default: %(default)s; 'none' "
+                            "for no such filter, as fast-feedback-service)")
+    spots.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                       help="draw one image (--image) with its spots circled (needs the [plot] extra)")
+    spots.add_argument("--image", type=_count, default=None, metavar="N",
+                       help="the image --plot draws (default: the first of --images)")
+    spots.add_argument("--scale", choices=["log", "linear"], default="log",
+                       help="the plot's colour scale, clipped at the 99.5th percentile (default: %(default)s)")
+    _logging_options(spots, top=False)
     local = _command(commands, "local", "run a local Zocalo for other clients, register scans, read its logbook",
                      "A local Zocalo on one machine: 'up' runs its services as separate zocalo.service processes "
                      "on RabbitMQ, 'add-scan' registers a simulated grid scan in its ISPyB, 'logbook' shows every "
@@ -494,7 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args)
     try:
-        return {"demo": run_demo, "service": run_service, "centre": run_centre, "local": run_local}[args.command](args)
+        commands = {"demo": run_demo, "service": run_service, "centre": run_centre, "local": run_local,
+                    "find-spots": run_find_spots}
+        return commands[args.command](args)
     except CliError as e:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
@@ -566,6 +606,7 @@ def _local_errors(e: Exception) -> CliError:
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
+    from ._progress import Progress
     from .client import NoResultsFromZocaloError
     from .local.ispyb import IspybError
 
@@ -589,7 +630,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     print(f"Local Zocalo: {run.local.describe()}", flush=True)
     try:
-        outcomes = run.run(timeout_s=args.timeout, progress=demo.Progress(sys.stderr), announce=print)
+        outcomes = run.run(timeout_s=args.timeout, progress=Progress(sys.stderr), announce=print)
     except NoResultsFromZocaloError as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
     except (TransportError, ConfigurationError, IspybError, OSError, TimeoutError) as e:
@@ -776,6 +817,115 @@ def _zocalo_logging(broker: str | None) -> None:
         raise CliError(f"environment {environment!r} of {path} sends logs to Graylog; that needs zocalo: "
                        "pip install 'zocalo-xrc[zocalo]'", EXIT_BROKER) from None
     zocalo.configuration.from_file(path).activate_environment(environment)
+
+
+def _image_range(text: str) -> tuple[int, int]:
+    """``FIRST:LAST`` (or ``N``), images numbered from 1, both included."""
+    first, _, last = text.partition(":")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not FIRST:LAST or N: {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"images are numbered from 1 and FIRST <= LAST, not {text!r}")
+    return a, b
+
+
+def _pixels(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        d = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a distance in pixels: {text!r}") from None
+    if not 0 <= d < float("inf"):
+        raise argparse.ArgumentTypeError(f"a distance in pixels is a number >= 0, not {text!r}")
+    return d
+
+
+def _resolution(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        d = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a resolution in angstrom: {text!r}") from None
+    if not d > 0 or d == float("inf"):
+        raise argparse.ArgumentTypeError(f"a resolution is a number of angstrom above 0, not {text!r}")
+    return d
+
+
+def run_find_spots(args: argparse.Namespace) -> int:
+    from ._progress import Progress
+    from .pia.images import ImagesError, open_images
+    from .pia.resolution import image_stats
+
+    if args.plot:
+        check_plot_path(args.plot)
+    if args.d_min is not None and args.d_max is not None and args.d_min > args.d_max:
+        raise CliError(f"--d-min {args.d_min} is above --d-max {args.d_max}", EXIT_USAGE)
+    try:
+        with open_images(args.file) as data:
+            first, last = args.images or (1, len(data))
+            if last > len(data):
+                raise CliError(f"{args.file}: --images {first}:{last}, but it has {len(data)} images", EXIT_FILE)
+            shown = args.image if args.image is not None else first
+            if args.plot and not first <= shown <= last:
+                raise CliError(f"--image {shown} is not among --images {first}:{last}", EXIT_USAGE)
+            finder = data.spot_finder(algorithm=args.algorithm, min_spot_size=args.min_spot_size,
+                                      max_spot_size=args.max_spot_size or None, max_separation=args.max_separation)
+            geometry = data.geometry
+            if geometry is None:
+                print(f"{args.file}: no detector geometry: every spot counts, no resolution or ice filter",
+                      file=sys.stderr)
+            elif not args.json:
+                print(f"{'image':>6} {'n_spots_total':>13} {'n_spots_no_ice':>14} {'n_spots_4A':>10} "
+                      f"{'total_intensity':>15} {'strong_pixels':>13}")
+            progress = Progress(sys.stderr)
+            started = time.monotonic()
+            drawn = None
+            found = finder.find_many(data, threads=args.threads, frames=range(first - 1, last))
+            for number, spots in enumerate(found, start=first):
+                x, y = spots.centroid[:, 0], spots.centroid[:, 1]
+                row: dict[str, float | None]
+                if geometry is not None:
+                    stats = image_stats(x, y, spots.intensity, geometry, d_min=args.d_min, d_max=args.d_max)
+                    row = {"file-number": number, "n_spots_total": stats.n_spots_total,
+                           "n_spots_no_ice": stats.n_spots_no_ice, "n_spots_4A": stats.n_spots_4A,
+                           "total_intensity": stats.total_intensity}
+                else:
+                    row = {"file-number": number, "n_spots_total": len(spots), "n_spots_no_ice": None,
+                           "n_spots_4A": None, "total_intensity": float(spots.intensity.sum())}
+                row["num_strong_pixels"] = spots.n_strong_pixels
+                progress.done()
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    cells = ["-" if row[k] is None else row[k] for k in
+                             ("n_spots_total", "n_spots_no_ice", "n_spots_4A")]
+                    print(f"{number:>6} {cells[0]:>13} {cells[1]:>14} {cells[2]:>10} "
+                          f"{row['total_intensity']:>15.0f} {spots.n_strong_pixels:>13}", flush=True)
+                progress.bar("finding spots", number - first + 1, last - first + 1, time.monotonic() - started,
+                             finished=number == last)
+                if args.plot and number == shown:
+                    drawn = spots
+            progress.done()
+            if args.plot and drawn is not None:
+                from .pia.plot import plot_spots
+
+                try:
+                    plot_spots(args.plot, data[shown - 1], drawn.centroid[:, 0], drawn.centroid[:, 1],
+                               bounding_boxes=drawn.bounding_box, geometry=geometry, mask=data.mask,
+                               trusted_max=data.trusted_max, scale=args.scale,
+                               title=f"{args.file.name}, image {shown}: {len(drawn)} spots")
+                except (OSError, ValueError) as e:
+                    raise CliError(f"--plot {args.plot}: {getattr(e, 'strerror', None) or e}", EXIT_FILE) from e
+                print(f"plot of image {shown} written to {args.plot}", file=sys.stderr)
+    except ImagesError as e:
+        raise CliError(str(e), EXIT_FILE) from e
+    except OSError as e:
+        _input_error(e, args.file)
+    return EXIT_OK
 
 
 def run_service(args: argparse.Namespace) -> int:

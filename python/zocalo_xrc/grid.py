@@ -94,11 +94,12 @@ def _steps(key: str, value: Any) -> int:
         raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
     if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
         raise ValueError(f"gridinfo: {key} must be a whole number, got {quoted(value)}")
-    if value < 1:
+    whole = int(value) if isinstance(value, numbers.Integral) else int(float(value))
+    if whole < 1:
         raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
-    if value > MAX_STEPS:
+    if whole > MAX_STEPS:
         raise ValueError(f"gridinfo: {key} must be at most {MAX_STEPS}, got {quoted(value)}")
-    return int(value)
+    return whole
 
 
 def _number(key: str, value: Any, *, positive: bool) -> float:

@@ -93,7 +93,8 @@ def service_class(name: str) -> type:
     found = [e for e in entry_points(group="workflows.services") if e.name == name]
     if not found:
         raise LookupError(f"no workflows service {name!r} is installed")
-    return found[0].load()
+    service: type = found[0].load()
+    return service
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,16 @@ this process, for demos and quick tests):
   thread; every :class:`Delivery` must be acked or rejected, and what is left
   unacked when a consumer goes away is delivered again, marked ``redelivered``.
 * an *atomic* subscription (``subscribe(..., atomic=True)``) can also
-  :meth:`~Subscription.commit`: publish some messages and ack some deliveries
-  as one step (an AMQP transaction on RabbitMQ). If the consumer dies before
-  the broker has committed, nothing was published and nothing acked; after,
-  both. This is what lets a service send each result exactly once.
+  :meth:`~Subscription.commit`: publish some messages and, once the broker
+  has them all, ack some deliveries. A consumer that dies before the broker
+  has them may have published some of them (never acked anything); one
+  that dies after, before the acks, has published them all and acked
+  nothing. So what a commit acks is never lost, and the deliveries of a
+  commit cut short come again: the consumer makes a repeat harmless (the
+  service: a tombstone and a barrier, :mod:`zocalo_xrc.service.runner`).
+  Not an AMQP transaction: RabbitMQ does not make one atomic across
+  queues (a client killed between ``tx.commit`` and its answer can have its
+  acks applied and some of its publishes dropped: 3.10, measured).
 """
 
 from __future__ import annotations
@@ -134,13 +140,13 @@ class Subscription(ABC):
         """Stop consuming; unacked messages go back to the queue."""
 
     def commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery]) -> Future[list[Outgoing]]:
-        """Publish ``messages`` and ack ``acks`` (deliveries of this
-        subscription) as one step: all of it or none of it happens. Only for
-        a subscription made with ``atomic=True``. Resolves, once the broker
-        has committed, with the messages no queue took (returned: the acks
-        stand all the same); fails with :class:`ConnectionLostError` if the
-        connection went before the broker said (committed or not: the
-        deliveries come back if not)."""
+        """Publish ``messages`` and, once the broker has taken them all, ack
+        ``acks`` (deliveries of this subscription); see the module text.
+        Only for a subscription made with ``atomic=True``. Resolves, once
+        acked, with the messages no queue took (returned: the acks stand all
+        the same); fails with :class:`ConnectionLostError` if the connection
+        went first (the messages may have been published, the deliveries come
+        again)."""
         raise TransportError("commit needs a subscription made with atomic=True")
 
 

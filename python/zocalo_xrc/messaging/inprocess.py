@@ -175,7 +175,8 @@ class InProcessBroker:
             self._lock.notify_all()
 
     def commit(self, consumer: _Consumer, messages: Sequence[Outgoing], tags: Sequence[int]) -> list[Outgoing]:
-        """Publish ``messages`` and ack ``tags`` of ``consumer`` as one step;
+        """Publish ``messages`` and ack ``tags`` of ``consumer`` as one step (more
+        than :meth:`Subscription.commit` promises: nothing can die between);
         the messages no queue took."""
         returned = []
         with self._lock:

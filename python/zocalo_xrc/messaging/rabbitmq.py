@@ -274,7 +274,7 @@ class AmqpTransport(Transport):
                     subscription.start()
             for subscription in subscriptions:
                 if subscription.atomic and subscription.channel is not None and not subscription.channel.is_open:
-                    log.warning("the transaction channel of %s was closed; reopening it", subscription.spec.name)
+                    log.warning("the channel of atomic consumer %s was closed; reopening it", subscription.spec.name)
                     subscription.start()
             self._drain()
             self._run_timers()
@@ -552,15 +552,9 @@ class _ConfirmingPublisher:
         self._returned: dict[int, str] = {}
         self._seq = 0
         self.closed = False
-        ready: list[bool] = []
         self._channel.add_on_return_callback(self._on_return)
         self._channel.add_on_close_callback(self._on_close)
-        self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: ready.append(True))
-        deadline = time.monotonic() + 10
-        while not ready:
-            if time.monotonic() > deadline:
-                raise px.AMQPConnectionError("no Confirm.SelectOk from the broker")
-            conn.process_data_events(time_limit=0.1)
+        _select_confirms(conn, self._channel, self._on_confirm)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any], message_id: str,
                 future: Future[None]) -> None:
@@ -628,14 +622,19 @@ class _ConfirmingPublisher:
 
 class _AmqpSubscription(Subscription):
     """A consumer. Plain ones share the transport's consuming channel; an
-    atomic one has a channel of its own in transaction mode, where acks,
-    rejects and publishes take effect only at ``tx.commit``. RabbitMQ does
-    not make a transaction atomic across queues: a client that dies
-    between ``tx.commit`` and its answer can leave the acks applied and
-    some publishes to quorum queues dropped (3.10, measured). An atomic
-    one's callback is called as its frames are read (no event queue
-    between, for speed), so it must not wait on the broker itself; it hands
-    such work to futures."""
+    atomic one has a channel of its own in confirm mode, where a commit
+    publishes, waits for the broker to confirm every message, and only then
+    acks. Not a transaction: RabbitMQ does not make one atomic across
+    queues (a client killed between ``tx.commit`` and its answer can have
+    its acks applied and some publishes to quorum queues dropped: 3.10,
+    measured), while a confirmed message is in its queue. A client killed
+    after the confirms and before the acks has published and acked
+    nothing: its deliveries come again, so a consumer makes a repeat
+    harmless. Commits on one subscription go one at a time, and its other
+    acks and rejects wait for the commit in flight. An atomic one's
+    callback is called as its frames are read (no event queue between, for
+    speed), so it must not wait on the broker itself; it hands such work
+    to futures."""
 
     def __init__(self, transport: AmqpTransport, spec: QueueSpec, callback: Callback, prefetch: int,
                  atomic: bool = False) -> None:
@@ -647,10 +646,10 @@ class _AmqpSubscription(Subscription):
         self.cancelled = False
         self.epoch = 0  # one per start: delivery tags restart on each channel
         self.ready: Future[None] = Future()
-        # atomic only: commits sent, oldest first, each with what the broker returned of it
-        self.commits: deque[tuple[Future[list[Outgoing]], Sequence[Outgoing], list[Outgoing]]] = deque()
-        self.settled_uncommitted = False
-        # RabbitMQ takes nothing else on a channel while a tx.commit is pending: what comes meanwhile waits here
+        # atomic only: the commit waiting for its confirms (one at a time), what it acks, what came back of it
+        self.commits: deque[_Commit] = deque()
+        self.published = 0  # publishes on this channel: the broker's confirms number them
+        # acks and rejects wait for the commit in flight (a multiple ack must not run ahead of its confirms)
         self.deferred: deque[Callable[[], None]] = deque()
 
     def start(self) -> None:
@@ -677,7 +676,8 @@ class _AmqpSubscription(Subscription):
             if self.atomic:
                 assert t._conn is not None
                 channel = t._conn.channel()
-                channel.tx_select()
+                _select_confirms(t._conn, channel._impl, self._on_confirm)
+                self.published = 0
                 channel._impl.add_on_return_callback(self._on_return)
                 channel._impl.add_on_close_callback(lambda _ch, reason: self.fail_commits(f"the channel closed ({reason})"))
             else:
@@ -739,9 +739,6 @@ class _AmqpSubscription(Subscription):
                 self.channel._impl.basic_ack(tag)
             else:
                 self.channel._impl.basic_reject(tag, requeue=requeue)
-            if self.atomic and not self.settled_uncommitted:  # takes effect at the next commit: make one soon
-                self.settled_uncommitted = True
-                self.transport.call_soon(lambda: self._on_channel(lambda: self._commit([], [], None)))
 
         self._on_channel(run)
 
@@ -775,17 +772,12 @@ class _AmqpSubscription(Subscription):
             self.arrived.popleft()
         return self.arrived[0] if self.arrived else None
 
-    def _commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery],
-                future: Future[list[Outgoing]] | None) -> None:
-        """On the I/O thread: publish, ack (one frame for the longest run of
-        tags that allows it), ``tx.commit``."""
-        if future is None:  # a commit for acks and rejects made one by one
-            if not self.settled_uncommitted:
-                return
-            future = Future()
+    def _commit(self, messages: Sequence[Outgoing], acks: Sequence[Delivery], future: Future[list[Outgoing]]) -> None:
+        """On the I/O thread: publish; once the broker has confirmed all of
+        it (at once if nothing is published), ack."""
         channel = self.channel
         if channel is None or not channel.is_open:
-            future.set_exception(ConnectionLostError("the transaction channel is closed; nothing was committed"))
+            future.set_exception(ConnectionLostError("the subscription's channel is closed; nothing was committed"))
             return
         epoch = self.epoch
         tags = {d._tag for d in acks if type(d) is _AmqpDelivery and d._subscription is self and d._epoch == epoch}
@@ -796,50 +788,80 @@ class _AmqpSubscription(Subscription):
             future.set_exception(ConnectionLostError(
                 "some deliveries are from a lost channel (the broker delivers them again); nothing was committed"))
             return
+        commit = _Commit(future, messages, tags)
         for m in messages:
             properties = pika.BasicProperties(delivery_mode=2, headers=dict(m.headers),
                                               message_id=m.message_id or new_message_id())
             channel._impl.basic_publish(m.exchange, m.routing_key, m.body, properties, mandatory=True)
-        if tags:
-            self.outstanding -= tags
-            keep = self._oldest()  # a multiple ack stops below it
-            if keep is None:
-                channel._impl.basic_ack(max(tags), multiple=True)
-            else:
-                below = [t for t in tags if t < keep]
-                if below:
-                    channel._impl.basic_ack(max(below), multiple=True)
-                for t in sorted(t for t in tags if t > keep):
-                    channel._impl.basic_ack(t)
-        self.settled_uncommitted = False
-        self.commits.append((future, messages, []))
-        channel._impl.tx_commit(self._on_commit_ok)
+            self.published += 1
+            commit.unconfirmed.add(self.published)
+        self.commits.append(commit)
+        if not commit.unconfirmed:
+            self._confirmed(commit)
+
+    def _ack(self, tags: set[int]) -> None:
+        """Ack ``tags``: one frame for the longest run of tags that allows it."""
+        self.outstanding -= tags
+        keep = self._oldest()  # a multiple ack stops below it
+        if keep is None:
+            self.channel._impl.basic_ack(max(tags), multiple=True)
+            return
+        below = [t for t in tags if t < keep]
+        if below:
+            self.channel._impl.basic_ack(max(below), multiple=True)
+        for t in sorted(t for t in tags if t > keep):
+            self.channel._impl.basic_ack(t)
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        """A mandatory message no queue took: returned at its commit, before the
-        commit's OK, so it belongs to the oldest commit waiting."""
-        for _, messages, returned in self.commits:
-            match = next((m for m in messages if (m.message_id is None or m.message_id == properties.message_id)
-                          and m.body == body and m not in returned), None)
+        """A mandatory message no queue took: returned before its confirm, so
+        it belongs to the commit waiting."""
+        for commit in self.commits:
+            match = next((m for m in commit.messages if (m.message_id is None or m.message_id == properties.message_id)
+                          and m.body == body and m not in commit.returned), None)
             if match is not None:
-                returned.append(match)
+                commit.returned.append(match)
                 return
 
-    def _on_commit_ok(self, frame: Any) -> None:
-        if self.commits:
-            future, _, returned = self.commits.popleft()
-            if not future.done():
-                future.set_result(returned)
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if not self.commits:
+            return
+        commit = self.commits[0]
+        if method.multiple:
+            commit.unconfirmed = {t for t in commit.unconfirmed if t > method.delivery_tag}
+        else:
+            commit.unconfirmed.discard(method.delivery_tag)
+        if isinstance(method, pika.spec.Basic.Nack):
+            commit.refused = True
+        if not commit.unconfirmed:
+            self._confirmed(commit)
+
+    def _confirmed(self, commit: _Commit) -> None:
+        """Every message of ``commit`` is confirmed (or refused): ack, or, if
+        the broker refused one, close the channel so that the deliveries come
+        again."""
+        self.commits.popleft()
+        if commit.refused:
+            if not commit.future.done():
+                commit.future.set_exception(PublishRefusedError(
+                    "the broker refused a message of a commit; nothing was acked (the deliveries come again)"))
+            self.channel._impl.close()  # not the blocking close: this runs inside pika's dispatch
+            return
+        if commit.tags:
+            self._ack(commit.tags)
+        if not commit.future.done():
+            commit.future.set_result(commit.returned)
         self._run_deferred()
 
     def fail_commits(self, why: str) -> None:
-        """The channel went with commits unanswered: each may have happened or not."""
+        """The channel went with a commit unconfirmed: its messages may have
+        been published or not; its acks were not sent (the deliveries come again)."""
         commits, self.commits = self.commits, deque()
-        self.settled_uncommitted = False
-        for future, _, _ in commits:
-            if not future.done():
-                future.set_exception(ConnectionLostError(f"{why} before the broker answered a commit: "
-                                                         "it happened whole or not at all"))
+        for commit in commits:
+            if not commit.future.done():
+                commit.future.set_exception(ConnectionLostError(
+                    f"{why} before the broker confirmed a commit: its messages may have been published, "
+                    "its deliveries were not acked"))
         self._run_deferred()  # each finds its channel gone and says so
 
     def cancel(self) -> None:
@@ -875,6 +897,29 @@ class _AmqpSubscription(Subscription):
             t._submit(run)  # not waited for: a lost connection cancels it anyway
 
 
+class _Commit:
+    """A commit in flight: its future, what it publishes (with what came
+    back), the delivery tags it acks once the broker has confirmed the rest."""
+
+    def __init__(self, future: Future[list[Outgoing]], messages: Sequence[Outgoing], tags: set[int]) -> None:
+        self.future, self.messages, self.tags = future, messages, tags
+        self.unconfirmed: set[int] = set()
+        self.returned: list[Outgoing] = []
+        self.refused = False
+
+
+def _select_confirms(conn: pika.BlockingConnection, channel: Any, on_confirm: Callable[[Any], None]) -> None:
+    """Put the asynchronous ``channel`` in confirm mode, ``on_confirm`` taking
+    each ack and nack, and wait for the broker's Confirm.SelectOk."""
+    ready: list[bool] = []
+    channel.confirm_delivery(ack_nack_callback=on_confirm, callback=lambda _: ready.append(True))
+    deadline = time.monotonic() + 10
+    while not ready:
+        if time.monotonic() > deadline:
+            raise px.AMQPConnectionError("no Confirm.SelectOk from the broker")
+        conn.process_data_events(time_limit=0.1)
+
+
 class _AmqpDelivery(Delivery):
     def __init__(self, subscription: _AmqpSubscription, epoch: int, method: Any, properties: Any, body: bytes) -> None:
         self._subscription, self._epoch, self._tag = subscription, epoch, method.delivery_tag
@@ -896,3 +941,4 @@ class _AmqpDelivery(Delivery):
 
     def reject(self, requeue: bool = False) -> None:
         self._subscription.settle(self._epoch, self._tag, requeue)
+

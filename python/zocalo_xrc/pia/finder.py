@@ -66,6 +66,7 @@ class SpotFinder:
         gain: Optional[float] = None,
         min_spot_size: int = 3,
         max_spot_size: Optional[int] = 1000,
+        max_separation: Optional[float] = None,
     ) -> None:
         good = None if mask is None else _mask(mask)
         kx, ky = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
@@ -85,6 +86,7 @@ class SpotFinder:
         self.gain = None if gain is None else float(gain)
         self.min_spot_size = int(min_spot_size)
         self.max_spot_size = None if max_spot_size is None else int(max_spot_size)
+        self.max_separation = None if max_separation is None else float(max_separation)
         self._core = _native.Finder(
             good,
             self.trusted_max,
@@ -97,6 +99,7 @@ class SpotFinder:
             self.gain,
             self.min_spot_size,
             self.max_spot_size,
+            self.max_separation,
         )
 
     def __repr__(self) -> str:
@@ -105,7 +108,7 @@ class SpotFinder:
             f"SpotFinder({self.algorithm}, {shape}, trusted_max={self.trusted_max}, kernel_size={self.kernel_size},"
             f" sigma_background={self.sigma_background}, sigma_strong={self.sigma_strong},"
             f" global_threshold={self.global_threshold}, min_local={self.min_local}, gain={self.gain},"
-            f" spot size {self.min_spot_size}..{self.max_spot_size})"
+            f" spot size {self.min_spot_size}..{self.max_spot_size}, max_separation={self.max_separation})"
         )
 
     def find(self, image: ArrayLike) -> Spots:
@@ -116,27 +119,35 @@ class SpotFinder:
         """A bool array of the image's shape, True where a pixel is strong."""
         return self._core.strong_pixels(_image(image))
 
-    def find_many(self, images: Union[Images, Iterable[ArrayLike]], threads: int = 0) -> Iterator[Spots]:
+    def find_many(
+        self, images: Union[Images, Iterable[ArrayLike]], threads: int = 0, *, frames: Optional[range] = None
+    ) -> Iterator[Spots]:
         """The spots of every frame, in order, ``threads`` frames at a time
-        (0: one per core). ``images``: an ``Images`` (from ``open_images``),
-        a 3D array, or any iterable of 2D arrays."""
+        (0: one per core). ``images``: an ``Images`` (from ``open_images``;
+        ``frames``: which of its frames, from 0), a 3D array, or any
+        iterable of 2D arrays."""
         threads = _threads(threads)
         batch = BATCH_PER_THREAD * (threads or _native_cores())
         from .images import Images  # no h5py needed unless a file is open
 
         if isinstance(images, Images):
-            yield from self._find_in(images, threads, batch)
+            which = range(len(images)) if frames is None else frames
+            if which.step != 1 or (len(which) and not (0 <= which.start and which.stop <= len(images))):
+                raise ValueError(f"frames {which} are not consecutive frames of the {len(images)}")
+            yield from self._find_in(images, which, threads, batch)
             return
-        frames: list[Any] = []
+        if frames is not None:
+            raise ValueError("frames= picks frames of an Images; slice other sequences yourself")
+        pending: list[Any] = []
         start = 0
         for image in images:
-            frames.append(_image(image))
-            if len(frames) == batch:
-                yield from self._many(frames, threads, start)
-                start += len(frames)
-                frames = []
-        if frames:
-            yield from self._many(frames, threads, start)
+            pending.append(_image(image))
+            if len(pending) == batch:
+                yield from self._many(pending, threads, start)
+                start += len(pending)
+                pending = []
+        if pending:
+            yield from self._many(pending, threads, start)
 
     def _many(self, frames: list[Any], threads: int, start: int) -> list[Spots]:
         try:
@@ -147,10 +158,10 @@ class SpotFinder:
                 raise
             raise ValueError(f"image {start + i}: {error}") from None
 
-    def _find_in(self, images: Images, threads: int, batch: int) -> Iterator[Spots]:
+    def _find_in(self, images: Images, frames: range, threads: int, batch: int) -> Iterator[Spots]:
         dtype = np.dtype(images.dtype).name
-        for start in range(0, len(images), batch):
-            stop = min(start + batch, len(images))
+        for start in range(frames.start, frames.stop, batch):
+            stop = min(start + batch, frames.stop)
             read = [images.bslz4_chunk(i) for i in range(start, stop)]
             chunks = [c for c in read if c is not None]
             if len(chunks) == len(read) and dtype in _native_dtypes:

@@ -11,11 +11,15 @@ resumes from it.
 
 Checkpoints are snapshots, merged by union: an image's count is the same in
 every checkpoint that has it, so any number of them, old or new, in any
-order, with or without the images themselves, rebuild the same scan. When
-a scan finishes while a checkpoint of it may still wait in the queue, a
-*tombstone* (a checkpoint with an ``outcome``) goes in the same
-transaction as the result: it is behind that checkpoint in the queue, and
-tells whoever takes the checkpoint that the scan is over.
+order, with or without the images themselves, rebuild the same scan.
+
+Every finished scan leaves a *tombstone* (a checkpoint with an
+``outcome``), published with its result: it is behind any checkpoint of the
+scan in the queue, and tells whoever takes that checkpoint, or a repeat of
+the scan's images, that the scan is over. A scan rebuilt from messages the
+broker hands out again may have finished before; it is centred only once a
+*barrier* (a checkpoint naming a nonce) it sends to the queue has come
+back: a tombstone of it would have come first.
 
 No I/O here: bytes in, bytes out.
 """
@@ -52,14 +56,18 @@ class GridState:
 class Checkpoint:
     group: tuple[int, ...]
     grids: tuple[GridState, ...]
-    outcome: str | None  # a tombstone's: "result" or "abort"
+    outcome: str | None = None  # a tombstone's: "result" or "abort"
+    runs: dict[int, Any] | None = None  # a tombstone's: the recipe ID of each grid's run
+    finished_at: float | None = None  # a tombstone's: when (wall clock)
+    barrier: str | None = None  # a barrier's nonce
+    maybe_finished: bool = False  # rebuilt from messages handed out again: it may have finished before
 
     def describe(self) -> str:
-        kind = f"tombstone ({self.outcome})" if self.outcome else "checkpoint"
+        kind = f"tombstone ({self.outcome})" if self.outcome else "barrier" if self.barrier else "checkpoint"
         return f"a {kind} of DCID {', '.join(map(str, self.group))}"
 
 
-def encode(group: Group, firsts: dict[int, bytes]) -> bytes:
+def encode(group: Group, firsts: dict[int, bytes], maybe_finished: bool = False) -> bytes:
     """A checkpoint of ``group``; ``firsts`` holds each grid's first message body."""
     grids = []
     for dcid in group.dcids:
@@ -72,12 +80,18 @@ def encode(group: Group, firsts: dict[int, bytes]) -> bytes:
             "counts": _pack(grid.counts[grid.seen].astype("<i8").tobytes()),
             "newest-seen-at": grid.newest_seen_at,
         })
-    return _body({"group": list(group.dcids), "grids": grids})
+    return _body({"group": list(group.dcids), "grids": grids, **({"maybe-finished": True} if maybe_finished else {})})
 
 
-def tombstone(dcids: tuple[int, ...], outcome: str) -> bytes:
+def tombstone(dcids: tuple[int, ...], outcome: str, runs: dict[int, Any] | None, finished_at: float) -> bytes:
     """The message that says a scan is over (``outcome``: result or abort)."""
-    return _body({"group": list(dcids), "outcome": outcome})
+    return _body({"group": list(dcids), "outcome": outcome, "finished-at": finished_at,
+                  **({} if runs is None else {"runs": [[d, r] for d, r in runs.items()]})})
+
+
+def barrier(dcids: tuple[int, ...], nonce: str) -> bytes:
+    """The message a rebuilt scan waits for before it is centred."""
+    return _body({"group": list(dcids), "barrier": nonce})
 
 
 def parse(body: bytes) -> Checkpoint:
@@ -86,6 +100,9 @@ def parse(body: bytes) -> Checkpoint:
         message = json.loads(body)
         group = tuple(int(d) for d in message["group"])
         outcome = message.get("outcome")
+        runs = {int(d): r for d, r in message["runs"]} if "runs" in message else None
+        finished_at = None if message.get("finished-at") is None else float(message["finished-at"])
+        nonce = message.get("barrier")
         grids = []
         for g in message.get("grids", []):
             first = PiaMessage.parse(g["first"].encode())
@@ -101,7 +118,8 @@ def parse(body: bytes) -> Checkpoint:
         if state.first.group_dcids != group:
             raise MessageRejected(f"a checkpoint of DCID {', '.join(map(str, group))} holds a grid of another "
                                   f"group ({', '.join(map(str, state.first.group_dcids))})")
-    return Checkpoint(group, tuple(grids), None if outcome is None else str(outcome))
+    return Checkpoint(group, tuple(grids), None if outcome is None else str(outcome), runs, finished_at,
+                      None if nonce is None else str(nonce), bool(message.get("maybe-finished")))
 
 
 def _body(fields: dict[str, Any]) -> bytes:

@@ -2,18 +2,25 @@
 centre each group once it is complete, send the result to the step's
 ``success`` output, abandon idle groups to ``abort``.
 
-Each result exactly once, across crashes and restarts: the result is
-published and the group's unacked messages are acked in one transaction
-(:meth:`Subscription.commit`). A service that dies before the broker
-commits has sent nothing and acked nothing, and the broker hands the
-messages to the next one, which rebuilds the scan and sends the result; one
-that dies after has done both. An open group is not held unacked for long:
-now and then its state goes to the service's own queue as a checkpoint, in
-one transaction with the acks of the images it covers (module
-:mod:`.checkpoint`), and a restarted service resumes from it. The result
-also carries a ``message_id`` made from its content. A message that can
-never count is dead-lettered at once, with the reason in the log; it never
-loops, and it changes nothing.
+Each result once, across crashes and restarts: the result is published
+with a tombstone of its scan (to the service's own queue), and the scan's
+messages are acked once the broker has confirmed both
+(:meth:`Subscription.commit`). A service that dies before the acks has
+acked nothing: the broker hands the messages to the next one, which
+rebuilds the scan and, before centring it (it was rebuilt from messages
+handed out again), sends a barrier to its queue and waits for it: a
+tombstone of the scan comes first if the result went, and the rebuilt scan
+is settled, not sent again. A tombstone taken is held unacked for a minute
+(:data:`TOMBSTONE_S`), so that a restart in that time finds it again, and
+so do repeats of the scan's images (a shard router killed between its
+forwards and its acks); a service that stops hands it back with the rest. An open group is not held unacked for long: now and
+then its state goes to the service's own queue as a checkpoint, and the
+images it covers are acked once it is confirmed (module :mod:`.checkpoint`);
+a restarted service resumes from it, merging checkpoints by union. The
+result carries a ``message_id`` made from its content, so any repeat that
+remains (see the README) is recognisable. A message that can never count is
+dead-lettered at once, with the reason in the log; it never loops, and it
+changes nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from ..messaging.base import new_message_id
 from ..messages import is_recipe_envelope
 from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
-from .checkpoint import encode as encode_checkpoint, is_checkpoint, parse as parse_checkpoint, tombstone
+from .checkpoint import Checkpoint, barrier, encode as encode_checkpoint, is_checkpoint, parse as parse_checkpoint
+from .checkpoint import tombstone
 from .recipe import Envelope, EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,10 @@ REFRESH_S = 0.05
 TICK_LATE_S = 1.0
 #: How many finished groups are remembered (a late duplicate of one is acked, nothing more).
 FINISHED_KEPT = 50_000
+#: A tombstone is held unacked this long after its scan finished (wall clock) ...
+TOMBSTONE_S = 60.0
+#: ... and at most this many are held (the oldest acked first).
+TOMBSTONES_HELD = 2_000
 
 
 @dataclass
@@ -66,8 +78,9 @@ class _Open:
     deliveries: list[Delivery] = field(default_factory=list)
     last_heard: float = 0.0
     held_since: float | None = None  # when the oldest of ``deliveries`` came
-    checkpointed: bool = False  # a checkpoint of this group may wait in the queue
     refresh: bool = False  # a redelivered message is held: checkpoint it soon
+    maybe_finished: bool = False  # rebuilt from messages handed out again: its result may have gone
+    barrier: str | None = None  # complete, waiting for this barrier to come back before it is centred
 
     def envelope(self) -> Envelope:
         """The xy grid's recipe (the lowest DCID): the result's, whatever came last."""
@@ -168,7 +181,9 @@ class XrcService(AtomicConsumer):
         self.finished = Recent(FINISHED_KEPT)  # by group: a Finished, once committed
         self.finishing: dict[tuple[int, ...], Finished] = {}  # the same, while the commit is under way
         self.aborted_named = Recent(FINISHED_KEPT)
+        self._told = Recent(1_000)  # (group, what) logged once at INFO
         self.held = 0  # unacked images and checkpoints, all groups
+        self.tombstones: collections.deque[tuple[float, Delivery]] = collections.deque()  # (ack at, tombstone)
         self.completed = 0
         self.rejected = 0
         self.checkpoints = 0
@@ -220,7 +235,9 @@ class XrcService(AtomicConsumer):
         held = self.open.get(group.dcids) or self._open(group.dcids)
         held.firsts.setdefault(message.dcid, message)
         if fate is Fate.DUPLICATE:
-            log.info("DCID %s: image %d again (a duplicate); it changes nothing", message.dcid, message.file_number)
+            held.maybe_finished |= delivery.redelivered
+            self._tell_once(group.dcids, "DCID %s: image %d again (a duplicate); it changes nothing", message.dcid,
+                            message.file_number)
             held.last_heard = time.monotonic()
             delivery.ack()
             return
@@ -232,19 +249,10 @@ class XrcService(AtomicConsumer):
         except MessageRejected as e:
             return self._reject(delivery, str(e))
         key = checkpoint.group
-        if checkpoint.outcome is not None:  # a tombstone: the group is over
-            self.finished.add(key, Finished(checkpoint.outcome, None))
-            held = self._close(key)
-            group = self.assembly.groups.get(key)
-            if group is not None:
-                self.assembly.drop(group)
-            if held is None:
-                delivery.ack()
-            else:
-                log.info("%s: finished before a restart (%s sent); settling what was rebuilt",
-                         group.describe() if group else key, checkpoint.outcome)
-                self._commit([], [*held.deliveries, delivery], "settlement", key)
-            return
+        if checkpoint.barrier is not None:
+            return self._take_barrier(delivery, key, checkpoint.barrier)
+        if checkpoint.outcome is not None:
+            return self._take_tombstone(delivery, checkpoint)
         if self._settle_late(delivery, key, checkpoint.describe(), lambda: [g.first for g in checkpoint.grids]):
             return
         group = None
@@ -258,8 +266,57 @@ class XrcService(AtomicConsumer):
         held = self.open.get(key) or self._open(key)
         for state in checkpoint.grids:
             held.firsts.setdefault(state.first.dcid, state.first)
-        held.checkpointed = True  # others of it may wait in the queue
+        held.maybe_finished |= checkpoint.maybe_finished
         self._hold(group, held, delivery)
+
+    def _take_tombstone(self, delivery: Delivery, tombstone: Checkpoint) -> None:
+        """The group is over: settle what was rebuilt of it, remember it, and
+        hold the tombstone for its time."""
+        key = tombstone.group
+        assert tombstone.outcome is not None
+        held = self.open.get(key)
+        if held is not None and tombstone.runs is not None and any(
+                tombstone.runs.get(dcid, run) != run for dcid, run in _runs(list(held.firsts.values())).items()):
+            log.info("%s: of an earlier run; the open scan goes on", tombstone.describe())
+        else:
+            self.finished.add(key, Finished(tombstone.outcome, tombstone.runs))
+            group = self.assembly.groups.get(key)
+            if group is not None:
+                self.assembly.drop(group)
+            held = self._close(key)
+            if held is not None:
+                log.info("%s: finished before (%s sent); settling what was rebuilt of it",
+                         group.describe() if group else key, tombstone.outcome)
+                if held.deliveries:
+                    self._commit([], held.deliveries, "settlement", key)
+        until = (tombstone.finished_at or 0.0) + TOMBSTONE_S
+        if until <= time.time():
+            delivery.ack()
+        elif delivery.redelivered:  # a fresh copy, so that no restart counts against the queue's delivery limit
+            self._commit([Outgoing("", self.queue, delivery.body, {}, new_message_id())], [delivery], "tombstone", key)
+        else:
+            self.tombstones.append((until, delivery))
+            if len(self.tombstones) > TOMBSTONES_HELD:
+                self.tombstones.popleft()[1].ack()
+            self._schedule(time.monotonic() + until - time.time(), "tombstones", ())
+
+    def _release_tombstones(self) -> None:
+        """Ack the tombstones whose time is over."""
+        now = time.time()
+        while self.tombstones and self.tombstones[0][0] <= now:
+            self.tombstones.popleft()[1].ack()
+
+    def _take_barrier(self, delivery: Delivery, key: tuple[int, ...], nonce: str) -> None:
+        """A barrier back: no tombstone of its group came before it, so the
+        group is centred now (if it still waits for this one)."""
+        held, group = self.open.get(key), self.assembly.groups.get(key)
+        if held is None or group is None or held.barrier != nonce:
+            delivery.ack()  # settled meanwhile, or the barrier of an earlier service
+            return
+        held.maybe_finished, held.barrier = False, None
+        held.deliveries.append(delivery)
+        self.held += 1
+        self._complete(group, held)
 
     def _hold(self, group: Group, held: _Open, delivery: Delivery) -> None:
         """Keep ``delivery`` unacked with its group; centre the group if it is
@@ -267,6 +324,7 @@ class XrcService(AtomicConsumer):
         now = time.monotonic()
         held.last_heard = now
         held.deliveries.append(delivery)
+        held.maybe_finished |= delivery.redelivered
         self.held += 1
         if group.complete:
             return self._complete(group, held)
@@ -297,11 +355,20 @@ class XrcService(AtomicConsumer):
                 self.finished.discard(key)
                 return False
         if finished.outcome == "result":
-            log.info("%s came after its scan's result was sent (a late duplicate): acked, nothing more", what)
+            self._tell_once(key, "%s came after its scan's result was sent (a late duplicate): acked, nothing more",
+                            what)
             delivery.ack()
         else:
             self._reject(delivery, f"its group DCID {', '.join(map(str, key))} was abandoned")
         return True
+
+    def _tell_once(self, key: tuple[int, ...], text: str, *args: Any) -> None:
+        """Log ``text`` at INFO the first time for a group, at DEBUG after (a
+        restart or a repeat of a router's forwards brings thousands)."""
+        told = self._told.get((key, text)) is not None
+        if not told:
+            self._told.add((key, text), True)
+        log.log(logging.DEBUG if told else logging.INFO, text + ("" if told else " (more of its scan: at DEBUG)"), *args)
 
     def _open(self, key: tuple[int, ...]) -> _Open:
         held = self.open[key] = _Open()
@@ -331,6 +398,7 @@ class XrcService(AtomicConsumer):
                 self.assembly.drop(group)
             self._close(key)
         self.finishing.clear()
+        self.tombstones.clear()  # they are handed out again too
         self.held = 0
 
     def _reject(self, delivery: Delivery, why: str) -> None:
@@ -363,13 +431,13 @@ class XrcService(AtomicConsumer):
         acks: list[Delivery] = []
         for key in keys:
             held, group = self.open.get(key), self.assembly.groups.get(key)
-            if held is None or group is None or not held.deliveries:
+            if held is None or group is None or not held.deliveries or held.barrier is not None:
                 continue
-            body = encode_checkpoint(group, {d: m.body for d, m in held.firsts.items()})
+            body = encode_checkpoint(group, {d: m.body for d, m in held.firsts.items()}, held.maybe_finished)
             sends.append(Outgoing("", self.queue, body, {}, new_message_id()))
             acks.extend(held.deliveries)
             self.held -= len(held.deliveries)
-            held.deliveries, held.held_since, held.refresh, held.checkpointed = [], None, False, True
+            held.deliveries, held.held_since, held.refresh = [], None, False
         if not sends:
             return
         self.checkpoints += len(sends)
@@ -381,6 +449,14 @@ class XrcService(AtomicConsumer):
     # ---- a complete group ---------------------------------------------------------
 
     def _complete(self, group: Group, held: _Open) -> None:
+        if held.maybe_finished:  # its result may have gone before a restart: a tombstone would come before a barrier
+            if held.barrier is None:
+                held.barrier = new_message_id()
+                log.info("%s is complete, rebuilt from messages handed out again; centred once no tombstone of it "
+                         "came before a barrier", group.describe())
+                self._commit([Outgoing("", self.queue, barrier(group.dcids, held.barrier), {}, held.barrier)], [],
+                             "barrier", group.dcids)
+            return
         envelope = held.envelope()
         try:
             result = centre(group)
@@ -410,12 +486,12 @@ class XrcService(AtomicConsumer):
 
     def _finish(self, group: Group, held: _Open, outcome: str, sends: list[Outgoing], acks: list[Delivery],
                 then: Callable[[], None] | None = None) -> None:
-        """Send a group's result or abort with its acks (and a tombstone where
-        a checkpoint of it may wait in the queue); remember it once committed."""
+        """Send a group's result or abort, and its tombstone, then its acks;
+        remember it once committed."""
         key = group.dcids
-        if held.checkpointed:
-            sends = [*sends, Outgoing("", self.queue, tombstone(key, outcome), {}, new_message_id())]
-        finished = self.finishing[key] = Finished(outcome, _runs(list(held.firsts.values())))
+        runs = _runs(list(held.firsts.values()))
+        sends = [*sends, Outgoing("", self.queue, tombstone(key, outcome, runs, time.time()), {}, new_message_id())]
+        finished = self.finishing[key] = Finished(outcome, runs)
 
         def committed() -> None:
             if self.finishing.pop(key, None) is not None:
@@ -475,6 +551,9 @@ class XrcService(AtomicConsumer):
             while self._events and self._events[0][0] <= now:
                 _, _, what, key = heapq.heappop(self._events)
                 held = self.open.get(key)
+                if what == "tombstones":
+                    self._release_tombstones()
+                    continue
                 if held is None:  # finished since
                     continue
                 if what == "idle":

@@ -8,16 +8,15 @@ quorum queue with a single active consumer). Around it::
         routing key = the group's DCIDs) ──> Q.shard.0 … Q.shard.N-1
         (quorum, single active consumer, dead-lettering to dlq.Q)
 
-* The router moves each message to the shard of its group: the forward and
-  the ack of the original are one transaction. RabbitMQ does not make a
-  transaction atomic across queues: a router killed between ``tx.commit``
-  and its answer can leave the originals acked and some forwards dropped
-  (measured on 3.10, the CPU busy), and their scans never complete.
-  Forwarding first and acking once the forwards are confirmed loses
-  nothing but forwards twice whatever the kill catches in between (whole
-  scans: a second result). Neither is exactly once without a record of
-  finished scans that survives the instance. It decides nothing else: a message it cannot read
-  goes to some shard, whose service dead-letters it with the reason.
+* The router moves each message to the shard of its group: it forwards a
+  batch (with the original's ``message_id``) and acks the originals once
+  the broker has confirmed every forward (:meth:`Subscription.commit`). A
+  router killed in between has acked nothing: the next router forwards
+  those messages again. In an open scan a repeated image counts once; a
+  finished scan's tombstone, held by its shard for a minute, or the memory
+  of the instance that finished it, settles its repeats (see
+  :mod:`.runner`). It decides nothing else: a message it cannot read goes
+  to some shard, whose service dead-letters it with the reason.
 * Every instance consumes every shard; the broker makes one of them the
   single active consumer of each, so all of a scan's images reach the one
   instance that holds the scan. Instance ``K`` subscribes to shard ``K``
@@ -89,7 +88,7 @@ class GroupRouter(AtomicConsumer):
 
         def done(f: Future[list[Outgoing]]) -> None:
             error = f.exception()
-            if error is not None:  # not moved, or moved whole: if not, they come again
+            if error is not None:  # not acked (perhaps forwarded): they come again, to be forwarded again
                 log.warning("moving %d message(s) of %s to their shards: %s", len(batch), self.queue, error)
             else:
                 self.routed += len(batch)
