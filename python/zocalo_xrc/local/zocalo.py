@@ -48,8 +48,11 @@ log = logging.getLogger("zocalo_xrc.local")
 
 ENVIRONMENT = "local"
 #: queues the services listen on (and the abort step's)
-SERVICE_QUEUES = ("processing_recipe", "mimas", "per_image_analysis", "per_image_analysis.gpu",
+SERVICE_QUEUES = ("processing_recipe", "mimas", "filewatcher", "per_image_analysis", "per_image_analysis.gpu",
                   "reduce.xray_centering", "reduce.xray_centering.gpu", "xrc.abort")
+#: queues workers share (Diamond's per-image analysis workers, on any number of machines); the others
+#: have a single active consumer at a time, as Diamond's X-ray centring queues
+SHARED_QUEUES = ("filewatcher", "per_image_analysis")
 #: broadcasts every workflows frontend uses: commands in, status out
 BROADCASTS = ("command", "transient.status")
 #: the results queue beamline code expects to find (each registered scan's beamline gets its own too)
@@ -216,7 +219,7 @@ class LocalZocalo:
             # delivery limit, dead-lettering to dlq.<queue> (one already there is left as it is)
             for name in SERVICE_QUEUES:
                 if not admin.queue_exists(name):
-                    admin.declare_work_queue(name)
+                    admin.declare_work_queue(name, shared=name in SHARED_QUEUES)
             for name in BROADCASTS:
                 admin.declare_broadcast(name)
             # results go to the results exchange; dodal's device consumes xrc.i03 and never declares it

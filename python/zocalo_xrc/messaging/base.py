@@ -198,11 +198,13 @@ class Transport(ABC):
         ``routing_key`` (default: the queue's name)."""
 
     @abstractmethod
-    def declare_work_queue(self, name: str) -> None:
+    def declare_work_queue(self, name: str, *, shared: bool = False) -> None:
         """Declare a service's input queue the way Diamond's deployment does:
         a durable quorum queue with a single active consumer (several
         services may consume it; one at a time receives, the next takes over
-        when it goes), a delivery limit of 5, dead-lettering to ``dlq.<name>``."""
+        when it goes), a delivery limit of 5, dead-lettering to ``dlq.<name>``.
+        ``shared``: workers share it instead (every consumer receives, as
+        per-image analysis workers on any number of machines do)."""
 
     @abstractmethod
     def declare_shards(self, name: str, count: int) -> None:

@@ -352,9 +352,9 @@ class InProcessTransport(Transport):
     def declare_broadcast(self, name: str) -> None:
         self.broker.declare_exchange(name)
 
-    def declare_work_queue(self, name: str, dead_letters: str | None = None) -> None:
+    def declare_work_queue(self, name: str, *, shared: bool = False, dead_letters: str | None = None) -> None:
         dlq = self.broker.declare_queue(f"dlq.{dead_letters or name}")
-        self.broker.declare_queue(name, dead_letter_to=dlq, single_active=True)
+        self.broker.declare_queue(name, dead_letter_to=dlq, single_active=not shared)
 
     def declare_shards(self, name: str, count: int) -> None:
         self.broker.declare_exchange(shard_exchange(name), consistent_hash=True)

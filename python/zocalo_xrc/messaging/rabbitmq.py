@@ -467,18 +467,18 @@ class AmqpTransport(Transport):
         self._admin(lambda ch: ch.exchange_declare(name, exchange_type="fanout", durable=True))
 
     @staticmethod
-    def _declare_work_queue(ch: Any, name: str, dead_letters: str) -> None:
+    def _declare_work_queue(ch: Any, name: str, dead_letters: str, shared: bool = False) -> None:
         ch.queue_declare(f"dlq.{dead_letters}", durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_declare(name, durable=True, arguments={
             "x-queue-type": "quorum",
-            "x-single-active-consumer": True,
+            "x-single-active-consumer": not shared,
             "x-delivery-limit": 5,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": f"dlq.{dead_letters}",
         })
 
-    def declare_work_queue(self, name: str) -> None:
-        self._admin(lambda ch: self._declare_work_queue(ch, name, name))
+    def declare_work_queue(self, name: str, *, shared: bool = False) -> None:
+        self._admin(lambda ch: self._declare_work_queue(ch, name, name, shared))
 
     def declare_shards(self, name: str, count: int) -> None:
         def declare(ch: Any) -> None:

@@ -87,7 +87,7 @@ class WorkflowsTransport(Transport):
     def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
         raise self._not_here(f"cannot declare {name}")
 
-    def declare_work_queue(self, name: str) -> None:
+    def declare_work_queue(self, name: str, *, shared: bool = False) -> None:
         raise self._not_here(f"cannot declare {name}")
 
     def declare_queue(self, name: str) -> None:
