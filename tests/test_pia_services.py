@@ -53,11 +53,12 @@ def small_scan(**changes) -> Scan:
     return Scan.from_dict(data)
 
 
-def sent(local, service: str, dcids) -> dict[int, list[dict]]:
-    """What ``service`` sent on for each DCID, from the logbook."""
+def sent(local, service: str, dcids, to: str = "reduce.xray_centering") -> dict[int, list[dict]]:
+    """What ``service`` sent on to ``to`` (or ``to``.gpu) for each DCID, from the logbook."""
     out: dict[int, list[dict]] = {d: [] for d in dcids}
     for e in local.logbook.entries():
-        if e["service"] == service and e["dir"] == "out" and int(e.get("dcid") or 0) in out:
+        if (e["service"] == service and e["dir"] == "out" and e["queue"] in (to, f"{to}.gpu")
+                and int(e.get("dcid") or 0) in out):
             out[int(e["dcid"])].append(e["payload"])
     return out
 
@@ -129,6 +130,12 @@ def test_both_services_send_what_the_spot_finder_finds_and_the_scan_is_centred_f
                 stats.n_spots_total, stats.n_spots_no_ice, stats.n_spots_4A)
             assert c[number]["total_intensity"] == pytest.approx(stats.total_intensity, rel=1e-12)
         counts.append(([len(ffs_spots[i]) for i in frames], [c[n]["n_spots_total"] for n in range(1, len(frames) + 1)]))
+    # CPU as Diamond's: a file watcher handed each image written to the workers
+    watched = sent(local, CPU_SERVICE, registered.dcids, to="per_image_analysis")
+    for k, dcid in enumerate(registered.dcids):
+        assert sorted((m["file-number"], m["hdf5-index"]) for m in watched[dcid]) == [
+            (n, firsts[k] + n - 1) for n in range(1, scan.grids[k].image_count + 1)]
+        assert all(set(m) == {"hdf5", "hdf5-index", "file", "file-number", "file-seen-at"} for m in watched[dcid])
     # GPU followed the file as it was written: its first frames were seen before the detector was done
     assert min(m["file-seen-at"] for m in gpu_sent[registered.dcids[0]]) < detector.last_written_at - 0.1
     # the spots are the model's: the finder finds about as many as the detector drew
@@ -175,7 +182,7 @@ def test_data_that_cannot_be_read_dead_letters_the_step_with_the_reason(local, c
         with open(data, "r+b") as f:
             f.truncate(data.stat().st_size // 2)
     t = local.transport()
-    queues = ("dlq.per_image_analysis.gpu", "dlq.per_image_analysis")
+    queues = ("dlq.per_image_analysis.gpu", "dlq.filewatcher")  # GPU's step, and CPU's file watcher
     before = [t.message_count(q) for q in queues]
     with caplog.at_level(logging.ERROR):
         trigger = ZocaloTrigger(t, timeout_s=10)
@@ -263,3 +270,80 @@ def test_waiting_for_frames_opens_the_file_again_only_when_it_changes(tmp_path):
     detector.writer.close()
     assert follower.missing == [5, 6, 7, 8, 9] and waited >= 2.0
     assert waited_cpu < 0.25 * waited, f"{waited_cpu:.2f} s of CPU in {waited:.2f} s of waiting"
+
+
+def test_workers_sharing_the_queue_answer_every_image_once_when_one_is_killed_mid_scan(local, tmp_path):
+    """Diamond's CPU path: a file watcher, and per-image analysis workers on
+    any number of machines sharing one queue, each answering an image in one
+    transaction with its ack. Two more workers (``zocalo.service -s
+    PerImageAnalysis``) join the local Zocalo's; one is killed (SIGKILL)
+    after its first answers. Every image is answered exactly once, and the
+    result is the one the finder's counts give."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    command = Path(sys.executable).with_name("zocalo.service")
+    env = dict(os.environ, ZOCALO_CONFIG=str(local.state.zocalo_config), HDF5_USE_FILE_LOCKING="FALSE")
+    logs = [tmp_path / f"worker{k}.log" for k in range(2)]
+    workers = [subprocess.Popen([str(command), "-s", "PerImageAnalysis", "-e", "local"], env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+               for log in logs]
+    journals = local.state.logbook / "journal"
+    try:
+        t = local.transport()
+        assert eventually(lambda: t.consumer_count("per_image_analysis") == 3, timeout=30), (
+            t.consumer_count("per_image_analysis"), [w.poll() for w in workers], [log.read_text()[-2000:] for log in logs])
+        scan = small_scan(grids=[{"gridinfo": {**g.to_ispyb(), "steps_x": 12, "steps_y": 8}} for g in small_scan().grids])
+        registered, detector = local.add_detector_scan(scan, name="workers", size=SHAPE)
+        detector.write()
+        with ZocaloResults(t, beamline=scan.beamline, private_queue=True, source=Source.CPU, timeout_s=60) as r:
+            r.subscribe()
+            trigger = ZocaloTrigger(t, timeout_s=10)
+            trigger.run_start(*scan.start_infos(registered.dcids, "workers"))
+            trigger.run_end(*registered.dcids)
+
+            def answers(path):
+                lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+                return [e for e in lines if e["dir"] == "out" and e["queue"] == "reduce.xray_centering"]
+
+            def first_answers():
+                for path in journals.glob(f"Per-image-analysis-zocalo-xrc-*.jsonl"):
+                    pid = int(path.name.split("-")[-2])
+                    if pid != os.getpid() and len(answers(path)) >= 3:
+                        return pid, path
+                return None
+
+            victim = eventually(first_answers, timeout=30)
+            assert victim, "no worker process answered"
+            pid, journal = victim
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            got = r.trigger(dcids=registered.dcids, dcgid=registered.dcgid)
+        answered_by_victim = len(answers(journal))
+    finally:
+        for w in workers:
+            try:
+                os.killpg(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            w.wait(30)
+    total = sum(g.image_count for g in scan.grids)
+    assert 3 <= answered_by_victim < total / 2  # it was killed with images in hand, which others answered
+    answered = sent(local, CPU_SERVICE, registered.dcids)  # every journal: the thread's and both processes'
+    _, spots = found(detector)
+    geometry, _ = found(detector)
+    firsts = np.cumsum([0] + [g.image_count for g in scan.grids])
+    counts = []
+    for k, dcid in enumerate(registered.dcids):
+        c = by_number(answered[dcid])  # each image answered once
+        assert sorted(c) == list(range(1, scan.grids[k].image_count + 1))
+        for n, m in c.items():
+            s_ = spots[firsts[k] + n - 1]
+            assert m["n_spots_total"] == image_stats(s_.centroid[:, 0], s_.centroid[:, 1], s_.intensity,
+                                                     geometry).n_spots_total
+        counts.append([c[n]["n_spots_total"] for n in range(1, scan.grids[k].image_count + 1)])
+    expected = centre_3d_scans(*(GridScan(k + 1, np.array(counts[k]), g) for k, g in enumerate(scan.grids)),
+                               sample_id=scan.sample_id)
+    assert got.to_dicts() == expected.to_dicts()

@@ -101,6 +101,7 @@ class Demo:
             outcomes = []
             for source, arrival in arrivals.items():
                 results, arrived_at = arrival.result()
+                self.spots_found[source] = self._spots_found(source, scan)
                 last = self.last_frame_at.get(source)
                 outcomes.append(Outcome(source, results, arrived_at, None if last is None else arrived_at - last,
                                         arrived_at - ended))
@@ -121,6 +122,11 @@ class Demo:
 
         threading.Thread(target=wait, daemon=True, name=f"demo: {receiver.source.value} results").start()
         return future
+
+    def _spots_found(self, source: Source, scan: RegisteredScan) -> int:
+        """The spots per-image analysis of ``source`` found, over the scan's images (once its result is in)."""
+        services = [s for s in self.local.per_image_analysis() if s.follows_detector == (source is Source.GPU)]
+        return sum(g.spots for s in services for d in scan.dcids if (g := s.progress.get(d)) is not None)
 
     def _play(self, source: Source, scan: RegisteredScan, progress: Progress | None, timeout_s: float) -> None:
         """Follow per-image analysis of ``source`` until every frame is sent."""
@@ -150,4 +156,4 @@ class Demo:
         seen = [g.last_seen_at for g in grids if g is not None and g.last_seen_at is not None]
         if seen:
             self.last_frame_at[source] = max(seen)
-        self.spots_found[source] = sum(g.spots for g in grids if g is not None)
+

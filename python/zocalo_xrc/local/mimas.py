@@ -7,7 +7,9 @@ grid scan (ISPyB has its grid), Mimas asks the dispatcher for
 
 * GPU per-image analysis at ``start`` (it follows the detector as it
   writes; results carry ``"gpu": true``), and
-* CPU per-image analysis at ``end`` (the data is all written),
+* CPU per-image analysis at ``end`` (the data is all written): for a
+  detector's files as Diamond's CPU path runs, a file watcher sending an
+  image at a time to per-image analysis workers sharing a queue,
 
 each feeding X-ray centring, so each yields one result per scan. Which of the
 two run is the ``zocalo_xrc.pia`` setting (``gpu``, ``cpu`` or both). Other
@@ -27,6 +29,8 @@ from .settings import Settings
 
 GPU_RECIPE = "per-image-analysis-gridscan-gpu"
 CPU_RECIPE = "per-image-analysis-gridscan"
+#: CPU per-image analysis of a detector's files, as Diamond's: a file watcher, then workers taking an image each
+CPU_FILES_RECIPE = "per-image-analysis-gridscan-files"
 #: what the beamline's start message says about the frames, passed on to per-image analysis
 FRAME_KEYS = ("filename", "start_frame_index", "number_of_frames", "message_index")
 
@@ -52,6 +56,9 @@ def decide(parameters: Mapping[str, Any], pia: frozenset[str]) -> tuple[list[dic
     if wanted is None:
         return [], f"DCID {dcid}: unknown event {event!r}: nothing to run"
     kind, recipe = wanted
+    template = given(parameters.get("image_template"))
+    if kind == "cpu" and isinstance(template, str) and not template.endswith(".json"):  # a detector's files
+        recipe = CPU_FILES_RECIPE
     if kind not in pia:
         return [], f"DCID {dcid} {event}: {kind.upper()} per-image analysis is off here"
     request: dict[str, Any] = {"ispyb_dcid": int(dcid), "guid": str(uuid.uuid4())}

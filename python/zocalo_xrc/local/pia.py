@@ -62,6 +62,8 @@ WORKERS = 8
 STEPS_AT_ONCE = 64
 #: frames named at most when some never come
 NAMED = 20
+#: the file watcher's queue (the CPU service watches files too: one process, both of Diamond's CPU roles)
+WATCHER_QUEUE = "filewatcher"
 
 
 @dataclass
@@ -215,6 +217,11 @@ class PerImageAnalysis(CommonService):
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
         workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
                                         prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
+        #: spot finders by file, for the images workers answer (a detector's mask is read once)
+        self._finders: dict[Path, SpotFinder] = {}
+        if not self.follows_detector:
+            workflows.recipe.wrap_subscribe(self._transport, WATCHER_QUEUE, self.on_watch, acknowledgement=True,
+                                            prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
 
     def in_shutdown(self) -> None:
         if hasattr(self, "_stopping"):
@@ -222,6 +229,9 @@ class PerImageAnalysis(CommonService):
         logbook.detach(self)
 
     def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
+        if isinstance(message, Mapping) and "hdf5-index" in message:  # one image, from a file watcher
+            self.answer(rw, header, message)
+            return
         try:
             step = Step.of(rw.recipe_step.get("parameters") or {})
             if step.is_scan_file:
@@ -250,7 +260,7 @@ class PerImageAnalysis(CommonService):
             for payload in messages:
                 rw.send(payload)  # type: ignore[no-untyped-call]
                 progress.sent += 1
-                progress.spots += payload["n_spots_total"]
+                progress.spots += payload.get("n_spots_total", 0)
                 progress.last_seen_at = payload["file-seen-at"]
             if self._stopping.is_set():
                 return  # the step stays unacked: it is run again by the next service
@@ -282,16 +292,24 @@ class PerImageAnalysis(CommonService):
 
     # ---- the detector's file, through the spot finder ----
 
-    def _analysed(self, step: Step, wanted: range) -> Iterator[dict[str, Any]]:
+    def _analysed(self, step: Step, wanted: range, *, find: bool = True) -> Iterator[dict[str, Any]]:
+        """Each frame's message as it is found (or, ``find`` False, as it is
+        written: the file watcher's message for a worker to answer)."""
         from ..pia.follow import FileFollower
         from ..pia.images import ImagesError
 
-        follower = FileFollower(step.path, wanted, finder=self.spot_finder, stopping=self._stopping,
+        follower = FileFollower(step.path, wanted, finder=self.spot_finder if find else None, stopping=self._stopping,
                                 timeout_s=self.settings.frame_timeout_s if self.follows_detector else 0.0)
+        path = str(step.path)
         try:
             for found in follower:
-                yield self.measured(step, found.index - wanted.start + 1, found.spots, found.seen_at,
-                                    follower.geometry)
+                number = found.index - wanted.start + 1
+                file = {"file": path, "file-number": number, "file-seen-at": found.seen_at}
+                if found.spots is None:
+                    yield {"hdf5": path, "hdf5-index": found.index, **file}
+                else:
+                    yield {**file, **self.results(step.dcid, step.path, found.spots, follower.geometry,
+                                                  step.parameters)}
         except ImagesError as e:
             raise StepError(f"DCID {step.dcid}: {e}") from None
         if follower.missing:
@@ -304,17 +322,62 @@ class PerImageAnalysis(CommonService):
         """Diamond's CPU PIA runs DIALS's dispersion with its defaults."""
         return images.spot_finder()
 
-    def measured(self, step: Step, number: int, spots: Spots, seen_at: float,
-                 geometry: Geometry | None) -> dict[str, Any]:
+    def results(self, dcid: int, path: Path, spots: Spots, geometry: Geometry | None,
+                parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """What Diamond's CPU PIA reports of one image's spots."""
         from ..pia.resolution import image_stats
 
         if geometry is None:
-            raise StepError(f"DCID {step.dcid}: {step.path} has no detector geometry (beam centre, distance, "
+            raise StepError(f"DCID {dcid}: {path} has no detector geometry (beam centre, distance, "
                             "pixel size, wavelength): the resolution of its spots is unknown")
         stats = image_stats(spots.centroid[:, 0], spots.centroid[:, 1], spots.intensity, geometry)
-        return {"file": str(step.path), "file-number": number, "file-seen-at": seen_at,
-                "n_spots_total": stats.n_spots_total, "n_spots_no_ice": stats.n_spots_no_ice,
+        return {"n_spots_total": stats.n_spots_total, "n_spots_no_ice": stats.n_spots_no_ice,
                 "n_spots_4A": stats.n_spots_4A, "total_intensity": stats.total_intensity}
+
+    # ---- as Diamond's CPU path: a file watcher, and workers answering an image each ----
+
+    def on_watch(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
+        """A file watcher step: one message per image written, to the workers."""
+        try:
+            step = Step.of(rw.recipe_step.get("parameters") or {})
+            wanted = step.frames()
+        except StepError as e:
+            self._dead_letter(rw, header, e)
+            return
+        progress = self.progress[step.dcid] = GridProgress(step.dcid, len(wanted))
+        threading.Thread(target=self._run, args=(rw, header, step, self._analysed(step, wanted, find=False), progress),
+                         daemon=True, name=f"file watcher of DCID {step.dcid}").start()
+
+    def answer(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], image: Mapping[str, Any]) -> None:
+        """One image from the file watcher: its results and the input's ``file*``
+        keys, sent in one transaction with the input's ack."""
+        from ..pia.images import ImagesError, open_images
+
+        dcid = _whole(rw.recipe_step.get("parameters") or {}, "dcid", "a DCID") or 0
+        try:
+            try:
+                path, index = Path(str(image["hdf5"])), int(image["hdf5-index"])
+            except (KeyError, TypeError, ValueError):
+                raise StepError(f"DCID {dcid}: an image message without hdf5 and hdf5-index: {image!r:.80}") from None
+            try:
+                with open_images(path) as images:
+                    if not 0 <= index < len(images):
+                        raise StepError(f"DCID {dcid}: {path} has {len(images)} frame(s), no frame {index}")
+                    finder = self._finders.get(path) or self._finders.setdefault(path, self.spot_finder(images))
+                    payload = self.results(dcid, path, finder.find(images[index]), images.geometry, {})
+            except ImagesError as e:
+                raise StepError(f"DCID {dcid}: {e}") from None
+        except StepError as e:
+            self._dead_letter(rw, header, e)
+            return
+        payload.update({k: v for k, v in image.items() if k.startswith("file")})
+        txn = rw.transport.transaction_begin(subscription_id=header["subscription"])
+        rw.transport.ack(header, transaction=txn)
+        rw.send(payload, transaction=txn)  # type: ignore[no-untyped-call]
+        rw.transport.transaction_commit(txn)
+        watched = self.progress.get(dcid)  # the file watcher here: the spots found go on its progress
+        if watched is not None:
+            watched.spots += payload["n_spots_total"]
 
 
 class PerImageAnalysisGPU(PerImageAnalysis):
@@ -333,16 +396,16 @@ class PerImageAnalysisGPU(PerImageAnalysis):
         """FFS: DIALS's dispersion with a minimum of 3 valid pixels in a box, spots of any size."""
         return images.spot_finder(min_local=3, max_spot_size=None)
 
-    def measured(self, step: Step, number: int, spots: Spots, seen_at: float,
-                 geometry: Geometry | None) -> dict[str, Any]:
+    def results(self, dcid: int, path: Path, spots: Spots, geometry: Geometry | None,
+                parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """FFS's: spots (within ``d_min``/``d_max`` when the step gives them) and strong pixels."""
         n = len(spots)
-        d_min, d_max = _limit(step.parameters, "d_min"), _limit(step.parameters, "d_max")
+        d_min, d_max = _limit(parameters, "d_min"), _limit(parameters, "d_max")
         if d_min is not None or d_max is not None:
             from ..pia.resolution import image_stats
 
             if geometry is None:
-                raise StepError(f"DCID {step.dcid}: a resolution limit, but {step.path} has no detector geometry")
+                raise StepError(f"DCID {dcid}: a resolution limit, but {path} has no detector geometry")
             n = image_stats(spots.centroid[:, 0], spots.centroid[:, 1], spots.intensity, geometry,
                             d_min=d_min, d_max=d_max, filter_ice=False).n_spots_total
-        return {"file": str(step.path), "file-number": number, "n_spots_total": n,
-                "num_strong_pixels": spots.n_strong_pixels, "file-seen-at": seen_at}
+        return {"n_spots_total": n, "num_strong_pixels": spots.n_strong_pixels}

@@ -41,14 +41,15 @@ class Found:
     """One frame's spots: its index in the file (0-based) and when it was seen (epoch s)."""
 
     index: int
-    spots: Spots
+    spots: Optional[Spots]  # None when only watching for frames
     seen_at: float
 
 
 class FileFollower:
     """The spots of ``frames`` (indices into the file) of the images at
     ``path``, frame by frame as they are written. ``finder``: the spot finder
-    for the detector's images (from its mask and trusted maximum);
+    for the detector's images (from its mask and trusted maximum), None to
+    only watch for the frames (each then comes with no spots);
     ``stopping``: set to give up between batches (``stopped`` is then True)."""
 
     def __init__(
@@ -56,7 +57,7 @@ class FileFollower:
         path: Path,
         frames: range,
         *,
-        finder: Callable[[Images], SpotFinder],
+        finder: Optional[Callable[[Images], SpotFinder]],
         timeout_s: float = TIMEOUT_S,
         poll_s: float = POLL_S,
         threads: int = 0,
@@ -91,9 +92,9 @@ class FileFollower:
             try:
                 with open_images(self.path) as images:
                     seen_at = time.time()
-                    if self._spot_finder is None:
+                    if self._spot_finder is None and self._finder is not None:
                         self._spot_finder = self._finder(images)
-                        self.geometry = images.geometry
+                    self.geometry = images.geometry
                     while done < len(frames) and frames[done] < len(images) and not self._stopping.is_set():
                         chunk = [i for i in frames[done:done + batch] if i < len(images)]
                         for index, spots in zip(chunk, self._find(images, chunk)):
@@ -115,8 +116,9 @@ class FileFollower:
                 if time.monotonic() - opened_at >= REOPEN_S or _signature(self.path) != before:
                     break
 
-    def _find(self, images: Images, chunk: list[int]) -> list[Spots]:
-        assert self._spot_finder is not None
+    def _find(self, images: Images, chunk: list[int]) -> list[Optional[Spots]]:
+        if self._spot_finder is None:
+            return [None] * len(chunk)
         # as Images, so that the core decodes the raw chunks in parallel as it searches them
         return list(self._spot_finder.find_many(_Frames(images, chunk), self.threads))
 
