@@ -270,6 +270,29 @@ def test_writer_grows_frame_by_frame(tmp_path: Path) -> None:
         assert images.trusted_max is None and images.mask is None
 
 
+def test_chunks_encoded_beforehand_are_written_as_they_are(tmp_path: Path) -> None:
+    """A detector that compresses its own frames: ``encode`` gives each
+    frame's chunk as the data file's filter would, ``write_chunk`` writes it
+    untouched, and the file reads back the frames (through hdf5plugin and the
+    core's decoder alike); no scratch file is left."""
+    sim = small_simulator()
+    written = frames(sim, 3)
+    with EigerWriter(tmp_path, "direct", sim.shape, geometry=sim.geometry, frames_per_file=2) as writer:
+        chunks = writer.encode(written)
+        assert [len(c) for c in chunks] == [len(c) for c in writer.encode(written)]  # the same each time
+        for chunk in chunks:
+            writer.write_chunk(chunk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "direct_data_000001.h5", "direct_data_000002.h5", "direct_master.h5"]
+    with h5py.File(tmp_path / "direct_data_000001.h5", "r") as f:
+        np.testing.assert_array_equal(f["/entry/data/data"][:], np.stack(written[:2]))  # hdf5plugin's decoding
+        assert f["/entry/data/data"].id.read_direct_chunk((1, 0, 0))[1] == chunks[1]
+    with open_images(writer.master_path) as images:
+        assert len(images) == 3
+        for k, frame in enumerate(written):
+            np.testing.assert_array_equal(images[k], frame)  # the core's
+
+
 @pytest.mark.parametrize("scale", ["log", "linear"])
 def test_plot_circles_spots(tmp_path: Path, scale: Any) -> None:
     from matplotlib.image import imread

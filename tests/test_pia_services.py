@@ -347,3 +347,22 @@ def test_workers_sharing_the_queue_answer_every_image_once_when_one_is_killed_mi
     expected = centre_3d_scans(*(GridScan(k + 1, np.array(counts[k]), g) for k, g in enumerate(scan.grids)),
                                sample_id=scan.sample_id)
     assert got.to_dicts() == expected.to_dicts()
+
+
+def test_a_detector_writes_the_chunks_it_encoded_beforehand(tmp_path):
+    """``encode`` then ``write(chunks=...)``, as the benches write at 200
+    frames/s: the same frames as drawing and compressing each as it goes."""
+    scan = small_scan()
+    for d in ("drawn", "direct"):
+        (tmp_path / d).mkdir()
+    drawn = SimulatedDetector(scan, tmp_path / "drawn", "scan", size=SHAPE)
+    drawn.write()
+    direct = SimulatedDetector(scan, tmp_path / "direct", "scan", size=SHAPE, frame_rate=1e6)
+    chunks = direct.encode()
+    with pytest.raises(ValueError, match=f"3 chunks for {direct.frames} frames"):
+        direct.write(chunks=chunks[:3])
+    assert direct.write(chunks=chunks) == direct.frames
+    with open_images(drawn.master) as a, open_images(direct.master) as b:
+        assert len(a) == len(b) == direct.frames
+        for k in range(len(a)):
+            np.testing.assert_array_equal(a[k], b[k])

@@ -18,7 +18,7 @@ h5read). Data files grow a frame at a time and are flushed after each.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -350,12 +350,37 @@ class EigerWriter:
         """Append one frame (flushed, so a reader sees it once the call returns)."""
         if frame.shape != self.shape:
             raise ValueError(f"frame shape {frame.shape} is not {self.shape}")
+        self._append(lambda dataset, n: dataset.__setitem__(n, frame.astype(self.dtype, copy=False)))
+
+    def write_chunk(self, chunk: bytes) -> None:
+        """Append one frame given as its compressed chunk, as the data file's
+        filter writes it (``encode``): what Odin does with the chunks an
+        Eiger compressed itself. Flushed as ``write`` is."""
+        self._append(lambda dataset, n: dataset.id.write_direct_chunk((n, 0, 0), chunk))
+
+    def encode(self, frames: Iterable[NDArray[Any]]) -> list[bytes]:
+        """Each frame's chunk as this writer's compression gives it (through
+        a scratch file beside the data, removed), for ``write_chunk``."""
+        scratch = self.directory / f".{self.name}_encoding.h5"
+        chunks = []
+        try:
+            with self._h5py.File(scratch, "w") as f:
+                dataset = f.create_dataset("data", shape=(1, *self.shape), chunks=(1, *self.shape),
+                                           dtype=self.dtype, **self._compression)
+                for frame in frames:
+                    dataset[0] = frame.astype(self.dtype, copy=False)
+                    chunks.append(bytes(dataset.id.read_direct_chunk((0, 0, 0))[1]))
+        finally:
+            scratch.unlink(missing_ok=True)
+        return chunks
+
+    def _append(self, put: Callable[[Any, int], Any]) -> None:
         if self._dataset is None or self._dataset.shape[0] == self.frames_per_file:
             self._start_data_file()
         dataset = self._dataset
         n = dataset.shape[0]
         dataset.resize(n + 1, axis=0)
-        dataset[n] = frame.astype(self.dtype, copy=False)
+        put(dataset, n)
         dataset.attrs["image_nr_high"] = np.uint64(self.n_frames + 1)
         self.n_frames += 1
         self._data_file.flush()
