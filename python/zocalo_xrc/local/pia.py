@@ -75,6 +75,7 @@ class GridProgress:
     sent: int = 0
     spots: int = 0  # n_spots_total over the frames sent
     last_seen_at: float | None = None
+    last_sent_at: float | None = None  # time.time() once the last message so far is sent
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -262,6 +263,7 @@ class PerImageAnalysis(CommonService):
                 progress.sent += 1
                 progress.spots += payload.get("n_spots_total", 0)
                 progress.last_seen_at = payload["file-seen-at"]
+                progress.last_sent_at = time.time()
             if self._stopping.is_set():
                 return  # the step stays unacked: it is run again by the next service
             rw.transport.ack(header)
