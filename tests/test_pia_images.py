@@ -270,6 +270,25 @@ def test_writer_grows_frame_by_frame(tmp_path: Path) -> None:
         assert images.trusted_max is None and images.mask is None
 
 
+def test_the_detector_is_read_once_when_a_growing_file_is_opened_again(tmp_path: Path) -> None:
+    """A follower opens a growing file once per frame: with ``detector=``
+    the mask, trusted maximum and geometry are those read before, not read
+    again (a 4M mask took ~30 ms a time); the mask itself is read when first
+    asked for, from the file, even once the images are closed."""
+    sim = small_simulator()
+    master = write_eiger(tmp_path, "scan", frames(sim, 2), simulator=sim)
+    with open_images(master) as first:
+        pass
+    with h5py.File(master, "r+") as f:  # the master changes under it: what is read again shows it
+        f["/entry/instrument/detector/beam_center_x"][()] = 1.0
+        f["/entry/instrument/detector/saturation_value"][()] = 7
+    with open_images(master, detector=first) as again, open_images(master) as fresh:
+        assert again.geometry == first.geometry == sim.geometry and again.trusted_max == sim.saturation_value
+        assert fresh.geometry.beam_centre_px[0] == 1.0 and fresh.trusted_max == 7
+        assert again.mask is not None and (again.mask == (sim.pixel_mask == 0)).all()
+    assert first.mask is not None and (first.mask == (sim.pixel_mask == 0)).all()  # read after close
+
+
 def test_chunks_encoded_beforehand_are_written_as_they_are(tmp_path: Path) -> None:
     """A detector that compresses its own frames: ``encode`` gives each
     frame's chunk as the data file's filter would, ``write_chunk`` writes it

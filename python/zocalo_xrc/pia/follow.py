@@ -78,6 +78,7 @@ class FileFollower:
         #: the detector's geometry (None when its file has none); set once the file is open
         self.geometry: Optional[Geometry] = None
         self._spot_finder: Optional[SpotFinder] = None
+        self._detector: Optional[Images] = None
 
     def __iter__(self) -> Iterator[Found]:
         batch = BATCH_PER_THREAD * (self.threads or len(os.sched_getaffinity(0)))
@@ -90,7 +91,8 @@ class FileFollower:
             error: Optional[ImagesError] = None
             before, opened_at = _signature(self.path), time.monotonic()  # a write after this is seen
             try:
-                with open_images(self.path) as images:
+                with open_images(self.path, detector=self._detector) as images:
+                    self._detector = images  # its mask, trusted maximum and geometry: read once
                     seen_at = time.time()
                     if self._spot_finder is None and self._finder is not None:
                         self._spot_finder = self._finder(images)
@@ -147,7 +149,8 @@ class _Frames(Images):
 
     def __init__(self, images: Images, frames: list[int]) -> None:  # noqa: super().__init__ would open nothing
         self.path, self.shape, self.dtype = images.path, images.shape, images.dtype
-        self.mask, self.trusted_max, self.geometry = images.mask, images.trusted_max, images.geometry
+        self._mask = lambda: images.mask  # read only if asked for (the finder has it)
+        self.trusted_max, self.geometry = images.trusted_max, images.geometry
         self._images, self._frames = images, frames
 
     def __len__(self) -> int:

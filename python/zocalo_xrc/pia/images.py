@@ -16,8 +16,9 @@ NeXus fields the Eiger writes; each is None when the file has no such field.
 from __future__ import annotations
 
 import bisect
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -79,7 +80,7 @@ class Images:
         segments: list[_Segment],
         files: list[Any],
         *,
-        mask: Optional[NDArray[np.bool_]] = None,
+        mask: Union[NDArray[np.bool_], Callable[[], Optional[NDArray[np.bool_]]], None] = None,
         trusted_max: Optional[float] = None,
         geometry: Optional[Geometry] = None,
         array: Optional[NDArray[Any]] = None,
@@ -89,8 +90,7 @@ class Images:
         #: (height, width) of one frame and its dtype (what a raw chunk decodes into).
         self.shape = shape
         self.dtype = dtype
-        #: True = good pixel (from ``pixel_mask == 0``); None when the file has none.
-        self.mask = mask
+        self._mask = mask
         self.trusted_max = trusted_max
         self.geometry = geometry
         self._segments = sorted(segments, key=lambda s: s.start)
@@ -102,6 +102,16 @@ class Images:
 
     def __len__(self) -> int:
         return self._length
+
+    @property
+    def mask(self) -> Optional[NDArray[np.bool_]]:
+        """True = good pixel (from ``pixel_mask == 0``); None when the file
+        has none. Read when first asked for, while the files are open: a
+        follower opening a growing file again for each frame never reads a
+        4M mask (16 MB, ~30 ms) more than once."""
+        if callable(self._mask):
+            self._mask = self._mask()
+        return self._mask
 
     def __iter__(self) -> Iterator[NDArray[Any]]:
         for i in range(len(self)):
@@ -233,14 +243,17 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def open_images(path: Union[str, os.PathLike[str]]) -> Images:
-    """Open a master file, a data file or a ``.npy`` array for reading frames."""
+def open_images(path: Union[str, os.PathLike[str]], *, detector: Optional[Images] = None) -> Images:
+    """Open a master file, a data file or a ``.npy`` array for reading
+    frames. ``detector``: the same file opened before (open or closed),
+    whose mask, trusted maximum and geometry are taken instead of read again
+    (what a follower of a growing file does, opening it again per frame)."""
     path = Path(path)
     if not path.exists():
         raise ImagesError(f"{path}: no such file")
     if path.suffix == ".npy":
         return _open_npy(path)
-    return _open_hdf5(path)
+    return _open_hdf5(path, detector)
 
 
 def _open_npy(path: Path) -> Images:
@@ -275,7 +288,7 @@ def _filters(dataset: Any) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _open_hdf5(path: Path) -> Images:
+def _open_hdf5(path: Path, detector: Optional[Images] = None) -> Images:
     if h5py is None:
         raise ImagesError(f"{path}: reading HDF5 needs h5py and hdf5plugin: pip install 'zocalo-xrc[pia]'")
     try:
@@ -295,6 +308,9 @@ def _open_hdf5(path: Path) -> Images:
                     f"{segment.filename}: frames of {segment.dataset.shape[1:]}, but"
                     f" {segments[0].filename} has {shape}"
                 )
+        if detector is not None and detector.shape == shape:
+            return Images(path, shape, np.dtype(first.dtype), segments, files, length=length,
+                          mask=detector._mask, trusted_max=detector.trusted_max, geometry=detector.geometry)
         return Images(
             path,
             shape,
@@ -448,17 +464,23 @@ def _length_mm(path: Path, master: Any, name: str, default_units: str) -> Option
     return float(value) * _LENGTH_MM[units]
 
 
-def _mask(path: Path, master: Any, shape: tuple[int, int]) -> Optional[NDArray[np.bool_]]:
+def _mask(path: Path, master: Any, shape: tuple[int, int]) -> Optional[Callable[[], NDArray[np.bool_]]]:
+    """The pixel mask's reader, once its shape is checked (its values are read when asked for)."""
     for name in (f"{DETECTOR}/pixel_mask", f"{DETECTOR}/detectorSpecific/pixel_mask"):
         item = master.get(name)
         if item is not None:
-            pixel_mask = np.asarray(item[()])
-            if pixel_mask.ndim > 2:  # some writers keep a leading axis of 1
-                pixel_mask = pixel_mask.reshape(pixel_mask.shape[-2:])
-            if pixel_mask.shape != shape:
-                raise ImagesError(f"{path}: {name} is {pixel_mask.shape}, but frames are {shape}")
-            good: NDArray[np.bool_] = pixel_mask == 0
-            return good
+            found = tuple(item.shape)
+            if len(found) > 2 and math.prod(found[:-2]) == 1:  # some writers keep a leading axis of 1
+                found = found[-2:]
+            if found != shape:
+                raise ImagesError(f"{path}: {name} is {found}, but frames are {shape}")
+
+            def read(name: str = name) -> NDArray[np.bool_]:  # from the file, open or not
+                with h5py.File(path, "r") as f:
+                    good: NDArray[np.bool_] = np.asarray(f[name][()]).reshape(shape) == 0
+                return good
+
+            return read
     return None
 
 
