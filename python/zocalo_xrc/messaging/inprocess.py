@@ -4,6 +4,7 @@ use them (see :mod:`zocalo_xrc.messaging.base`): for demos and tests."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -107,6 +108,12 @@ class InProcessBroker:
         with self._lock:
             return name in self._queues
 
+    def exchange_exists(self, name: str) -> bool:
+        """Whether exchange ``name`` was declared (the default exchange ``""``
+        always is; exchanges are never deleted)."""
+        with self._lock:
+            return name in self._exchanges
+
     def delete_queue(self, name: str) -> None:
         with self._lock:
             self._queues.pop(name, None)
@@ -191,6 +198,15 @@ class InProcessBroker:
             for tag in tags:
                 self.settle(consumer, tag, None)
         return returned
+
+    def atomically(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the broker still: inside ``with broker.atomically():`` no
+        consumer is handed anything and no other thread publishes, settles or
+        declares, so what the caller does there (publishes and settles, with
+        checks between) every consumer sees as one step. Re-entrant: the
+        broker's own methods may be called inside. Keep it short: the whole
+        broker waits meanwhile."""
+        return self._lock
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         with self._lock:
