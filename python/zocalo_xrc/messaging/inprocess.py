@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -62,8 +63,8 @@ class _Queue:
     dead_letter_to: str | None = None
     exclusive_to: int | None = None
     single_active: bool = False  # only the oldest consumer receives
-    ready: collections.deque = field(default_factory=collections.deque)
-    consumers: list = field(default_factory=list)
+    ready: collections.deque[_Message] = field(default_factory=collections.deque)
+    consumers: list[_Consumer] = field(default_factory=list)
     turn: int = 0
 
 
@@ -77,7 +78,7 @@ class InProcessBroker:
         self._queues: dict[str, _Queue] = {}
         self._exchanges: dict[str, list[tuple[str, str]]] = {"": []}
         self._hashing: set[str] = set()  # consistent-hash exchanges (the others route by topic)
-        self._tasks: collections.deque = collections.deque()
+        self._tasks: collections.deque[Callable[[], None]] = collections.deque()
         self._names = itertools.count(1)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="zocalo-xrc in-process broker", daemon=True)
@@ -234,7 +235,7 @@ class InProcessBroker:
                     message = q.ready.popleft()
                     tag = next(consumer.tags)
                     consumer.unacked[tag] = message
-                    return lambda c=consumer, t=tag, m=message: c.deliver(t, m)
+                    return functools.partial(consumer.deliver, tag, message)
         return None
 
     def _run(self) -> None:
