@@ -920,7 +920,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         """The message's results as this receiver hands them over."""
         raise NotImplementedError
 
-    def _fail(self, waiter: _Waiter[R], error: Exception) -> None:
+    def _fail(self, waiter: _Waiter[R], error: BaseException) -> None:
         """Tell the caller at once; what it had received stays unacked, held."""
         if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
             return
