@@ -35,6 +35,19 @@ def test_password_never_shows():
     assert s.url() == "amqp://gda@rabbit.example:5673/zocalo"
 
 
+def test_the_client_objects_say_where_they_talk_to_without_the_password():
+    url = f"amqp://gda:{SECRET}@rabbit.example:5673/zocalo"
+    where = "RabbitMQ at amqp://gda@rabbit.example:5673/zocalo"
+    trigger = zx.ZocaloTrigger(url, timeout_s=5.0)
+    assert repr(trigger) == (f"<ZocaloTrigger: start/end of recipe 'mimas' to processing_recipe on {where}, "
+                             "each confirmed by the broker within 5.0 s>")
+    with zx.ZocaloResults(url, beamline="i04") as results, zx.ZocaloResults2D(url, private_queue=True) as private:
+        assert repr(results) == (f"<ZocaloResults: 3d results from queue 'xrc.i04' on {where}, "
+                                 "idle (a trigger waits up to 180.0 s)>")
+        assert repr(private).startswith("<ZocaloResults2D: 2d results from a private queue bound to 'xrc.i03' on ")
+        assert not any(SECRET in text for o in (trigger, results, private) for text in (repr(o), str(o)))
+
+
 def write(path, text):
     path.write_text(text)
     return path

@@ -99,6 +99,11 @@ def test_bad_3d_input(xy, xz, words):
         ({"multipin_sample_ids": {"one": 5}}, "well number 'one' is not an integer"),
         ({"well_limits": [(0, 1, 2)]}, "well_limits[0]: expected a (lower, upper) pair"),
         ({"well_limits": [(0, float("inf"))]}, "well_limits[0][1] must be a finite number"),
+        ({"threshold": -1}, "threshold must be from 0 to 1 (a fraction of the largest voxel), got -1"),
+        ({"threshold": 2.0}, "threshold must be from 0 to 1 (a fraction of the largest voxel), got 2.0"),
+        ({"threshold_absolute": -0.5}, "threshold_absolute must be 0 or more (a spot count), got -0.5"),
+        ({"well_limits": [(0, 1), (5, 2)]}, "well_limits[1]: the lower limit 5 is above the upper 2"),
+        ({"multipin_sample_ids": {0: 5}}, "multipin_sample_ids: well number 0 is out of range (wells are numbered from 1)"),
     ],
 )
 def test_bad_3d_parameters(kwargs, words):
@@ -127,6 +132,41 @@ def test_reshape_grid_arguments():
         zx.reshape_grid(range(6), steps_x=3)
     with pytest.raises(ValueError, match="orientation"):
         zx.reshape_grid(range(6), steps_x=3, steps_y=2, snaked=True, orientation="up")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"steps_x": -1}, "steps_x must be positive, got -1"),
+    ({"steps_y": 0}, "steps_y must be positive, got 0"),
+    ({"steps_x": 2**64}, "steps_x must be at most 2147483647"),
+    ({"steps_y": 2.5}, "steps_y must be a whole number, got 2.5"),
+    ({"snaked": 2}, "snaked must be true/false or 0/1, got 2"),
+])
+def test_reshape_grid_names_a_bad_scan_value(change, words):
+    with pytest.raises(ValueError) as e:
+        zx.reshape_grid(range(6), **{"steps_x": 3, "steps_y": 2, "snaked": True, "orientation": "horizontal", **change})
+    assert str(e.value).startswith(words)
+
+
+def test_a_grid_made_directly_is_checked_as_one_read_from_ispyb():
+    fields = dict(steps_x=14.0, steps_y=9, dx_mm=0.02, dy_mm=0.02, microns_per_pixel_x=0.806, microns_per_pixel_y=0.806,
+                  snapshot_offset_x_px=339, snapshot_offset_y_px=236.0, snaked=1, orientation="Horizontal")
+    assert zx.GridInfo(**fields) == GRID and isinstance(zx.GridInfo(**fields).steps_x, int)
+    for change, words in [({"steps_x": -1}, "GridInfo: steps_x must be positive, got -1"),
+                          ({"dy_mm": 0}, "GridInfo: dy_mm must be positive, got 0"),
+                          ({"snapshot_offset_x_px": float("nan")}, "GridInfo: snapshot_offset_x_px must be finite"),
+                          ({"orientation": "up"}, "GridInfo: orientation must be 'horizontal' or 'vertical'")]:
+        with pytest.raises(ValueError) as e:
+            zx.GridInfo(**{**fields, **change})
+        assert str(e.value).startswith(words)
+
+
+@pytest.mark.parametrize("dx_mm, words", [(0, "dx_mm must be positive (a box's width), got 0"),
+                                          (-0.02, "dx_mm must be positive (a box's width), got -0.02"),
+                                          (float("inf"), "dx_mm must be a finite number")])
+def test_well_limits_need_a_box_width(dx_mm, words):
+    with pytest.raises(ValueError) as e:
+        zx.well_limits("multipin_6x1600+1000", dx_mm)
+    assert str(e.value).startswith(words)
 
 
 def test_inputs_are_never_modified():

@@ -101,6 +101,26 @@ def test_a_recipe_wrapper_send_reaches_wrap_subscribe_with_pikas_headers(broker,
     assert nothing_more(again)
 
 
+def test_the_broker_says_which_exchanges_exist_and_holds_still_when_asked(broker):
+    """The two faces the workflows transport uses: no reaching into the broker."""
+    assert broker.exchange_exists("") and not broker.exchange_exists("results")
+    broker.declare_exchange("results")
+    assert broker.exchange_exists("results")
+    work_queue(broker, "step.a")
+    got = queue.Queue()
+    sub = InProcessTransport(broker).subscribe(QueueSpec("step.a"), got.put)
+    other = threading.Thread(target=lambda: broker.publish("", "step.a", b"theirs", {}))
+    with broker.atomically():
+        broker.publish("", "step.a", b"one", {})  # the broker's own calls work inside
+        other.start()
+        assert nothing_more(got, 0.3)  # held still: nothing handed out, the other thread's publish waits
+        broker.publish("", "step.a", b"two", {})
+        assert broker.message_count("step.a") == 2
+    other.join(5)
+    assert [got.get(timeout=5).body for _ in range(3)] == [b"one", b"two", b"theirs"]
+    sub.cancel()
+
+
 def test_nack_requeues_by_default_as_pika_does_until_the_delivery_limit(broker, connect):
     q = work_queue(broker, "nacked")
     t = connect(delivery_limit=2)

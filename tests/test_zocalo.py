@@ -303,6 +303,19 @@ def test_private_queue_leaves_the_durable_queue_alone(transport, results_queue):
     assert eventually(lambda: transport.message_count(results_queue) == 1)
 
 
+def test_results_say_what_they_wait_for(transport, results_queue):
+    with results_for(transport, results_queue, timeout_s=10) as zocalo:
+        assert repr(zocalo).endswith(", idle (a trigger waits up to 10 s)>")
+        got = []
+        waiting = threading.Thread(target=lambda: got.append(zocalo.trigger(dcids=[62, 61], dcgid=6)))
+        waiting.start()
+        assert eventually(lambda: "waiting for the results of DCID 61, 62 / DCGID 6>" in repr(zocalo)), repr(zocalo)
+        assert f"3d results from queue {results_queue!r} on " in repr(zocalo)
+        publish_result(transport, results_queue, [ROW], dcid=61, dcgid=6)
+        waiting.join(10)
+        assert list(got[0]) == [ROW] and repr(zocalo).endswith(", idle (a trigger waits up to 10 s)>")
+
+
 def test_one_trigger_at_a_time_and_names_required(transport, results_queue):
     zocalo = results_for(transport, results_queue)
     with pytest.raises(ValueError, match="name the collection"):

@@ -20,8 +20,8 @@ def quoted(value: Any) -> str:
 def _number(value: int | float) -> str:
     try:
         return repr(value)
-    except ValueError:  # an int too long for repr
-        return f"an integer of {value.bit_length()} bits"
+    except ValueError:  # an int too long for repr (a float's repr never fails)
+        return f"an integer of {int(value).bit_length()} bits"
 
 
 def finite_float(value: Any) -> float | None:

@@ -27,7 +27,10 @@ def well_limits(loop_type: str, dx_mm: float) -> list[tuple[float, float]]:
     Any other loop type has no wells."""
     if not isinstance(loop_type, str):
         raise ValueError(f"loop_type: expected a string, got {type(loop_type).__name__}")
-    return _native.well_limits(loop_type, _finite("dx_mm", dx_mm))
+    width = _finite("dx_mm", dx_mm)
+    if width <= 0:
+        raise ValueError(f"dx_mm must be positive (a box's width), got {quoted(dx_mm)}")
+    return _native.well_limits(loop_type, width)
 
 
 def centre_2d(
@@ -74,7 +77,9 @@ def centre_3d(
 ) -> XrcResults:
     """Centre two grids that share x: ``xy`` of shape ``(nx, ny)`` and ``xz`` of
     shape ``(nx, nz)``, both laid out ``A[x][...]`` (see :func:`reshape_grid`).
-    Results come sorted by ``total_count``, largest first.
+    Results come sorted by ``total_count``, largest first. ``threshold`` is a
+    fraction of the largest voxel, from 0 to 1; ``threshold_absolute`` a
+    count, 0 or more (``docs/algorithm.md``).
 
     Memory beyond the inputs is a few words per x, y and z, ~12 to ~100 bytes
     per *run* (a stretch of kept voxels along z; the more distinct cut-offs
@@ -90,8 +95,8 @@ def centre_3d(
     return _native.centre_3d(
         counts_array(xy, 2, "xy"),
         counts_array(xz, 2, "xz"),
-        _finite("threshold", threshold),
-        _finite("threshold_absolute", threshold_absolute),
+        _fraction("threshold", threshold),
+        _count("threshold_absolute", threshold_absolute),
         _sample_id("sample_id", sample_id),
         _multipin_ids(multipin_sample_ids),
         _well_limits(well_limits),
@@ -136,6 +141,20 @@ def _finite(name: str, value: Any) -> float:
     return f
 
 
+def _fraction(name: str, value: Any) -> float:
+    f = _finite(name, value)
+    if not 0 <= f <= 1:
+        raise ValueError(f"{name} must be from 0 to 1 (a fraction of the largest voxel), got {quoted(value)}")
+    return f
+
+
+def _count(name: str, value: Any) -> float:
+    f = _finite(name, value)
+    if f < 0:
+        raise ValueError(f"{name} must be 0 or more (a spot count), got {quoted(value)}")
+    return f
+
+
 def _sample_id(name: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -157,8 +176,8 @@ def _multipin_ids(ids: Mapping[int | str, int] | None) -> dict[int, int]:
             number = int(well)
         except (TypeError, ValueError):
             raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is not an integer") from None
-        if not 0 <= number < 2**63:
-            raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is out of range")
+        if not 1 <= number < 2**63:
+            raise ValueError(f"multipin_sample_ids: well number {quoted(well)} is out of range (wells are numbered from 1)")
         value = _sample_id(f"multipin_sample_ids[{quoted(well)}]", sid)
         if value is None:
             raise ValueError(f"multipin_sample_ids[{quoted(well)}] must be a sample id, got None")
@@ -175,5 +194,8 @@ def _well_limits(limits: Sequence[tuple[float, float]] | None) -> list[tuple[flo
             lo, hi = pair
         except (TypeError, ValueError):
             raise ValueError(f"well_limits[{k}]: expected a (lower, upper) pair, got {quoted(pair)}") from None
-        out.append((_finite(f"well_limits[{k}][0]", lo), _finite(f"well_limits[{k}][1]", hi)))
+        lower, upper = _finite(f"well_limits[{k}][0]", lo), _finite(f"well_limits[{k}][1]", hi)
+        if lower > upper:
+            raise ValueError(f"well_limits[{k}]: the lower limit {quoted(lo)} is above the upper {quoted(hi)}")
+        out.append((lower, upper))
     return out

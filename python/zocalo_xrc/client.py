@@ -246,6 +246,16 @@ class _UsesBroker:
             return f"RabbitMQ at {where.url()}"
         return "the in-process broker" if isinstance(where, InProcessTransport) else repr(where)
 
+    def __repr__(self) -> str:
+        """Where it talks to (never a password) and what it waits for."""
+        try:
+            return f"<{type(self).__name__}: {self._describe()}>"
+        except AttributeError:  # half made (its __init__ raised), as a traceback's locals show it
+            return f"<{type(self).__name__}: not made>"
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
 
 class ZocaloTrigger(_UsesBroker):
     """Sends ``start`` and ``end`` for a data collection to Zocalo."""
@@ -264,6 +274,10 @@ class ZocaloTrigger(_UsesBroker):
             raise
         self._headers: dict[str, str] | None = None
         self.timeout_s, self.recipe = timeout_s, recipe
+
+    def _describe(self) -> str:
+        return (f"start/end of recipe {self.recipe!r} to {PROCESSING_QUEUE} on {self.broker}, "
+                f"each confirmed by the broker within {self.timeout_s} s")
 
     def _send(self, messages: list[dict[str, Any]], what: str) -> list[tuple[Future[None], str]]:
         """Publish every message at once; each one's confirm future and id.
@@ -504,7 +518,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         self.last_comparison: SourceComparison[R] | None = None
         self._subscription: Subscription | None = None
         self._lock = threading.Lock()
-        self._busy = False
+        self._asking: _Waiter[R] | None = None  # the caller's, while a trigger waits (one at a time)
         # Shared with the I/O thread, under _state: who waits, and what came early.
         self._state = threading.Lock()
         self._held: list[_Arrival] = []  # in order of arrival
@@ -515,6 +529,13 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._waiter: _Waiter[R] | None = None
         self._releasing = 0  # callers that have finished, whose waiters the I/O thread has still to release
         self._stale = 0  # how many of the first deliveries were waiting before settle_waiting()
+
+    def _describe(self) -> str:
+        asking = self._asking
+        queue = f"a private queue bound to {self.routing_key!r}" if self.private_queue else f"queue {self.queue!r}"
+        waits = (f"waiting for the results of {asking.describe()}" if asking
+                 else f"idle (a trigger waits up to {self.timeout_s} s)")
+        return f"{self.result_type} results from {queue} on {self.broker}, {waits}"
 
     def subscribe(self, *, timeout_s: float | None = 10.0) -> None:
         """Start consuming results (the first trigger does it if nothing did):
@@ -670,11 +691,11 @@ class _Receiver(_UsesBroker, Generic[R]):
         if (ids or dcgid is not None) and any_collection:
             raise ValueError("trigger: any_collection=True names no collection; leave out dcids= and dcgid=")
         subscription = self._subscribe()
-        with self._lock:
-            if self._busy:
-                raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
-            self._busy = True
         waiter: _Waiter[R] = _Waiter(ids, dcgid)
+        with self._lock:
+            if self._asking is not None:
+                raise RuntimeError("ZocaloResults is already waiting for results; one trigger at a time")
+            self._asking = waiter
         # With nothing held, install here: waiting then costs no hand-over to
         # the I/O thread. Results that came early are the I/O thread's to take,
         # in order, before anything newer.
@@ -720,7 +741,7 @@ class _Receiver(_UsesBroker, Generic[R]):
                 self._releasing += 1
             self.transport.call_soon(lambda: self._release(waiter))
         with self._lock:
-            self._busy = False
+            self._asking = None
 
     def trigger(self, dcids: int | Iterable[int] | None = None, dcgid: int | None = None, *,
                 timeout_s: float | None = None, any_collection: bool = False) -> R:
@@ -899,7 +920,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         """The message's results as this receiver hands them over."""
         raise NotImplementedError
 
-    def _fail(self, waiter: _Waiter[R], error: Exception) -> None:
+    def _fail(self, waiter: _Waiter[R], error: BaseException) -> None:
         """Tell the caller at once; what it had received stays unacked, held."""
         if self._waiter is not waiter or not waiter.future.set_running_or_notify_cancel():
             return

@@ -84,6 +84,6 @@ class GridGeometry:
             if not result.ok or result.centre_of_mass is None or bounds is None:
                 raise ValueError(f"a 2D result with status {result.status!r} has no position")
             centre = tuple(c - 0.5 for c in result.centre_of_mass)
-            lower, upper = (tuple(c - 0.5 for c in corner) for corner in bounds)
-            return MotorPosition(self.boxes_to_mm(centre), (self.boxes_to_mm(lower), self.boxes_to_mm(upper)))
+            low, high = (tuple(c - 0.5 for c in corner) for corner in bounds)
+            return MotorPosition(self.boxes_to_mm(centre), (self.boxes_to_mm(low), self.boxes_to_mm(high)))
         raise TypeError(f"to_motor: expected an XrcResult or a GridScan2DResult, got {type(result).__name__}")

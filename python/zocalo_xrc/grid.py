@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -43,6 +43,12 @@ class GridInfo:
     snaked: bool
     orientation: Orientation
 
+    def __post_init__(self) -> None:
+        """Checked as :meth:`from_ispyb` checks (errors name the attribute),
+        and held as plain ints, floats and a bool."""
+        for key, attr, check in _CHECKS:
+            object.__setattr__(self, attr, check(f"GridInfo: {attr}", getattr(self, attr)))
+
     @classmethod
     def from_ispyb(cls, gridinfo: Mapping[str, Any]) -> GridInfo:
         """Read the ISPyB / recipe ``gridinfo`` keys. Steps may be whole floats
@@ -57,12 +63,7 @@ class GridInfo:
             except KeyError:
                 raise ValueError(f"gridinfo: missing key {quoted(key)}") from None
 
-        fields: dict[str, Any] = {key: _steps(key, get(key)) for key in ("steps_x", "steps_y")}
-        for key, attr in _FLOAT_KEYS.items():
-            fields[attr] = _number(key, get(key), positive=key in _POSITIVE)
-        fields["snaked"] = _flag("snaked", get("snaked"))
-        fields["orientation"] = _orientation(get("orientation"))
-        return cls(**fields)
+        return cls(**{attr: check(f"gridinfo: {key}", get(key)) for key, attr, check in _CHECKS})
 
     def to_ispyb(self) -> dict[str, Any]:
         """The ISPyB keys of this grid."""
@@ -89,42 +90,60 @@ class GridInfo:
 MAX_STEPS = 2**31 - 1
 
 
-def _steps(key: str, value: Any) -> int:
+# Each check gives the value as GridInfo holds it, or raises a ValueError
+# naming it (``name``: "gridinfo: steps_x", "steps_x", ...).
+
+def _steps(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
+        raise ValueError(f"{name} must be a number, got {quoted(value)}")
     if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
-        raise ValueError(f"gridinfo: {key} must be a whole number, got {quoted(value)}")
+        raise ValueError(f"{name} must be a whole number, got {quoted(value)}")
     whole = int(value) if isinstance(value, numbers.Integral) else int(float(value))
     if whole < 1:
-        raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
+        raise ValueError(f"{name} must be positive, got {quoted(value)}")
     if whole > MAX_STEPS:
-        raise ValueError(f"gridinfo: {key} must be at most {MAX_STEPS}, got {quoted(value)}")
+        raise ValueError(f"{name} must be at most {MAX_STEPS}, got {quoted(value)}")
     return whole
 
 
-def _number(key: str, value: Any, *, positive: bool) -> float:
+def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"gridinfo: {key} must be a number, got {quoted(value)}")
+        raise ValueError(f"{name} must be a number, got {quoted(value)}")
     f = finite_float(value)
     if f is None:
-        raise ValueError(f"gridinfo: {key} must be finite, got {quoted(value)}")
-    if positive and f <= 0:
-        raise ValueError(f"gridinfo: {key} must be positive, got {quoted(value)}")
+        raise ValueError(f"{name} must be finite, got {quoted(value)}")
     return f
 
 
-def _flag(key: str, value: Any) -> bool:
+def _positive(name: str, value: Any) -> float:
+    f = _number(name, value)
+    if f <= 0:
+        raise ValueError(f"{name} must be positive, got {quoted(value)}")
+    return f
+
+
+def _flag(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"gridinfo: {key} must be true/false or 0/1, got {quoted(value)}")
+    raise ValueError(f"{name} must be true/false or 0/1, got {quoted(value)}")
 
 
-def _orientation(value: Any) -> Orientation:
+def _orientation(name: str, value: Any) -> Orientation:
     if isinstance(value, str) and value.lower() in ("horizontal", "vertical"):
         return value.lower()  # type: ignore[return-value]
-    raise ValueError(f"gridinfo: orientation must be 'horizontal' or 'vertical', got {quoted(value)}")
+    raise ValueError(f"{name} must be 'horizontal' or 'vertical', got {quoted(value)}")
+
+
+#: (ISPyB key, GridInfo attribute, check) of every field.
+_CHECKS: list[tuple[str, str, Callable[[str, Any], Any]]] = [
+    ("steps_x", "steps_x", _steps),
+    ("steps_y", "steps_y", _steps),
+    *((key, attr, _positive if key in _POSITIVE else _number) for key, attr in _FLOAT_KEYS.items()),
+    ("snaked", "snaked", _flag),
+    ("orientation", "orientation", _orientation),
+]
 
 
 def reshape_grid(
@@ -144,4 +163,7 @@ def reshape_grid(
         steps_x, steps_y, snaked, orientation = grid.steps_x, grid.steps_y, grid.snaked, grid.orientation
     elif steps_x is None or steps_y is None or snaked is None or orientation is None:
         raise TypeError("reshape_grid: needs grid, or all of steps_x, steps_y, snaked and orientation")
+    else:
+        steps_x, steps_y = _steps("steps_x", steps_x), _steps("steps_y", steps_y)
+        snaked, orientation = _flag("snaked", snaked), _orientation("orientation", orientation)
     return _native.reshape_grid(counts_array(counts, 1, "counts"), steps_x, steps_y, snaked, orientation)

@@ -4,6 +4,8 @@ use them (see :mod:`zocalo_xrc.messaging.base`): for demos and tests."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -61,8 +63,8 @@ class _Queue:
     dead_letter_to: str | None = None
     exclusive_to: int | None = None
     single_active: bool = False  # only the oldest consumer receives
-    ready: collections.deque = field(default_factory=collections.deque)
-    consumers: list = field(default_factory=list)
+    ready: collections.deque[_Message] = field(default_factory=collections.deque)
+    consumers: list[_Consumer] = field(default_factory=list)
     turn: int = 0
 
 
@@ -76,7 +78,7 @@ class InProcessBroker:
         self._queues: dict[str, _Queue] = {}
         self._exchanges: dict[str, list[tuple[str, str]]] = {"": []}
         self._hashing: set[str] = set()  # consistent-hash exchanges (the others route by topic)
-        self._tasks: collections.deque = collections.deque()
+        self._tasks: collections.deque[Callable[[], None]] = collections.deque()
         self._names = itertools.count(1)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="zocalo-xrc in-process broker", daemon=True)
@@ -106,6 +108,12 @@ class InProcessBroker:
     def queue_exists(self, name: str) -> bool:
         with self._lock:
             return name in self._queues
+
+    def exchange_exists(self, name: str) -> bool:
+        """Whether exchange ``name`` was declared (the default exchange ``""``
+        always is; exchanges are never deleted)."""
+        with self._lock:
+            return name in self._exchanges
 
     def delete_queue(self, name: str) -> None:
         with self._lock:
@@ -192,6 +200,15 @@ class InProcessBroker:
                 self.settle(consumer, tag, None)
         return returned
 
+    def atomically(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the broker still: inside ``with broker.atomically():`` no
+        consumer is handed anything and no other thread publishes, settles or
+        declares, so what the caller does there (publishes and settles, with
+        checks between) every consumer sees as one step. Re-entrant: the
+        broker's own methods may be called inside. Keep it short: the whole
+        broker waits meanwhile."""
+        return self._lock
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         with self._lock:
             self._tasks.append(fn)
@@ -218,7 +235,7 @@ class InProcessBroker:
                     message = q.ready.popleft()
                     tag = next(consumer.tags)
                     consumer.unacked[tag] = message
-                    return lambda c=consumer, t=tag, m=message: c.deliver(t, m)
+                    return functools.partial(consumer.deliver, tag, message)
         return None
 
     def _run(self) -> None:

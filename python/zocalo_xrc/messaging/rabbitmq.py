@@ -546,7 +546,7 @@ class _ConfirmingPublisher:
 
     def __init__(self, conn: pika.BlockingConnection) -> None:
         self._blocking = conn.channel()
-        self._channel = self._blocking._impl
+        self._channel = _async_channel(self._blocking)
         self._pending: dict[int, tuple[Future[None], str, str, str]] = {}
         self._by_id: dict[str, deque[int]] = {}
         self._returned: dict[int, str] = {}
@@ -676,10 +676,11 @@ class _AmqpSubscription(Subscription):
             if self.atomic:
                 assert t._conn is not None
                 channel = t._conn.channel()
-                _select_confirms(t._conn, channel._impl, self._on_confirm)
+                inner = _async_channel(channel)
+                _select_confirms(t._conn, inner, self._on_confirm)
                 self.published = 0
-                channel._impl.add_on_return_callback(self._on_return)
-                channel._impl.add_on_close_callback(lambda _ch, reason: self.fail_commits(f"the channel closed ({reason})"))
+                inner.add_on_return_callback(self._on_return)
+                inner.add_on_close_callback(lambda _ch, reason: self.fail_commits(f"the channel closed ({reason})"))
             else:
                 channel = t._sub
             self.channel, self.outstanding, self.arrived, self.tag = channel, set(), deque(), None
@@ -906,6 +907,13 @@ class _Commit:
         self.unconfirmed: set[int] = set()
         self.returned: list[Outgoing] = []
         self.refused = False
+
+
+def _async_channel(channel: pika.adapters.blocking_connection.BlockingChannel) -> Any:
+    """The asynchronous channel inside pika's BlockingChannel (pika keeps it
+    as ``_impl``): confirms without waiting, returns and consuming straight
+    from the frames go through it (see :class:`_ConfirmingPublisher`)."""
+    return getattr(channel, "_impl")
 
 
 def _select_confirms(conn: pika.BlockingConnection, channel: Any, on_confirm: Callable[[Any], None]) -> None:

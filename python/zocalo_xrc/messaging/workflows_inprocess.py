@@ -209,7 +209,7 @@ class InProcessWorkflowsTransport(CommonTransport):
         """Receive everything published to the exchange ``channel`` (which
         must exist, ``transient.status`` say) through a private queue."""
         self._require_connected()
-        if not self._exchange_exists(channel):
+        if not self.broker.exchange_exists(channel):
             raise workflows.Disconnected(f"NOT_FOUND - no exchange {channel!r} on the in-process broker "
                                          "(declare it with InProcessBroker.declare_exchange)")
         self._consume(_Subscription(sub_id, f"broadcast {channel}", manual_ack=False, temporary=False),
@@ -369,7 +369,7 @@ class InProcessWorkflowsTransport(CommonTransport):
     def _out(self, send: _Send, transaction: int | None) -> None:
         self._require_connected()
         if transaction:
-            if not self._exchange_exists(send.exchange):
+            if not self.broker.exchange_exists(send.exchange):
                 raise workflows.Error(f"cannot send to {send.describe()}: NOT_FOUND - no exchange {send.exchange!r} "
                                       "on the in-process broker")
             with self._lock:
@@ -437,9 +437,9 @@ class InProcessWorkflowsTransport(CommonTransport):
         with self._lock:
             t = self._take_transaction(transaction_id, "commit")
         later = [s for s in t.sends if s.delay]
-        # InProcessBroker.commit acks but cannot reject, so hold the broker's lock
-        # (re-entrant; its publish and settle take it too) over the whole of it
-        with self.broker._lock:
+        # InProcessBroker.commit acks but cannot reject, so hold the broker still
+        # over the whole of it: its checks, publishes and settles are one step
+        with self.broker.atomically():
             gone = [d for _, _, d, _ in t.settles if not d.live]
             if gone:
                 with self._lock:
@@ -462,10 +462,6 @@ class InProcessWorkflowsTransport(CommonTransport):
             raise KeyError(f"Could not find transaction {transaction_id} to {what}")
         del self._channel_transaction[t.channel]
         return t
-
-    def _exchange_exists(self, name: str) -> bool:
-        # InProcessBroker has no public way to ask; its exchanges are never deleted
-        return name == "" or name in self.broker._exchanges
 
     # bodies: JSON text, as PikaTransport
     @staticmethod

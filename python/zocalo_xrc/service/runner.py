@@ -41,6 +41,7 @@ from .._results import GridScan2DResult
 from ..messaging import Delivery, Outgoing, QueueSpec, Subscription, Transport
 from ..messaging.base import new_message_id
 from ..messages import is_recipe_envelope
+from ..summary import format_2d
 from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
 from .checkpoint import Checkpoint, barrier, encode as encode_checkpoint, is_checkpoint, parse as parse_checkpoint
@@ -626,8 +627,6 @@ def _payload(result: XrcResults | GridScan2DResult) -> dict[str, Any]:
 def _write_2d_files(envelope: Envelope, result: GridScan2DResult) -> None:
     """The 2D step's ``output`` (the result as JSON), ``log`` (readable text)
     and ``results_symlink``, where the step names them."""
-    from ..cli import format_2d
-
     parameters = envelope.step.get("parameters", {})
     try:
         if parameters.get("output"):
