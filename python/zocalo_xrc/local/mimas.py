@@ -88,9 +88,10 @@ class Mimas(CommonService):
 
     def on_step(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
         requests, why = decide(rw.recipe_step.get("parameters") or {}, self.settings.pia)
-        txn = self._transport.transaction_begin(subscription_id=header["subscription"])
-        self._transport.ack(header, transaction=txn)
+        transport = rw.transport  # the service's, by which the step came
+        txn = transport.transaction_begin(subscription_id=header["subscription"])
+        transport.ack(header, transaction=txn)
         for request in requests:
-            self._transport.send("processing_recipe", request, transaction=txn)
-        self._transport.transaction_commit(txn)
+            transport.send("processing_recipe", request, transaction=txn)
+        transport.transaction_commit(txn)
         self.log.info("Mimas: %s", why)
