@@ -28,8 +28,9 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from bluesky.run_engine import RunEngine
 from bluesky.utils import Msg
-from dodal.devices.zocalo import ZocaloResults, ZocaloStartInfo, ZocaloTrigger, get_full_processing_results
-from dodal.devices.zocalo.zocalo_results import ZOCALO_STAGE_GROUP
+from dodal.devices.zocalo import (  # type: ignore[import-untyped]
+    ZocaloResults, ZocaloStartInfo, ZocaloTrigger, get_full_processing_results)
+from dodal.devices.zocalo.zocalo_results import ZOCALO_STAGE_GROUP  # type: ignore[import-untyped]
 from ophyd_async.core import init_devices
 
 COLLECTION = "do_gridscan"
@@ -74,7 +75,7 @@ def grid_scan(zocalo: ZocaloResults, out: dict[str, Any]) -> Generator[Msg, Any,
                                                 "message_index")} | {"filename": registered["filename"]}
               for s in registered["starts"]]
 
-    @bpp.run_decorator(md={"plan_name": COLLECTION, "zocalo_starts": starts})
+    @bpp.run_decorator(md={"plan_name": COLLECTION, "zocalo_starts": starts})  # type: ignore[untyped-decorator]
     def collection() -> Generator[Msg, Any, None]:
         yield from bps.null()  # the start document is out: the callback has sent the starts
         say("started")
@@ -92,7 +93,7 @@ def grid_scan(zocalo: ZocaloResults, out: dict[str, Any]) -> Generator[Msg, Any,
 def main() -> int:
     environment = sys.argv[1]
     RE = RunEngine({})
-    RE.subscribe(ZocaloCallback(ZocaloTrigger(environment)))
+    RE.subscribe(ZocaloCallback(ZocaloTrigger(environment)))  # type: ignore[no-untyped-call]
     with init_devices():
         zocalo = ZocaloResults(name="zocalo", zocalo_environment=environment, timeout_s=float(sys.argv[2]))
     out: dict[str, Any] = {}

@@ -138,7 +138,7 @@ def as_dodal_reads(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_dodals_own_trigger_and_device_read_the_centre_of_the_spots_found_in_the_detectors_frames(
-        rabbit, dodal_python, tmp_path):
+        rabbit: Any, dodal_python: Path, tmp_path: Path) -> None:
     """A RunEngine plan in dodal's venv: dodal's ``ZocaloResults`` staged;
     a collection run whose documents make dodal's ``ZocaloTrigger`` send a
     start per grid (the DCIDs ``local add-scan`` printed) while a simulated
@@ -151,15 +151,17 @@ def test_dodals_own_trigger_and_device_read_the_centre_of_the_spots_found_in_the
     state = tmp_path / "state"
     started = time.monotonic()
     processes: list[subprocess.Popen[Any]] = []
+    logs: list[IO[str]] = []
 
     def start(command: list[str], log: str, **options: Any) -> subprocess.Popen[Any]:
-        processes.append(subprocess.Popen(command, stderr=(tmp_path / log).open("w"), start_new_session=True,
-                                          text=True, **options))
+        logs.append((tmp_path / log).open("w"))
+        processes.append(subprocess.Popen(command, stderr=logs[-1], start_new_session=True, text=True, **options))
         return processes[-1]
 
     try:
+        logs.append((tmp_path / "up.out").open("w"))
         up = start([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, "--state", str(state),
-                    "--idle-timeout", "30"], "up.log", stdout=(tmp_path / "up.out").open("w"))
+                    "--idle-timeout", "30"], "up.log", stdout=logs[-1])
         until_printed(tmp_path / "up.out", "local Zocalo up", up, timeout=120)
         # dodal's side: its venv's python and nothing of ours; the broker from local up's zocalo configuration
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "DODAL_TEST_MODE")}
@@ -182,8 +184,13 @@ def test_dodals_own_trigger_and_device_read_the_centre_of_the_spots_found_in_the
         assert dodal.wait(30) == 0, (tmp_path / "dodal.log").read_text()
         took = time.monotonic() - started
     finally:
-        for p in reversed(processes):
+        for p in reversed(processes):  # add-scan, dodal's plan, then local up, which stops its services
             stop(p)
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    pipe.close()
+        for log in logs:
+            log.close()
     up_log = (tmp_path / "up.log").read_text()
     assert up.returncode == 0 and "Traceback" not in up_log, up_log[-3000:]
 
