@@ -41,6 +41,28 @@ HERE = Path(__file__).resolve().parent
 MODEL = HERE.parent / "examples" / "model3d.json"
 RESULTS_TIMEOUT_S = 90.0
 
+#: Ends what the test started should the test's own process die first (SIGKILL
+#: too): reads the process groups the test started, one a line, until the test's
+#: end of the pipe closes however it closed, then ends each still there, last
+#: first (local up then stops its services), SIGKILL after 60 s.
+WARDEN = """
+import os, signal, sys, time
+def there(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+for group in reversed([int(line) for line in sys.stdin]):
+    if there(group):
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while there(group) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if there(group):
+            os.killpg(group, signal.SIGKILL)
+"""
+
 pytestmark = pytest.mark.skipif(
     not (os.environ.get("ZOCALO_XRC_DODAL") == "1" or os.environ.get("ZOCALO_XRC_DODAL_VENV")),
     reason=f"installs dls-dodal {DODAL} from PyPI into a venv of its own: ZOCALO_XRC_DODAL=1 to run "
@@ -154,10 +176,16 @@ def test_dodals_own_trigger_and_device_read_the_centre_of_the_spots_found_in_the
     started = time.monotonic()
     processes: list[subprocess.Popen[Any]] = []
     logs: list[IO[str]] = []
+    warden = subprocess.Popen([sys.executable, "-c", WARDEN], stdin=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    assert warden.stdin is not None
+    to_warden = warden.stdin
 
     def start(command: list[str], log: str, **options: Any) -> subprocess.Popen[Any]:
         logs.append((tmp_path / log).open("w"))
         processes.append(subprocess.Popen(command, stderr=logs[-1], start_new_session=True, text=True, **options))
+        to_warden.write(f"{processes[-1].pid}\n")
+        to_warden.flush()
         return processes[-1]
 
     try:
@@ -193,6 +221,8 @@ def test_dodals_own_trigger_and_device_read_the_centre_of_the_spots_found_in_the
                     pipe.close()
         for log in logs:
             log.close()
+        to_warden.close()  # nothing left for it to end
+        warden.wait(10)
     up_log = (tmp_path / "up.log").read_text()
     assert up.returncode == 0 and "Traceback" not in up_log, up_log[-3000:]
 
