@@ -55,12 +55,6 @@ pub trait Acc: Copy + Default + Send + Sync + Add<Output = Self> + Sub<Output = 
     fn f64(self) -> f64;
 }
 
-impl Acc for u32 {
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self as f64
-    }
-}
 impl Acc for u64 {
     #[inline(always)]
     fn f64(self) -> f64 {
@@ -77,7 +71,9 @@ impl Acc for f64 {
 macro_rules! integer_pixel {
     ($t:ty, $name:literal, $below_big:expr) => {
         impl Pixel for $t {
-            type X = u32;
+            // u64: a box of more than 256 pixels below 2^24 sums past 2^32
+            // (kernel_size 8 is 289; dispersion_extended's wider box at 6)
+            type X = u64;
             type Y = u64;
             const DTYPE: &'static str = $name;
             const ZERO: Self = 0;
@@ -88,8 +84,8 @@ macro_rules! integer_pixel {
                 self as f64
             }
             #[inline(always)]
-            fn x(self) -> u32 {
-                self as u32
+            fn x(self) -> u64 {
+                self as u64
             }
             #[inline(always)]
             fn y(self) -> u64 {
@@ -1080,12 +1076,13 @@ mod tests {
 
     /// The rule written out with plain loops over the box, for every pixel.
     fn by_hand(data: &[u32], h: usize, w: usize, rule: &Rule) -> Vec<u32> {
+        let (kx, ky) = rule.kernel;
         let mut strong = vec![];
         for r in 0..h {
             for c in 0..w {
                 let (mut m, mut x, mut y) = (0u32, 0u64, 0u64);
-                for rr in r.saturating_sub(3)..=(r + 3).min(h - 1) {
-                    for cc in c.saturating_sub(3)..=(c + 3).min(w - 1) {
+                for rr in r.saturating_sub(ky)..=(r + ky).min(h - 1) {
+                    for cc in c.saturating_sub(kx)..=(c + kx).min(w - 1) {
                         let v = data[rr * w + cc] as u64;
                         if v < 1 << 24 {
                             m += 1;
@@ -1125,6 +1122,27 @@ mod tests {
         strong_pixels(&Frame::new(&data, h, w).unwrap(), &Valid::new(None, None), &rule, &mut out).unwrap();
         assert_eq!(out.index, by_hand(&data, h, w, &rule));
         assert!(out.index.contains(&(9 * w as u32 + 12)));
+    }
+
+    #[test]
+    fn sums_of_big_boxes_of_values_near_2_to_the_24_do_not_wrap() {
+        // 17x17 = 289 pixels below 2^24 sum past 2^32: the general path's sums
+        let (h, w) = (40, 45);
+        let mut s = 5u64;
+        let data: Vec<u32> = (0..h * w)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (1 << 24) - 1 - ((s >> 33) as u32 % (1 << 22))
+            })
+            .collect();
+        for kernel in [(8, 8), (8, 3), (3, 8)] {
+            let rule = Rule { kernel, ..Rule::default() };
+            let mut out = Strong::default();
+            strong_pixels(&Frame::new(&data, h, w).unwrap(), &Valid::new(None, None), &rule, &mut out).unwrap();
+            let expected = by_hand(&data, h, w, &rule);
+            assert!(!expected.is_empty() && expected.len() < h * w, "{}", expected.len());
+            assert_eq!(out.index, expected, "kernel {kernel:?}");
+        }
     }
 
     #[test]
