@@ -121,6 +121,26 @@ pub fn decode_frame<T: Pixel>(chunk: &[u8], frame: &mut [T], scratch: &mut Vec<u
     // slice covers exactly the frame's memory, which it borrows mutably.
     let bytes = unsafe { std::slice::from_raw_parts_mut(frame.as_mut_ptr() as *mut u8, std::mem::size_of_val(frame)) };
     bslz4::decode_into(chunk, size, bytes, scratch).map_err(|e| InputError::new(e.0))?;
+    check_decoded(frame)
+}
+
+/// Decode one bitshuffle-LZ4 chunk into a new frame of `n` values of `T`,
+/// its memory not zeroed first (the decoder writes every byte of it).
+pub fn decode_new_frame<T: Pixel>(chunk: &[u8], n: usize, scratch: &mut Vec<u8>) -> Result<Vec<T>> {
+    let mut frame: Vec<T> = Vec::with_capacity(n);
+    let size = std::mem::size_of::<T>();
+    // SAFETY: the bytes of the frame's capacity, written and never read by
+    // `decode_into`, which on success has written every one of them (the
+    // blocks, then the raw rest, cover `0..n * size`); only then is the
+    // length set, and a Pixel is valid for any bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(frame.as_mut_ptr() as *mut u8, n * size) };
+    bslz4::decode_into(chunk, size, bytes, scratch).map_err(|e| InputError::new(e.0))?;
+    unsafe { frame.set_len(n) };
+    check_decoded(&frame)?;
+    Ok(frame)
+}
+
+fn check_decoded<T: Pixel>(frame: &[T]) -> Result<()> {
     if cfg!(target_endian = "big") {
         return Err(InputError::new("little-endian frames on a big-endian machine are not supported"));
     }
