@@ -833,28 +833,116 @@ mod fast {
         }
     }
 
-    /// Flags for a whole row, handed with the box sums to `each(c0, sums,
-    /// flags)` block by block; `TAPS` as in [`block`].
+    /// A pixel that passed both sieves: its column, packed box sums and box
+    /// sum of squares (of the small pixels), for the exact decision.
+    type Candidate<'e> = &'e mut dyn FnMut(usize, u32, u32);
+
+    /// The sieves over columns `from..` of a row, handing each pixel that
+    /// passes them to `each`; `TAPS` as in [`block`].
     #[inline(always)]
     fn filter_row<T: Pixel, const TAPS: usize>(
         f: &Filter<T>,
         win: &Window,
         taps: usize,
         levels: &[u8],
+        from: usize,
         next: Row<T>,
-        each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK]),
+        each: Candidate,
     ) {
         let mut sums = ([0u32; BLOCK], [0u32; BLOCK]);
         let mut flags = [0u8; BLOCK];
         let w = levels.len();
-        for c0 in (0..w).step_by(BLOCK) {
+        for c0 in (from..w).step_by(BLOCK) {
             prefetch(next, c0);
             block::<T, TAPS>(f, win, taps, levels, c0, BLOCK.min(w - c0), &mut sums, &mut flags);
             let any = flags.chunks_exact(8).fold(0u64, |a, e| a | u64::from_ne_bytes(e.try_into().expect("8 flags")));
             if any != 0 {
-                each(c0, &sums, &flags);
+                for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
+                    each(c0 + i, sums.0[i], sums.1[i]);
+                }
             }
         }
+    }
+
+    /// The sieves of [`Filter`] in AVX2, eight columns at a time, over as
+    /// many whole groups of eight as the row has; returns where it stopped.
+    /// The same `f32` operations in the same order as `may_signal` and
+    /// `may_disperse` (no fused multiply-adds), so the same pixels pass; the
+    /// sums of squares are taken only for a group where one passed the first.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sieve_avx2<T: Pixel, const TAPS: usize>(
+        f: &Filter<T>,
+        win: &Window,
+        taps: usize,
+        levels: &[u8],
+        next: Row<T>,
+        each: Candidate,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let taps = if TAPS == 0 { taps } else { TAPS };
+        let w = levels.len();
+        // column c's box is col[c..c + taps], read 8 columns at a time
+        assert!(win.col_p.len() >= w + taps - 1 && win.col_y.len() >= w + taps - 1);
+        let (cp, cy, lv) = (win.col_p.as_ptr(), win.col_y.as_ptr(), levels.as_ptr());
+        let sum = |col: *const u32, c0: usize| {
+            let mut s = _mm256_loadu_si256(col.add(c0) as *const __m256i);
+            for d in 1..taps {
+                s = _mm256_add_epi32(s, _mm256_loadu_si256(col.add(c0 + d) as *const __m256i));
+            }
+            s
+        };
+        let x_bits = _mm256_set1_epi32(X_BITS as i32);
+        let m_bits = _mm256_set1_epi32(63);
+        let no_big = _mm256_set1_epi32((BIG_ONE - 1) as i32);
+        let below_min_local = _mm256_set1_epi32(f.min_local as i32 - 1);
+        let top = _mm256_set1_epi32(LEVEL_MAX as i32);
+        let (zero_i, zero, one) = (_mm256_setzero_si256(), _mm256_setzero_ps(), _mm256_set1_ps(1.0));
+        let (s2, b2, gain, slack) = (_mm256_set1_ps(f.s2), _mm256_set1_ps(f.b2), _mm256_set1_ps(f.gain), _mm256_set1_ps(3e-7));
+        let gt = |a: __m256, b: __m256| _mm256_cmp_ps::<_CMP_GT_OQ>(a, b);
+        let mut c0 = 0;
+        while c0 + 8 <= w {
+            if c0 % BLOCK == 0 {
+                prefetch(next, c0);
+            }
+            let p = sum(cp, c0);
+            let level = _mm256_cvtepu8_epi32(_mm_loadl_epi64(lv.add(c0) as *const __m128i));
+            let m = _mm256_and_si256(_mm256_srli_epi32::<18>(p), m_bits);
+            let (mf, xf, vf) = (_mm256_cvtepi32_ps(m), _mm256_cvtepi32_ps(_mm256_and_si256(p, x_bits)), _mm256_cvtepi32_ps(level));
+            // may_signal (a level of 0 has b = -x <= 0: never a signal)
+            let b = _mm256_sub_ps(_mm256_mul_ps(mf, vf), xf);
+            let signal = _mm256_and_ps(gt(b, zero), gt(_mm256_mul_ps(b, b), _mm256_mul_ps(_mm256_mul_ps(s2, xf), mf)));
+            let big = _mm256_cmpgt_epi32(p, no_big);
+            let exact = _mm256_and_si256(_mm256_or_si256(big, _mm256_cmpeq_epi32(level, top)), _mm256_cmpgt_epi32(level, zero_i));
+            let pass = _mm256_and_si256(_mm256_cmpgt_epi32(m, below_min_local), _mm256_or_si256(exact, _mm256_castps_si256(signal)));
+            let mut hits = _mm256_movemask_ps(_mm256_castsi256_ps(pass)) as u32;
+            if hits != 0 {
+                // may_disperse
+                let y = sum(cy, c0);
+                let yf = _mm256_cvtepi32_ps(y);
+                let m1 = _mm256_sub_ps(mf, one);
+                let (t1, t2, t3) = (_mm256_mul_ps(mf, yf), _mm256_mul_ps(xf, xf), _mm256_mul_ps(_mm256_mul_ps(gain, xf), m1));
+                let a = _mm256_add_ps(
+                    _mm256_sub_ps(_mm256_sub_ps(t1, t2), t3),
+                    _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(t1, t2), t3), slack),
+                );
+                let disperse = _mm256_and_ps(gt(a, zero), gt(_mm256_mul_ps(a, a), _mm256_mul_ps(_mm256_mul_ps(b2, t2), m1)));
+                hits &= _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(exact), disperse)) as u32;
+                let (mut ps, mut ys) = ([0u32; 8], [0u32; 8]);
+                _mm256_storeu_si256(ps.as_mut_ptr() as *mut __m256i, p);
+                _mm256_storeu_si256(ys.as_mut_ptr() as *mut __m256i, y);
+                while hits != 0 {
+                    let i = hits.trailing_zeros() as usize;
+                    each(c0 + i, ps[i], ys[i]);
+                    hits &= hits - 1;
+                }
+            }
+            c0 += 8;
+        }
+        c0
     }
 
     /// Ask for the lines of columns `c0..c0 + BLOCK` of the row entering
@@ -886,35 +974,41 @@ mod fast {
     /// The two passes over a row, compiled for the CPU found at run time.
     struct Kernels<T: 'static> {
         enter: unsafe fn(&mut Window, usize, Row<T>, T, &Filter<T>),
-        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])),
-    }
-
-    #[inline(always)]
-    fn filter_any<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        let taps = 2 * win.kx + 1;
-        match taps {
-            3 => filter_row::<T, 3>(f, win, taps, levels, next, each),
-            5 => filter_row::<T, 5>(f, win, taps, levels, next, each),
-            7 => filter_row::<T, 7>(f, win, taps, levels, next, each),
-            _ => filter_row::<T, 0>(f, win, taps, levels, next, each),
-        }
+        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, Candidate),
     }
 
     fn enter<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
         win.enter(e, row, max, f)
     }
-    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, levels, next, each)
+    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: Candidate) {
+        let taps = 2 * win.kx + 1;
+        match taps {
+            3 => filter_row::<T, 3>(f, win, taps, levels, 0, next, each),
+            5 => filter_row::<T, 5>(f, win, taps, levels, 0, next, each),
+            7 => filter_row::<T, 7>(f, win, taps, levels, 0, next, each),
+            _ => filter_row::<T, 0>(f, win, taps, levels, 0, next, each),
+        }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
         win.enter(e, row, max, f)
     }
+    /// The row in groups of eight in AVX2, the last few columns as [`filter`].
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, levels, next, each)
+    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: Candidate) {
+        let taps = 2 * win.kx + 1;
+        // SAFETY: this function runs only where the CPU has AVX2
+        unsafe {
+            let done = match taps {
+                3 => sieve_avx2::<T, 3>(f, win, taps, levels, next, each),
+                5 => sieve_avx2::<T, 5>(f, win, taps, levels, next, each),
+                7 => sieve_avx2::<T, 7>(f, win, taps, levels, next, each),
+                _ => sieve_avx2::<T, 0>(f, win, taps, levels, next, each),
+            };
+            filter_row::<T, 0>(f, win, taps, levels, done, next, each)
+        }
     }
 
     fn kernels<T: Pixel>() -> Kernels<T> {
@@ -957,26 +1051,22 @@ mod fast {
             let e = r + ky;
             unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
             let values = frame.row(r);
-            let mut candidates = |c0: usize, (bp, by): &([u32; BLOCK], [u32; BLOCK]), flags: &[u8; BLOCK]| {
-                for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
-                    let c = c0 + i;
-                    let at = r * w + c;
-                    if !super::good(valid.mask, at) {
-                        continue;
-                    }
-                    let (p, ys) = (bp[i], by[i]);
-                    let (m, big) = ((p >> 18) & 63, p >> 24);
-                    let v = values[c].f64();
-                    // the box sums of the big pixels are taken over the box again
-                    let (x, y) = if big == 0 {
-                        ((p & X_BITS) as f64, ys as f64)
-                    } else {
-                        let (x, y) = box_xy(frame, valid, rule.kernel, r, c);
-                        (x.f64(), y.f64())
-                    };
-                    if rule.dispersion_and_signal(m as f64, x, y, v) {
-                        out.push(at, v);
-                    }
+            let mut candidates = |c: usize, p: u32, ys: u32| {
+                let at = r * w + c;
+                if !super::good(valid.mask, at) {
+                    return;
+                }
+                let (m, big) = ((p >> 18) & 63, p >> 24);
+                let v = values[c].f64();
+                // the box sums of the big pixels are taken over the box again
+                let (x, y) = if big == 0 {
+                    ((p & X_BITS) as f64, ys as f64)
+                } else {
+                    let (x, y) = box_xy(frame, valid, rule.kernel, r, c);
+                    (x.f64(), y.f64())
+                };
+                if rule.dispersion_and_signal(m as f64, x, y, v) {
+                    out.push(at, v);
                 }
             };
             let next = (e + 1 < h).then(|| row(e + 1));
