@@ -867,8 +867,11 @@ mod fast {
     /// The sieves of [`Filter`] in AVX2, eight columns at a time, over as
     /// many whole groups of eight as the row has; returns where it stopped.
     /// The same `f32` operations in the same order as `may_signal` and
-    /// `may_disperse` (no fused multiply-adds), so the same pixels pass; the
-    /// sums of squares are taken only for a group where one passed the first.
+    /// `may_disperse` (no fused multiply-adds; `b*|b|` for `b > 0 & b*b`),
+    /// so the same pixels pass, but for those of level 0 in a box decided
+    /// exactly, which `each` leaves out. The sums of squares are taken only
+    /// for a group where one passed the first sieve; the next row's lines
+    /// are asked for once every `BLOCK` columns.
     ///
     /// # Safety
     /// The CPU has AVX2.
@@ -900,47 +903,51 @@ mod fast {
         let no_big = _mm256_set1_epi32((BIG_ONE - 1) as i32);
         let below_min_local = _mm256_set1_epi32(f.min_local as i32 - 1);
         let top = _mm256_set1_epi32(LEVEL_MAX as i32);
-        let (zero_i, zero, one) = (_mm256_setzero_si256(), _mm256_setzero_ps(), _mm256_set1_ps(1.0));
+        let (zero, one, abs) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0), _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)));
         let (s2, b2, gain, slack) = (_mm256_set1_ps(f.s2), _mm256_set1_ps(f.b2), _mm256_set1_ps(f.gain), _mm256_set1_ps(3e-7));
         let gt = |a: __m256, b: __m256| _mm256_cmp_ps::<_CMP_GT_OQ>(a, b);
         let mut c0 = 0;
-        while c0 + 8 <= w {
-            if c0 % BLOCK == 0 {
-                prefetch(next, c0);
-            }
-            let p = sum(cp, c0);
-            let level = _mm256_cvtepu8_epi32(_mm_loadl_epi64(lv.add(c0) as *const __m128i));
-            let m = _mm256_and_si256(_mm256_srli_epi32::<18>(p), m_bits);
-            let (mf, xf, vf) = (_mm256_cvtepi32_ps(m), _mm256_cvtepi32_ps(_mm256_and_si256(p, x_bits)), _mm256_cvtepi32_ps(level));
-            // may_signal (a level of 0 has b = -x <= 0: never a signal)
-            let b = _mm256_sub_ps(_mm256_mul_ps(mf, vf), xf);
-            let signal = _mm256_and_ps(gt(b, zero), gt(_mm256_mul_ps(b, b), _mm256_mul_ps(_mm256_mul_ps(s2, xf), mf)));
-            let big = _mm256_cmpgt_epi32(p, no_big);
-            let exact = _mm256_and_si256(_mm256_or_si256(big, _mm256_cmpeq_epi32(level, top)), _mm256_cmpgt_epi32(level, zero_i));
-            let pass = _mm256_and_si256(_mm256_cmpgt_epi32(m, below_min_local), _mm256_or_si256(exact, _mm256_castps_si256(signal)));
-            let mut hits = _mm256_movemask_ps(_mm256_castsi256_ps(pass)) as u32;
-            if hits != 0 {
-                // may_disperse
-                let y = sum(cy, c0);
-                let yf = _mm256_cvtepi32_ps(y);
-                let m1 = _mm256_sub_ps(mf, one);
-                let (t1, t2, t3) = (_mm256_mul_ps(mf, yf), _mm256_mul_ps(xf, xf), _mm256_mul_ps(_mm256_mul_ps(gain, xf), m1));
-                let a = _mm256_add_ps(
-                    _mm256_sub_ps(_mm256_sub_ps(t1, t2), t3),
-                    _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(t1, t2), t3), slack),
-                );
-                let disperse = _mm256_and_ps(gt(a, zero), gt(_mm256_mul_ps(a, a), _mm256_mul_ps(_mm256_mul_ps(b2, t2), m1)));
-                hits &= _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(exact), disperse)) as u32;
-                let (mut ps, mut ys) = ([0u32; 8], [0u32; 8]);
-                _mm256_storeu_si256(ps.as_mut_ptr() as *mut __m256i, p);
-                _mm256_storeu_si256(ys.as_mut_ptr() as *mut __m256i, y);
-                while hits != 0 {
-                    let i = hits.trailing_zeros() as usize;
-                    each(c0 + i, ps[i], ys[i]);
-                    hits &= hits - 1;
+        let whole = w - w % 8;
+        while c0 < whole {
+            prefetch(next, c0);
+            let stop = (c0 + BLOCK).min(whole);
+            while c0 < stop {
+                let p = sum(cp, c0);
+                let level = _mm256_cvtepu8_epi32(_mm_loadl_epi64(lv.add(c0) as *const __m128i));
+                let m = _mm256_and_si256(_mm256_srli_epi32::<18>(p), m_bits);
+                let (mf, xf, vf) = (_mm256_cvtepi32_ps(m), _mm256_cvtepi32_ps(_mm256_and_si256(p, x_bits)), _mm256_cvtepi32_ps(level));
+                // may_signal: b > 0 and b*b > s2*x*m as b*|b| > s2*x*m (a level
+                // of 0 has b = -x <= 0: never a signal)
+                let b = _mm256_sub_ps(_mm256_mul_ps(mf, vf), xf);
+                let signal = gt(_mm256_mul_ps(b, _mm256_and_ps(b, abs)), _mm256_mul_ps(_mm256_mul_ps(s2, xf), mf));
+                // a box with a big pixel or a pixel at the top level is decided
+                // exactly (`each` leaves out the pixels of level 0)
+                let exact = _mm256_or_si256(_mm256_cmpgt_epi32(p, no_big), _mm256_cmpeq_epi32(level, top));
+                let pass = _mm256_and_si256(_mm256_cmpgt_epi32(m, below_min_local), _mm256_or_si256(exact, _mm256_castps_si256(signal)));
+                let mut hits = _mm256_movemask_ps(_mm256_castsi256_ps(pass)) as u32;
+                if hits != 0 {
+                    // may_disperse
+                    let y = sum(cy, c0);
+                    let yf = _mm256_cvtepi32_ps(y);
+                    let m1 = _mm256_sub_ps(mf, one);
+                    let (t1, t2, t3) = (_mm256_mul_ps(mf, yf), _mm256_mul_ps(xf, xf), _mm256_mul_ps(_mm256_mul_ps(gain, xf), m1));
+                    let a = _mm256_add_ps(
+                        _mm256_sub_ps(_mm256_sub_ps(t1, t2), t3),
+                        _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(t1, t2), t3), slack),
+                    );
+                    let disperse = _mm256_and_ps(gt(a, zero), gt(_mm256_mul_ps(a, a), _mm256_mul_ps(_mm256_mul_ps(b2, t2), m1)));
+                    hits &= _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(exact), disperse)) as u32;
+                    let (mut ps, mut ys) = ([0u32; 8], [0u32; 8]);
+                    _mm256_storeu_si256(ps.as_mut_ptr() as *mut __m256i, p);
+                    _mm256_storeu_si256(ys.as_mut_ptr() as *mut __m256i, y);
+                    while hits != 0 {
+                        let i = hits.trailing_zeros() as usize;
+                        each(c0 + i, ps[i], ys[i]);
+                        hits &= hits - 1;
+                    }
                 }
+                c0 += 8;
             }
-            c0 += 8;
         }
         c0
     }
@@ -1051,11 +1058,14 @@ mod fast {
             let e = r + ky;
             unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
             let values = frame.row(r);
+            let levels = win.levels(r, w);
             let mut candidates = |c: usize, p: u32, ys: u32| {
-                let at = r * w + c;
-                if !super::good(valid.mask, at) {
+                // not valid or not above the threshold (a sieve may let these
+                // through to be decided exactly)
+                if levels[c] == 0 {
                     return;
                 }
+                let at = r * w + c;
                 let (m, big) = ((p >> 18) & 63, p >> 24);
                 let v = values[c].f64();
                 // the box sums of the big pixels are taken over the box again
@@ -1070,7 +1080,7 @@ mod fast {
                 }
             };
             let next = (e + 1 < h).then(|| row(e + 1));
-            unsafe { (k.filter)(&f, &win, win.levels(r, w), next, &mut candidates) };
+            unsafe { (k.filter)(&f, &win, levels, next, &mut candidates) };
         }
     }
 }
