@@ -49,54 +49,112 @@ pub fn uncompressed_size(chunk: &[u8]) -> Result<u64, ChunkError> {
 /// Decode `chunk` of elements `elem_size` bytes wide into `out` (exactly the
 /// uncompressed size). `scratch` is reused between calls.
 pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
-    let total = uncompressed_size(chunk)?;
-    if total != out.len() as u64 {
-        return err(format!("the chunk holds {total} bytes, the frame needs {}", out.len()));
-    }
-    if !matches!(elem_size, 1 | 2 | 4 | 8) || out.len() % elem_size != 0 {
-        return err(format!("elements of {elem_size} bytes cannot fill {} bytes", out.len()));
-    }
-    let block_bytes = be32(&chunk[8..12]) as usize;
-    let block = block_bytes / elem_size;
-    if block == 0 || block % 8 != 0 || block_bytes % elem_size != 0 {
-        return err(format!("a block size of {block_bytes} bytes is not a multiple of 8 elements of {elem_size} bytes"));
-    }
-    let n = out.len() / elem_size;
-    let mut at = 12usize;
-    let mut start = 0usize; // element
-    let last = {
-        let rest = n % block;
-        rest - rest % 8
-    };
-    let blocks = (0..n / block).map(|_| block).chain((last > 0).then_some(last));
-    for size in blocks {
-        let bytes = size * elem_size;
-        if chunk.len() < at + 4 {
-            return err(format!("the chunk ends inside the block at element {start} (byte {at})"));
-        }
-        let packed = be32(&chunk[at..at + 4]) as usize;
-        at += 4;
-        let Some(lz4) = chunk.get(at..at + packed) else {
-            return err(format!(
-                "the block at element {start} says {packed} bytes, the chunk has {} left",
-                chunk.len() - at
-            ));
-        };
-        scratch.resize(bytes + SLACK, 0);
-        if let Err(e) = inflate(lz4, scratch, bytes) {
-            return err(format!("the block at element {start} is not LZ4: {e}"));
-        }
-        untranspose(&scratch[..bytes], size, elem_size, &mut out[start * elem_size..start * elem_size + bytes]);
-        at += packed;
-        start += size;
-    }
-    let left = (n - start) * elem_size;
-    match chunk.get(at..at + left) {
-        Some(raw) if at + left == chunk.len() => out[start * elem_size..].copy_from_slice(raw),
-        Some(_) => return err(format!("{} bytes follow the last block", chunk.len() - at - left)),
-        None => return err(format!("the chunk ends before its last {left} uncompressed bytes")),
+    let mut reader = Reader::new(chunk, elem_size, out.len())?;
+    let mut at = 0;
+    while let Some(n) = reader.next_piece() {
+        let bytes = n * elem_size;
+        reader.decode_piece(&mut out[at..at + bytes], scratch)?;
+        at += bytes;
     }
     Ok(())
+}
+
+/// A chunk decoded piece by piece, in order: its blocks, then the elements
+/// left over, raw (so that a caller may use a frame's first rows while its
+/// next are inflated into the cache, the frame never whole in memory).
+pub struct Reader<'a> {
+    chunk: &'a [u8],
+    elem_size: usize,
+    /// Elements in the chunk, in a block, in the partial block after the whole ones.
+    n: usize,
+    block: usize,
+    last: usize,
+    /// The next block's length is at byte `at`; `start` elements are done.
+    at: usize,
+    start: usize,
+    done: bool,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader of `chunk`, which must hold `bytes` bytes of elements
+    /// `elem_size` bytes wide.
+    pub fn new(chunk: &'a [u8], elem_size: usize, bytes: usize) -> Result<Reader<'a>, ChunkError> {
+        let total = uncompressed_size(chunk)?;
+        if total != bytes as u64 {
+            return err(format!("the chunk holds {total} bytes, the frame needs {bytes}"));
+        }
+        if !matches!(elem_size, 1 | 2 | 4 | 8) || bytes % elem_size != 0 {
+            return err(format!("elements of {elem_size} bytes cannot fill {bytes} bytes"));
+        }
+        let block_bytes = be32(&chunk[8..12]) as usize;
+        let block = block_bytes / elem_size;
+        if block == 0 || block % 8 != 0 || block_bytes % elem_size != 0 {
+            return err(format!("a block size of {block_bytes} bytes is not a multiple of 8 elements of {elem_size} bytes"));
+        }
+        let n = bytes / elem_size;
+        let rest = n % block;
+        Ok(Reader { chunk, elem_size, n, block, last: rest - rest % 8, at: 12, start: 0, done: false })
+    }
+
+    /// The next piece: its elements, and whether it is a compressed block.
+    fn piece(&self) -> Option<(usize, bool)> {
+        if self.done {
+            None
+        } else if self.n - self.start >= self.block {
+            Some((self.block, true))
+        } else if self.last > 0 && self.start == self.n - self.n % self.block {
+            Some((self.last, true))
+        } else {
+            // the raw rest, fewer than 8 (also when none: the chunk must end there)
+            Some((self.n - self.start, false))
+        }
+    }
+
+    /// Elements in a block (the last may hold fewer).
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// How many elements the next piece holds; None when the chunk is done.
+    pub fn next_piece(&self) -> Option<usize> {
+        self.piece().map(|(n, _)| n)
+    }
+
+    /// Decode the next piece into `out`, exactly its elements' bytes.
+    pub fn decode_piece(&mut self, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
+        let Some((size, compressed)) = self.piece() else { return err("the chunk is already decoded".into()) };
+        let (chunk, start, at) = (self.chunk, self.start, self.at);
+        let bytes = size * self.elem_size;
+        assert_eq!(out.len(), bytes);
+        if compressed {
+            if chunk.len() < at + 4 {
+                return err(format!("the chunk ends inside the block at element {start} (byte {at})"));
+            }
+            let packed = be32(&chunk[at..at + 4]) as usize;
+            let Some(lz4) = chunk.get(at + 4..at + 4 + packed) else {
+                return err(format!(
+                    "the block at element {start} says {packed} bytes, the chunk has {} left",
+                    chunk.len() - at - 4
+                ));
+            };
+            scratch.resize(bytes + SLACK, 0);
+            if let Err(e) = inflate(lz4, scratch, bytes) {
+                return err(format!("the block at element {start} is not LZ4: {e}"));
+            }
+            untranspose(&scratch[..bytes], size, self.elem_size, out);
+            self.at = at + 4 + packed;
+        } else {
+            match chunk.get(at..at + bytes) {
+                Some(raw) if at + bytes == chunk.len() => out.copy_from_slice(raw),
+                Some(_) => return err(format!("{} bytes follow the last block", chunk.len() - at - bytes)),
+                None => return err(format!("the chunk ends before its last {bytes} uncompressed bytes")),
+            }
+            self.at = chunk.len();
+            self.done = true;
+        }
+        self.start = start + size;
+        Ok(())
+    }
 }
 
 /// Bytes an inflated block needs past its end: copies go 16 bytes at a time.

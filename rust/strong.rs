@@ -358,6 +358,42 @@ impl<'a, T: Pixel> Frame<'a, T> {
     }
 }
 
+/// The rows of a frame as the fast path reads them: all in memory (an
+/// array), or made as the window of rows reaches them (a chunk decoded into
+/// a ring of rows, the frame never whole in memory).
+pub trait Rows<T> {
+    fn height(&self) -> usize;
+    fn width(&self) -> usize;
+    /// Make the rows up to `r` readable; those more than a window's height
+    /// (`2ky + 1` rows) before it may go.
+    fn reach(&mut self, r: usize) -> Result<()>;
+    /// Row `r`, reached and not gone.
+    fn row(&self, r: usize) -> &[T];
+    /// Whether rows not reached yet are in memory already (worth a prefetch).
+    fn resident(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Pixel> Rows<T> for Frame<'_, T> {
+    fn height(&self) -> usize {
+        self.height
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn reach(&mut self, _: usize) -> Result<()> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[T] {
+        Frame::row(self, r)
+    }
+    fn resident(&self) -> bool {
+        true
+    }
+}
+
 /// Which pixels count, for one frame type: the mask, and the values a valid
 /// pixel may hold (0 up to the trusted maximum) and those the box sums take.
 #[derive(Clone, Copy)]
@@ -526,13 +562,34 @@ pub fn strong_pixels<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, 
     }
     rule.check()?;
     match rule.algorithm {
-        Algorithm::Dispersion if T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= fast::MAX_BOX => {
-            fast::dispersion(frame, valid, rule, out)
-        }
+        _ if fast_path::<T>(rule) => fast::dispersion(&mut frame.clone(), valid, rule, out)?,
         Algorithm::Dispersion => dispersion(frame, valid, rule, out),
         Algorithm::DispersionExtended => dispersion_extended(frame, valid, rule, out),
     }
     Ok(())
+}
+
+/// Whether `rule` on frames of `T` takes the fast path (which reads the
+/// frame row by row, so [`strong_pixels_of_rows`] can take its rows).
+pub fn fast_path<T: Pixel>(rule: &Rule) -> bool {
+    rule.algorithm == Algorithm::Dispersion && T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= fast::MAX_BOX
+}
+
+/// [`strong_pixels`] of rows made as they are reached, where
+/// [`fast_path`] holds; `mask` as in [`strong_pixels`].
+pub fn strong_pixels_of_rows<T: Pixel, R: Rows<T> + ?Sized>(frame: &mut R, valid: &Valid<T>, rule: &Rule, out: &mut Strong) -> Result<()> {
+    if let Some(mask) = valid.mask {
+        if mask.len() != frame.height() * frame.width() {
+            return Err(InputError::new(format!(
+                "the mask has {} pixels and the image {}",
+                mask.len(),
+                frame.height() * frame.width()
+            )));
+        }
+    }
+    rule.check()?;
+    assert!(fast_path::<T>(rule), "rows are read by the fast path only");
+    fast::dispersion(frame, valid, rule, out)
 }
 
 #[inline(always)]
@@ -545,10 +602,10 @@ fn good(mask: Option<&[bool]>, at: usize) -> bool {
 
 /// The sums of values and of squares over the box around `(r, c)`, taken
 /// pixel by pixel: only for the few pixels a filter let through.
-fn box_xy<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, (kx, ky): (usize, usize), r: usize, c: usize) -> (T::X, T::Y) {
-    let (r0, r1) = (r.saturating_sub(ky), (r + ky).min(frame.height - 1));
-    let (c0, c1) = (c.saturating_sub(kx), (c + kx).min(frame.width - 1));
-    let w = frame.width;
+fn box_xy<T: Pixel, R: Rows<T> + ?Sized>(frame: &R, valid: &Valid<T>, (kx, ky): (usize, usize), r: usize, c: usize) -> (T::X, T::Y) {
+    let (r0, r1) = (r.saturating_sub(ky), (r + ky).min(frame.height() - 1));
+    let (c0, c1) = (c.saturating_sub(kx), (c + kx).min(frame.width() - 1));
+    let w = frame.width();
     let (mut x, mut y) = (T::X::default(), T::Y::default());
     for rr in r0..=r1 {
         let values = &frame.row(rr)[c0..=c1];
@@ -1026,10 +1083,10 @@ mod fast {
         Kernels { enter: enter::<T>, filter: filter::<T> }
     }
 
-    pub(super) fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &mut Strong) {
-        let (h, w) = (frame.height, frame.width);
-        let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return };
-        let Some(above) = T::above(rule.global_threshold) else { return };
+    pub(super) fn dispersion<T: Pixel, R: Rows<T> + ?Sized>(frame: &mut R, valid: &Valid<T>, rule: &Rule, out: &mut Strong) -> Result<()> {
+        let (h, w) = (frame.height(), frame.width());
+        let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return Ok(()) };
+        let Some(above) = T::above(rule.global_threshold) else { return Ok(()) };
         let ky = rule.kernel.1;
         let g = rule.gain.unwrap_or(1.0);
         let f = Filter {
@@ -1041,22 +1098,26 @@ mod fast {
             b2: (2.0 * (rule.sigma_background * g).powi(2) * (1.0 - 1e-5)) as f32,
         };
         let all_good = vec![true; if valid.mask.is_none() { w } else { 0 }];
-        let row = |r: usize| -> (&[T], &[bool]) {
-            let good = match valid.mask {
+        let good = |r: usize| -> &[bool] {
+            match valid.mask {
                 Some(m) => &m[r * w..(r + 1) * w],
                 None => &all_good[..],
-            };
-            (frame.row(r), good)
+            }
         };
         let k = kernels::<T>();
         let mut win = Window::new(w, rule.kernel);
         // SAFETY (each call below): `kernels` chose code this CPU runs
         for e in 0..ky.min(h) {
-            unsafe { (k.enter)(&mut win, e, Some(row(e)), box_max, &f) };
+            frame.reach(e)?;
+            unsafe { (k.enter)(&mut win, e, Some((frame.row(e), good(e))), box_max, &f) };
         }
         for r in 0..h {
             let e = r + ky;
-            unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
+            if e < h {
+                frame.reach(e)?;
+            }
+            unsafe { (k.enter)(&mut win, e, (e < h).then(|| (frame.row(e), good(e))), box_max, &f) };
+            let frame = &*frame;
             let values = frame.row(r);
             let levels = win.levels(r, w);
             let mut candidates = |c: usize, p: u32, ys: u32| {
@@ -1079,9 +1140,10 @@ mod fast {
                     out.push(at, v);
                 }
             };
-            let next = (e + 1 < h).then(|| row(e + 1));
+            let next = (e + 1 < h && frame.resident()).then(|| (frame.row(e + 1), good(e + 1)));
             unsafe { (k.filter)(&f, &win, levels, next, &mut candidates) };
         }
+        Ok(())
     }
 }
 
