@@ -43,6 +43,8 @@ pub trait Pixel: Copy + PartialOrd + Send + Sync + 'static {
     }
     /// Integer pixels take the fast path (exact `u32` box sums, an `f32` filter).
     const INTEGER: bool;
+    /// A type with negative values (the fast path's AVX2 loads widen by sign).
+    const SIGNED: bool = false;
     /// The value as `f32` (for the filter) and, for integers in the box, as `u32`.
     fn f32(self) -> f32;
     fn small(self) -> u32;
@@ -92,6 +94,7 @@ macro_rules! integer_pixel {
                 (self as u64) * (self as u64)
             }
             const INTEGER: bool = true;
+            const SIGNED: bool = <$t>::MIN != 0;
             #[inline(always)]
             fn f32(self) -> f32 {
                 self as f32
@@ -752,6 +755,69 @@ mod fast {
         /// whose terms are in the same slot, leaves.
         #[inline(always)]
         fn enter<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            self.enter_from(0, e, row, max, f)
+        }
+
+        /// [`Window::enter`] in AVX2, eight columns at a time, the last few
+        /// as it does them.
+        ///
+        /// # Safety
+        /// The CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn enter_avx2<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            use std::arch::x86_64::*;
+            let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
+            let w = self.col_p.len() - 2 * self.kx;
+            assert!(v.len() >= w && g.len() >= w);
+            let slot = (e % self.rows) * w;
+            let (rp, rl) = (self.ring_p[slot..slot + w].as_mut_ptr(), self.ring_level[slot..slot + w].as_mut_ptr());
+            let (cp, cy) = (self.col_p[self.kx..].as_mut_ptr(), self.col_y[self.kx..].as_mut_ptr());
+            let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
+            // values as u32 lanes: a negative one (widened by sign) is above
+            // every valid one, as `v >= 0` asks
+            let lanes = |c: usize| match std::mem::size_of::<T>() {
+                4 => _mm256_loadu_si256(vp.add(c) as *const __m256i),
+                2 if T::SIGNED => _mm256_cvtepi16_epi32(_mm_loadu_si128(vp.add(c) as *const __m128i)),
+                2 => _mm256_cvtepu16_epi32(_mm_loadu_si128(vp.add(c) as *const __m128i)),
+                _ => _mm256_cvtepu8_epi32(_mm_loadl_epi64(vp.add(c) as *const __m128i)),
+            };
+            let u = |t: T| _mm256_set1_epi32(t.small() as i32);
+            let (box_max, valid_max, above) = (u(max), u(f.valid_max), u(f.above));
+            let (small_max, top) = (_mm256_set1_epi32(SMALL as i32), _mm256_set1_epi32(LEVEL_MAX as i32));
+            let (m_one, big_one) = (_mm256_set1_epi32(M_ONE as i32), _mm256_set1_epi32(BIG_ONE as i32));
+            let at_most = |v: __m256i, max: __m256i| _mm256_cmpeq_epi32(_mm256_min_epu32(v, max), v);
+            let mut c = 0;
+            while c + 8 <= w {
+                let v = lanes(c);
+                let good = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(gp.add(c) as *const __m128i)), _mm256_setzero_si256());
+                // the terms: as `term`
+                let in_box = _mm256_and_si256(good, at_most(v, box_max));
+                let p = _mm256_and_si256(in_box, _mm256_or_si256(m_one, _mm256_blendv_epi8(big_one, v, at_most(v, small_max))));
+                let x = _mm256_and_si256(p, small_max);
+                let y = _mm256_madd_epi16(x, x); // x < 2^12: its low half squared
+                let old = _mm256_loadu_si256(rp.add(c) as *const __m256i);
+                let ox = _mm256_and_si256(old, small_max);
+                let oy = _mm256_madd_epi16(ox, ox);
+                let (cpc, cyc) = (cp.add(c) as *mut __m256i, cy.add(c) as *mut __m256i);
+                _mm256_storeu_si256(cpc, _mm256_add_epi32(_mm256_loadu_si256(cpc), _mm256_sub_epi32(p, old)));
+                _mm256_storeu_si256(cyc, _mm256_add_epi32(_mm256_loadu_si256(cyc), _mm256_sub_epi32(y, oy)));
+                _mm256_storeu_si256(rp.add(c) as *mut __m256i, p);
+                // the levels: as `level`
+                let can = _mm256_and_si256(_mm256_and_si256(good, at_most(v, valid_max)), _mm256_cmpeq_epi32(_mm256_max_epu32(v, above), v));
+                let level = _mm256_and_si256(can, _mm256_min_epu32(v, top));
+                let bytes = _mm256_packus_epi16(_mm256_packus_epi32(level, level), _mm256_setzero_si256());
+                let (lo, hi) = (_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes));
+                let eight = (_mm_cvtsi128_si32(lo) as u32 as u64) | ((_mm_cvtsi128_si32(hi) as u32 as u64) << 32);
+                std::ptr::write_unaligned(rl.add(c) as *mut u64, eight);
+                c += 8;
+            }
+            self.enter_from(c, e, row, max, f)
+        }
+
+        /// [`Window::enter`] of columns `from..`.
+        #[inline(always)]
+        fn enter_from<T: Pixel>(&mut self, from: usize, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
             let w = self.col_p.len() - 2 * self.kx;
             let slot = (e % self.rows) * w;
             let rp = &mut self.ring_p[slot..slot + w];
@@ -760,7 +826,7 @@ mod fast {
             match row {
                 Some((v, g)) => {
                     let (v, g) = (&v[..w], &g[..w]);
-                    for c in 0..w {
+                    for c in from..w {
                         let (p, y) = term(v[c], g[c], max);
                         let old = rp[c] & SMALL;
                         cp[c] = cp[c].wrapping_add(p).wrapping_sub(rp[c]);
@@ -1056,7 +1122,8 @@ mod fast {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
-        win.enter(e, row, max, f)
+        // SAFETY: this function runs only where the CPU has AVX2
+        unsafe { win.enter_avx2(e, row, max, f) }
     }
     /// The row in groups of eight in AVX2, the last few columns as [`filter`].
     #[cfg(target_arch = "x86_64")]
