@@ -157,7 +157,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Bytes an inflated block needs past its end: copies go 16 bytes at a time.
+/// Bytes an inflated block needs past its end: copies go up to 32 bytes at a time.
 const SLACK: usize = 32;
 
 /// Inflate the LZ4 block `src` into exactly `out[..size]` (`out` is at least
@@ -165,6 +165,23 @@ const SLACK: usize = 32;
 /// and write is checked against the block's bounds before it is made, so a
 /// corrupt block is an error, never a read or write outside `src` or `out`.
 fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2
+        return unsafe { inflate_avx2(src, out, size) };
+    }
+    inflate_any(src, out, size)
+}
+
+/// [`inflate`] compiled for AVX2: a 32-byte copy is one load and one store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn inflate_avx2(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    inflate_any(src, out, size)
+}
+
+#[inline(always)]
+fn inflate_any(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
     assert!(out.len() >= size + SLACK);
     let n = src.len();
     let (mut i, mut d) = (0usize, 0usize);
@@ -219,7 +236,7 @@ fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> 
             return Err("a match runs past the block");
         }
         // SAFETY: the match reads from d - offset >= 0 and writes d..d+len
-        // (<= size) plus at most 15 bytes of SLACK
+        // (<= size) plus at most 31 bytes of SLACK
         unsafe { copy_match(out.as_mut_ptr(), d, offset, len) };
         d += len;
     }
@@ -230,15 +247,28 @@ fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> 
 }
 
 /// `out[d..d + len] = out[d - offset..]` byte after byte as LZ4 means it
-/// (the source may overlap what is being written), in 16-byte copies that
-/// may write up to 15 bytes past `d + len`.
+/// (the source may overlap what is being written), in 16- or 32-byte copies
+/// that may write up to 31 bytes past `d + len` (a run of one byte, a fill).
 ///
 /// # Safety
-/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 15`.
+/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 31`.
 #[inline(always)]
 unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
     let end = out.add(d + len);
     let mut dst = out.add(d);
+    if offset == 1 {
+        // a run of one byte (the zero bits of detector frames): a fill
+        std::ptr::write_bytes(dst, *dst.sub(1), len);
+        return;
+    }
+    if offset >= 32 {
+        // apart by 32 or more: 32 bytes a copy, no overlap within one
+        while dst < end {
+            std::ptr::copy_nonoverlapping(dst.sub(offset), dst, 32);
+            dst = dst.add(32);
+        }
+        return;
+    }
     // copying 16 bytes from `dst - step` is right once `step >= 16` is a
     // multiple of the offset and the first `step - offset` bytes are written:
     // from there on `out[p] = out[p - offset] = out[p - step]`
