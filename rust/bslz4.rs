@@ -12,9 +12,11 @@
 //! cache and transposed from there straight into the frame.
 //!
 //! Both steps are written for speed: the LZ4 blocks are inflated here (the
-//! long overlapping matches of detector frames, runs of zero bits, are copied
-//! 16 bytes at a time, where a general decoder goes byte by byte), and the
-//! bits are put back with SSE2, eight bit rows at a time.
+//! long matches of detector frames, runs of zero bits, are filled or copied
+//! 16 or 32 bytes at a time, where a general decoder goes byte by byte), and
+//! the bits are put back with SSE2 or AVX2, eight bit rows at a time. A
+//! [`Reader`] hands the blocks out one by one, for a search that takes a
+//! frame's rows as they are decoded.
 
 use std::fmt;
 
