@@ -671,13 +671,18 @@ fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &m
 ///    (packed `x`, `m`, big pixels; `y` of the small pixels) computed once
 ///    and kept in a ring of the `2ky+1` rows of the window, the row leaving
 ///    has its terms there, and the column sums take the difference;
-/// 2. 64 columns at a time, the box sums are the column sums added across
-///    `2kx+1` columns, and a filter in `f32` (branch-free, so the compiler
-///    makes it SIMD) keeps the pixels that may pass DIALS's two tests. Its
-///    bounds are wider than its rounding: every pixel DIALS's rule takes
-///    passes it; the few that pass are decided exactly.
+/// 2. eight columns at a time, the box sums are the column sums added across
+///    `2kx+1` columns, and two sieves in `f32` keep the pixels that may pass
+///    DIALS's two tests (the second, with the sums of squares, only for a
+///    group where one passed the first). Their bounds are wider than their
+///    rounding: every pixel DIALS's rule takes passes them; the few that
+///    pass are decided exactly.
 ///
-/// Memory: the ring (`4 (2ky+1)` bytes a column) and two rows of column sums.
+/// Both passes are AVX2 intrinsics where the CPU has it (the plain code
+/// otherwise, and for the last columns of a row). The rows come from a
+/// [`Rows`]: a frame in memory, or a chunk decoded as the window reaches it.
+///
+/// Memory: the ring (`5 (2ky+1)` bytes a column) and two rows of column sums.
 mod fast {
     use super::*;
 
