@@ -1380,6 +1380,38 @@ mod tests {
     }
 
     #[test]
+    fn every_integer_type_finds_what_its_values_as_32_bits_do() {
+        // the fast path widens u8, u16 and i16 (by sign: negatives not valid) to u32 lanes
+        let (h, w) = (37, 45);
+        let data = frame(h, w, 11);
+        let mask: Vec<bool> = (0..h * w).map(|i| i % 23 != 4).collect();
+        let rule = Rule::default();
+        let strong = |f: &dyn Fn(&mut Strong, &Option<&[bool]>)| {
+            let mut out = Strong::default();
+            f(&mut out, &Some(&mask));
+            let masked = out.index.clone();
+            out = Strong::default();
+            f(&mut out, &None);
+            (masked, out.index)
+        };
+        let of = |d: &[u32], m: &Option<&[bool]>, out: &mut Strong| {
+            strong_pixels(&Frame::new(d, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()
+        };
+        let small: Vec<u32> = data.iter().map(|&v| v.min(255)).collect();
+        let expected = strong(&|out, m| of(&small, m, out));
+        assert!(!expected.1.is_empty());
+        let bytes: Vec<u8> = small.iter().map(|&v| v as u8).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&bytes, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
+        let words: Vec<u16> = small.iter().map(|&v| v as u16).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&words, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
+        let signed: Vec<i32> = small.iter().enumerate().map(|(i, &v)| if i % 7 == 3 { -1 - (i % 3) as i32 } else { v as i32 }).collect();
+        let expected = strong(&|out, m| strong_pixels(&Frame::new(&signed, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap());
+        assert!(!expected.1.is_empty());
+        let short: Vec<i16> = signed.iter().map(|&v| v as i16).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&short, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
+    }
+
+    #[test]
     fn narrow_frames_clip_the_box() {
         for (h, w) in [(1, 1), (1, 9), (9, 1), (2, 3), (7, 7), (8, 3)] {
             let data = frame(h, w, (h * 31 + w) as u64);
