@@ -106,9 +106,16 @@ impl Finder {
         if let Err(e) = self.check_shape(height, width) {
             return chunks.iter().map(|_| Err(e.clone())).collect();
         }
-        if height == 0 || width == 0 {
-            let e = InputError::new(format!("an empty image ({height} x {width} pixels)"));
-            return chunks.iter().map(|_| Err(e.clone())).collect();
+        // what Frame::new checks of a frame's shape, for frames never whole in memory
+        let bad = if height == 0 || width == 0 {
+            Some(format!("an empty image ({height} x {width} pixels)"))
+        } else if height.checked_mul(width).is_none_or(|n| n > u32::MAX as usize) {
+            Some(format!("an image of {height} x {width} pixels is more than 2^32"))
+        } else {
+            None
+        };
+        if let Some(e) = bad {
+            return chunks.iter().map(|_| Err(InputError::new(e.clone()))).collect();
         }
         if fast_path::<T>(&self.rule) {
             // each chunk decoded a few rows ahead of the search, into a ring
@@ -333,6 +340,9 @@ mod tests {
         assert_eq!(decoded, one);
         let bad = finder.find_chunks::<u16>(&[&bytes[0][..50]], h, w, 1);
         assert!(bad[0].is_err());
+        let huge = finder.find_chunks::<u16>(&chunks, 1 << 16, 1 << 16, 1);
+        assert!(huge.iter().all(|r| r.as_ref().unwrap_err().0.contains("more than 2^32")));
+        assert!(finder.find_chunks::<u16>(&chunks, 0, w, 1)[0].as_ref().unwrap_err().0.contains("empty"));
     }
 
     #[test]
