@@ -33,7 +33,9 @@ SUITE = "spot finding"
 
 
 def sizes(config):
-    return ["1M"] if config.getoption("benchmark_disable") else ["4M", "16M"]
+    # --benchmark-enable overrides the --benchmark-disable of the project's addopts
+    disabled = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
+    return ["1M"] if disabled else ["4M", "16M"]
 
 
 def pytest_generate_tests(metafunc):

@@ -12,9 +12,11 @@
 //! cache and transposed from there straight into the frame.
 //!
 //! Both steps are written for speed: the LZ4 blocks are inflated here (the
-//! long overlapping matches of detector frames, runs of zero bits, are copied
-//! 16 bytes at a time, where a general decoder goes byte by byte), and the
-//! bits are put back with SSE2, eight bit rows at a time.
+//! long matches of detector frames, runs of zero bits, are filled or copied
+//! 16 or 32 bytes at a time, where a general decoder goes byte by byte), and
+//! the bits are put back with SSE2 or AVX2, eight bit rows at a time. A
+//! [`Reader`] hands the blocks out one by one, for a search that takes a
+//! frame's rows as they are decoded.
 
 use std::fmt;
 
@@ -49,57 +51,115 @@ pub fn uncompressed_size(chunk: &[u8]) -> Result<u64, ChunkError> {
 /// Decode `chunk` of elements `elem_size` bytes wide into `out` (exactly the
 /// uncompressed size). `scratch` is reused between calls.
 pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
-    let total = uncompressed_size(chunk)?;
-    if total != out.len() as u64 {
-        return err(format!("the chunk holds {total} bytes, the frame needs {}", out.len()));
-    }
-    if !matches!(elem_size, 1 | 2 | 4 | 8) || out.len() % elem_size != 0 {
-        return err(format!("elements of {elem_size} bytes cannot fill {} bytes", out.len()));
-    }
-    let block_bytes = be32(&chunk[8..12]) as usize;
-    let block = block_bytes / elem_size;
-    if block == 0 || block % 8 != 0 || block_bytes % elem_size != 0 {
-        return err(format!("a block size of {block_bytes} bytes is not a multiple of 8 elements of {elem_size} bytes"));
-    }
-    let n = out.len() / elem_size;
-    let mut at = 12usize;
-    let mut start = 0usize; // element
-    let last = {
-        let rest = n % block;
-        rest - rest % 8
-    };
-    let blocks = (0..n / block).map(|_| block).chain((last > 0).then_some(last));
-    for size in blocks {
-        let bytes = size * elem_size;
-        if chunk.len() < at + 4 {
-            return err(format!("the chunk ends inside the block at element {start} (byte {at})"));
-        }
-        let packed = be32(&chunk[at..at + 4]) as usize;
-        at += 4;
-        let Some(lz4) = chunk.get(at..at + packed) else {
-            return err(format!(
-                "the block at element {start} says {packed} bytes, the chunk has {} left",
-                chunk.len() - at
-            ));
-        };
-        scratch.resize(bytes + SLACK, 0);
-        if let Err(e) = inflate(lz4, scratch, bytes) {
-            return err(format!("the block at element {start} is not LZ4: {e}"));
-        }
-        untranspose(&scratch[..bytes], size, elem_size, &mut out[start * elem_size..start * elem_size + bytes]);
-        at += packed;
-        start += size;
-    }
-    let left = (n - start) * elem_size;
-    match chunk.get(at..at + left) {
-        Some(raw) if at + left == chunk.len() => out[start * elem_size..].copy_from_slice(raw),
-        Some(_) => return err(format!("{} bytes follow the last block", chunk.len() - at - left)),
-        None => return err(format!("the chunk ends before its last {left} uncompressed bytes")),
+    let mut reader = Reader::new(chunk, elem_size, out.len())?;
+    let mut at = 0;
+    while let Some(n) = reader.next_piece() {
+        let bytes = n * elem_size;
+        reader.decode_piece(&mut out[at..at + bytes], scratch)?;
+        at += bytes;
     }
     Ok(())
 }
 
-/// Bytes an inflated block needs past its end: copies go 16 bytes at a time.
+/// A chunk decoded piece by piece, in order: its blocks, then the elements
+/// left over, raw (so that a caller may use a frame's first rows while its
+/// next are inflated into the cache, the frame never whole in memory).
+pub struct Reader<'a> {
+    chunk: &'a [u8],
+    elem_size: usize,
+    /// Elements in the chunk, in a block, in the partial block after the whole ones.
+    n: usize,
+    block: usize,
+    last: usize,
+    /// The next block's length is at byte `at`; `start` elements are done.
+    at: usize,
+    start: usize,
+    done: bool,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader of `chunk`, which must hold `bytes` bytes of elements
+    /// `elem_size` bytes wide.
+    pub fn new(chunk: &'a [u8], elem_size: usize, bytes: usize) -> Result<Reader<'a>, ChunkError> {
+        let total = uncompressed_size(chunk)?;
+        if total != bytes as u64 {
+            return err(format!("the chunk holds {total} bytes, the frame needs {bytes}"));
+        }
+        if !matches!(elem_size, 1 | 2 | 4 | 8) || bytes % elem_size != 0 {
+            return err(format!("elements of {elem_size} bytes cannot fill {bytes} bytes"));
+        }
+        let block_bytes = be32(&chunk[8..12]) as usize;
+        let block = block_bytes / elem_size;
+        if block == 0 || block % 8 != 0 || block_bytes % elem_size != 0 {
+            return err(format!("a block size of {block_bytes} bytes is not a multiple of 8 elements of {elem_size} bytes"));
+        }
+        let n = bytes / elem_size;
+        let rest = n % block;
+        Ok(Reader { chunk, elem_size, n, block, last: rest - rest % 8, at: 12, start: 0, done: false })
+    }
+
+    /// The next piece: its elements, and whether it is a compressed block.
+    fn piece(&self) -> Option<(usize, bool)> {
+        if self.done {
+            None
+        } else if self.n - self.start >= self.block {
+            Some((self.block, true))
+        } else if self.last > 0 && self.start == self.n - self.n % self.block {
+            Some((self.last, true))
+        } else {
+            // the raw rest, fewer than 8 (also when none: the chunk must end there)
+            Some((self.n - self.start, false))
+        }
+    }
+
+    /// Elements in a block (the last may hold fewer).
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// How many elements the next piece holds; None when the chunk is done.
+    pub fn next_piece(&self) -> Option<usize> {
+        self.piece().map(|(n, _)| n)
+    }
+
+    /// Decode the next piece into `out`, exactly its elements' bytes.
+    pub fn decode_piece(&mut self, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
+        let Some((size, compressed)) = self.piece() else { return err("the chunk is already decoded".into()) };
+        let (chunk, start, at) = (self.chunk, self.start, self.at);
+        let bytes = size * self.elem_size;
+        assert_eq!(out.len(), bytes);
+        if compressed {
+            if chunk.len() < at + 4 {
+                return err(format!("the chunk ends inside the block at element {start} (byte {at})"));
+            }
+            let packed = be32(&chunk[at..at + 4]) as usize;
+            let Some(lz4) = chunk.get(at + 4..at + 4 + packed) else {
+                return err(format!(
+                    "the block at element {start} says {packed} bytes, the chunk has {} left",
+                    chunk.len() - at - 4
+                ));
+            };
+            scratch.resize(bytes + SLACK, 0);
+            if let Err(e) = inflate(lz4, scratch, bytes) {
+                return err(format!("the block at element {start} is not LZ4: {e}"));
+            }
+            untranspose(&scratch[..bytes], size, self.elem_size, out);
+            self.at = at + 4 + packed;
+        } else {
+            match chunk.get(at..at + bytes) {
+                Some(raw) if at + bytes == chunk.len() => out.copy_from_slice(raw),
+                Some(_) => return err(format!("{} bytes follow the last block", chunk.len() - at - bytes)),
+                None => return err(format!("the chunk ends before its last {bytes} uncompressed bytes")),
+            }
+            self.at = chunk.len();
+            self.done = true;
+        }
+        self.start = start + size;
+        Ok(())
+    }
+}
+
+/// Bytes an inflated block needs past its end: copies go up to 32 bytes at a time.
 const SLACK: usize = 32;
 
 /// Inflate the LZ4 block `src` into exactly `out[..size]` (`out` is at least
@@ -107,6 +167,23 @@ const SLACK: usize = 32;
 /// and write is checked against the block's bounds before it is made, so a
 /// corrupt block is an error, never a read or write outside `src` or `out`.
 fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2
+        return unsafe { inflate_avx2(src, out, size) };
+    }
+    inflate_any(src, out, size)
+}
+
+/// [`inflate`] compiled for AVX2: a 32-byte copy is one load and one store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn inflate_avx2(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    inflate_any(src, out, size)
+}
+
+#[inline(always)]
+fn inflate_any(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
     assert!(out.len() >= size + SLACK);
     let n = src.len();
     let (mut i, mut d) = (0usize, 0usize);
@@ -161,7 +238,7 @@ fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> 
             return Err("a match runs past the block");
         }
         // SAFETY: the match reads from d - offset >= 0 and writes d..d+len
-        // (<= size) plus at most 15 bytes of SLACK
+        // (<= size) plus at most 31 bytes of SLACK
         unsafe { copy_match(out.as_mut_ptr(), d, offset, len) };
         d += len;
     }
@@ -172,15 +249,28 @@ fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> 
 }
 
 /// `out[d..d + len] = out[d - offset..]` byte after byte as LZ4 means it
-/// (the source may overlap what is being written), in 16-byte copies that
-/// may write up to 15 bytes past `d + len`.
+/// (the source may overlap what is being written), in 16- or 32-byte copies
+/// that may write up to 31 bytes past `d + len` (a run of one byte, a fill).
 ///
 /// # Safety
-/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 15`.
+/// `offset` in `1..=d`, and `out` valid for writes up to `d + len + 31`.
 #[inline(always)]
 unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
     let end = out.add(d + len);
     let mut dst = out.add(d);
+    if offset == 1 {
+        // a run of one byte (the zero bits of detector frames): a fill
+        std::ptr::write_bytes(dst, *dst.sub(1), len);
+        return;
+    }
+    if offset >= 32 {
+        // apart by 32 or more: 32 bytes a copy, no overlap within one
+        while dst < end {
+            std::ptr::copy_nonoverlapping(dst.sub(offset), dst, 32);
+            dst = dst.add(32);
+        }
+        return;
+    }
     // copying 16 bytes from `dst - step` is right once `step >= 16` is a
     // multiple of the offset and the first `step - offset` bytes are written:
     // from there on `out[p] = out[p - offset] = out[p - step]`

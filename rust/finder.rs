@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use crate::bslz4;
 use crate::error::{InputError, Result};
 use crate::spots::{label, SpotFilter, Spots};
-use crate::strong::{strong_pixels, Frame, Pixel, Rule, Strong, Valid};
+use crate::strong::{fast_path, strong_pixels, strong_pixels_of_rows, Frame, Pixel, Rows, Rule, Strong, Valid};
 
 /// What a finder is built from.
 #[derive(Clone, Debug, Default)]
@@ -106,11 +106,122 @@ impl Finder {
         if let Err(e) = self.check_shape(height, width) {
             return chunks.iter().map(|_| Err(e.clone())).collect();
         }
+        // what Frame::new checks of a frame's shape, for frames never whole in memory
+        let bad = if height == 0 || width == 0 {
+            Some(format!("an empty image ({height} x {width} pixels)"))
+        } else if height.checked_mul(width).is_none_or(|n| n > u32::MAX as usize) {
+            Some(format!("an image of {height} x {width} pixels is more than 2^32"))
+        } else {
+            None
+        };
+        if let Some(e) = bad {
+            return chunks.iter().map(|_| Err(InputError::new(e.clone()))).collect();
+        }
+        if fast_path::<T>(&self.rule) {
+            // each chunk decoded a few rows ahead of the search, into a ring
+            // of rows that stays in the cache: the frame is never in memory
+            let fresh = || (Vec::<T>::new(), Vec::<T>::new(), Vec::<u8>::new());
+            return in_parallel(chunks.len(), threads, fresh, |(ring, piece, scratch), i| {
+                let mut rows = DecodedRows::new(chunks[i], height, width, self.rule.kernel.1, ring, piece, scratch)?;
+                let valid = Valid::new(self.mask.as_deref(), self.trusted_max);
+                let mut strong = Strong::default();
+                strong_pixels_of_rows(&mut rows, &valid, &self.rule, &mut strong)?;
+                rows.finish()?;
+                Ok(label(&strong, width, self.limits))
+            });
+        }
         let fresh = || (vec![T::ZERO; height * width], Vec::new());
         in_parallel(chunks.len(), threads, fresh, |(frame, scratch), i| {
             decode_frame(chunks[i], frame, scratch)?;
             self.find(&Frame::new(frame, height, width)?)
         })
+    }
+}
+
+/// The rows of a bitshuffle-LZ4 chunk, decoded as the search reaches them
+/// into a ring of rows (row `r` in slot `r % slots`, the ring one run of
+/// memory): a piece of the chunk (a block) goes straight into the ring, or,
+/// when it would run past the ring's end, by way of `piece`.
+struct DecodedRows<'a, T> {
+    reader: bslz4::Reader<'a>,
+    height: usize,
+    width: usize,
+    slots: usize,
+    ring: &'a mut Vec<T>,
+    piece: &'a mut Vec<T>,
+    scratch: &'a mut Vec<u8>,
+    /// Elements of the frame decoded.
+    decoded: usize,
+}
+
+impl<'a, T: Pixel> DecodedRows<'a, T> {
+    fn new(
+        chunk: &'a [u8],
+        height: usize,
+        width: usize,
+        ky: usize,
+        ring: &'a mut Vec<T>,
+        piece: &'a mut Vec<T>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<Self> {
+        let n = height * width;
+        let reader = bslz4::Reader::new(chunk, std::mem::size_of::<T>(), n * std::mem::size_of::<T>()).map_err(|e| InputError::new(e.0))?;
+        // the rows in use (2ky + 1 around the row searched, the next) and those
+        // a piece decoded to reach the last of them may run on into
+        let slots = (2 * ky + 3 + reader.block().div_ceil(width)).min(height);
+        ring.resize(slots * width, T::ZERO);
+        Ok(DecodedRows { reader, height, width, slots, ring, piece, scratch, decoded: 0 })
+    }
+
+    /// Decode the next piece of the chunk into the ring.
+    fn decode_piece(&mut self) -> Result<()> {
+        let Some(n) = self.reader.next_piece() else { return Ok(()) };
+        let ring = self.slots * self.width;
+        let at = self.decoded % ring;
+        let bytes = |v: &mut [T]| {
+            // SAFETY: every Pixel type is a plain number, valid for any bytes
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+        };
+        let fail = |e: bslz4::ChunkError| InputError::new(e.0);
+        if at + n <= ring {
+            self.reader.decode_piece(bytes(&mut self.ring[at..at + n]), self.scratch).map_err(fail)?;
+        } else {
+            self.piece.resize(n, T::ZERO);
+            self.reader.decode_piece(bytes(&mut self.piece[..]), self.scratch).map_err(fail)?;
+            let (a, b) = self.piece.split_at(ring - at);
+            self.ring[at..].copy_from_slice(a);
+            self.ring[..b.len()].copy_from_slice(b);
+        }
+        self.decoded += n;
+        Ok(())
+    }
+
+    /// The rest of the chunk, which must end where its last elements do.
+    fn finish(&mut self) -> Result<()> {
+        while self.reader.next_piece().is_some() {
+            self.decode_piece()?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Pixel> Rows<T> for DecodedRows<'_, T> {
+    fn height(&self) -> usize {
+        self.height
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn reach(&mut self, r: usize) -> Result<()> {
+        while self.decoded < (r + 1) * self.width {
+            self.decode_piece()?;
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[T] {
+        let at = (r % self.slots) * self.width;
+        &self.ring[at..at + self.width]
     }
 }
 
@@ -121,6 +232,26 @@ pub fn decode_frame<T: Pixel>(chunk: &[u8], frame: &mut [T], scratch: &mut Vec<u
     // slice covers exactly the frame's memory, which it borrows mutably.
     let bytes = unsafe { std::slice::from_raw_parts_mut(frame.as_mut_ptr() as *mut u8, std::mem::size_of_val(frame)) };
     bslz4::decode_into(chunk, size, bytes, scratch).map_err(|e| InputError::new(e.0))?;
+    check_decoded(frame)
+}
+
+/// Decode one bitshuffle-LZ4 chunk into a new frame of `n` values of `T`,
+/// its memory not zeroed first (the decoder writes every byte of it).
+pub fn decode_new_frame<T: Pixel>(chunk: &[u8], n: usize, scratch: &mut Vec<u8>) -> Result<Vec<T>> {
+    let mut frame: Vec<T> = Vec::with_capacity(n);
+    let size = std::mem::size_of::<T>();
+    // SAFETY: the bytes of the frame's capacity, written and never read by
+    // `decode_into`, which on success has written every one of them (the
+    // blocks, then the raw rest, cover `0..n * size`); only then is the
+    // length set, and a Pixel is valid for any bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(frame.as_mut_ptr() as *mut u8, n * size) };
+    bslz4::decode_into(chunk, size, bytes, scratch).map_err(|e| InputError::new(e.0))?;
+    unsafe { frame.set_len(n) };
+    check_decoded(&frame)?;
+    Ok(frame)
+}
+
+fn check_decoded<T: Pixel>(frame: &[T]) -> Result<()> {
     if cfg!(target_endian = "big") {
         return Err(InputError::new("little-endian frames on a big-endian machine are not supported"));
     }
@@ -209,6 +340,36 @@ mod tests {
         assert_eq!(decoded, one);
         let bad = finder.find_chunks::<u16>(&[&bytes[0][..50]], h, w, 1);
         assert!(bad[0].is_err());
+        let huge = finder.find_chunks::<u16>(&chunks, 1 << 16, 1 << 16, 1);
+        assert!(huge.iter().all(|r| r.as_ref().unwrap_err().0.contains("more than 2^32")));
+        assert!(finder.find_chunks::<u16>(&chunks, 0, w, 1)[0].as_ref().unwrap_err().0.contains("empty"));
+    }
+
+    #[test]
+    fn chunks_decoded_into_a_ring_of_rows_find_what_frames_do() {
+        // the ring wraps (blocks of a row or less, of many rows), a partial
+        // last block and raw elements after it, a mask, two pixel types
+        let finder = Finder::default();
+        for (h, w, block) in [(301, 83, 4096), (250, 200, 64), (97, 40, 8), (40, 1000, 2048), (1, 9, 8)] {
+            // pixels past the packed sums' small values: boxes summed again over the rows
+            let data: Vec<u16> = frame(h, w, (h * w) as u64).iter().enumerate().map(|(i, &v)| if i % 101 == 7 { v + 6000 } else { v }).collect();
+            let mask: Vec<bool> = (0..h * w).map(|i| i % 37 != 5).collect();
+            let masked = Finder::new(Rule::default(), SpotFilter::default(), Some((mask, h, w)), Some(200.0)).unwrap();
+            for finder in [&finder, &masked] {
+                let expected = finder.find(&Frame::new(&data, h, w).unwrap()).unwrap();
+                let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let chunk = bslz4::encode(&bytes, 2, block);
+                let got = finder.find_chunks::<u16>(&[&chunk], h, w, 1).remove(0).unwrap();
+                assert_eq!(got, expected, "{h} x {w}, blocks of {block}");
+                let wide: Vec<u32> = data.iter().map(|&v| v as u32).collect();
+                let bytes: Vec<u8> = wide.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let got = finder.find_chunks::<u32>(&[&bslz4::encode(&bytes, 4, block)], h, w, 1).remove(0).unwrap();
+                assert_eq!(got, expected, "{h} x {w}, blocks of {block}, u32");
+                let mut long = chunk.clone();
+                long.push(0);
+                assert!(finder.find_chunks::<u16>(&[&long], h, w, 1)[0].as_ref().unwrap_err().0.contains("follow"));
+            }
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub trait Pixel: Copy + PartialOrd + Send + Sync + 'static {
     }
     /// Integer pixels take the fast path (exact `u32` box sums, an `f32` filter).
     const INTEGER: bool;
+    /// A type with negative values (the fast path's AVX2 loads widen by sign).
+    const SIGNED: bool = false;
     /// The value as `f32` (for the filter) and, for integers in the box, as `u32`.
     fn f32(self) -> f32;
     fn small(self) -> u32;
@@ -55,12 +57,6 @@ pub trait Acc: Copy + Default + Send + Sync + Add<Output = Self> + Sub<Output = 
     fn f64(self) -> f64;
 }
 
-impl Acc for u32 {
-    #[inline(always)]
-    fn f64(self) -> f64 {
-        self as f64
-    }
-}
 impl Acc for u64 {
     #[inline(always)]
     fn f64(self) -> f64 {
@@ -77,7 +73,9 @@ impl Acc for f64 {
 macro_rules! integer_pixel {
     ($t:ty, $name:literal, $below_big:expr) => {
         impl Pixel for $t {
-            type X = u32;
+            // u64: a box of more than 256 pixels below 2^24 sums past 2^32
+            // (kernel_size 8 is 289; dispersion_extended's wider box at 6)
+            type X = u64;
             type Y = u64;
             const DTYPE: &'static str = $name;
             const ZERO: Self = 0;
@@ -88,14 +86,15 @@ macro_rules! integer_pixel {
                 self as f64
             }
             #[inline(always)]
-            fn x(self) -> u32 {
-                self as u32
+            fn x(self) -> u64 {
+                self as u64
             }
             #[inline(always)]
             fn y(self) -> u64 {
                 (self as u64) * (self as u64)
             }
             const INTEGER: bool = true;
+            const SIGNED: bool = <$t>::MIN != 0;
             #[inline(always)]
             fn f32(self) -> f32 {
                 self as f32
@@ -362,6 +361,42 @@ impl<'a, T: Pixel> Frame<'a, T> {
     }
 }
 
+/// The rows of a frame as the fast path reads them: all in memory (an
+/// array), or made as the window of rows reaches them (a chunk decoded into
+/// a ring of rows, the frame never whole in memory).
+pub trait Rows<T> {
+    fn height(&self) -> usize;
+    fn width(&self) -> usize;
+    /// Make the rows up to `r` readable; those more than a window's height
+    /// (`2ky + 1` rows) before it may go.
+    fn reach(&mut self, r: usize) -> Result<()>;
+    /// Row `r`, reached and not gone.
+    fn row(&self, r: usize) -> &[T];
+    /// Whether rows not reached yet are in memory already (worth a prefetch).
+    fn resident(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Pixel> Rows<T> for Frame<'_, T> {
+    fn height(&self) -> usize {
+        self.height
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn reach(&mut self, _: usize) -> Result<()> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[T] {
+        Frame::row(self, r)
+    }
+    fn resident(&self) -> bool {
+        true
+    }
+}
+
 /// Which pixels count, for one frame type: the mask, and the values a valid
 /// pixel may hold (0 up to the trusted maximum) and those the box sums take.
 #[derive(Clone, Copy)]
@@ -530,13 +565,34 @@ pub fn strong_pixels<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, 
     }
     rule.check()?;
     match rule.algorithm {
-        Algorithm::Dispersion if T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= fast::MAX_BOX => {
-            fast::dispersion(frame, valid, rule, out)
-        }
+        _ if fast_path::<T>(rule) => fast::dispersion(&mut frame.clone(), valid, rule, out)?,
         Algorithm::Dispersion => dispersion(frame, valid, rule, out),
         Algorithm::DispersionExtended => dispersion_extended(frame, valid, rule, out),
     }
     Ok(())
+}
+
+/// Whether `rule` on frames of `T` takes the fast path (which reads the
+/// frame row by row, so [`strong_pixels_of_rows`] can take its rows).
+pub fn fast_path<T: Pixel>(rule: &Rule) -> bool {
+    rule.algorithm == Algorithm::Dispersion && T::INTEGER && (2 * rule.kernel.0 + 1) * (2 * rule.kernel.1 + 1) <= fast::MAX_BOX
+}
+
+/// [`strong_pixels`] of rows made as they are reached, where
+/// [`fast_path`] holds; `mask` as in [`strong_pixels`].
+pub fn strong_pixels_of_rows<T: Pixel, R: Rows<T> + ?Sized>(frame: &mut R, valid: &Valid<T>, rule: &Rule, out: &mut Strong) -> Result<()> {
+    if let Some(mask) = valid.mask {
+        if mask.len() != frame.height() * frame.width() {
+            return Err(InputError::new(format!(
+                "the mask has {} pixels and the image {}",
+                mask.len(),
+                frame.height() * frame.width()
+            )));
+        }
+    }
+    rule.check()?;
+    assert!(fast_path::<T>(rule), "rows are read by the fast path only");
+    fast::dispersion(frame, valid, rule, out)
 }
 
 #[inline(always)]
@@ -549,10 +605,10 @@ fn good(mask: Option<&[bool]>, at: usize) -> bool {
 
 /// The sums of values and of squares over the box around `(r, c)`, taken
 /// pixel by pixel: only for the few pixels a filter let through.
-fn box_xy<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, (kx, ky): (usize, usize), r: usize, c: usize) -> (T::X, T::Y) {
-    let (r0, r1) = (r.saturating_sub(ky), (r + ky).min(frame.height - 1));
-    let (c0, c1) = (c.saturating_sub(kx), (c + kx).min(frame.width - 1));
-    let w = frame.width;
+fn box_xy<T: Pixel, R: Rows<T> + ?Sized>(frame: &R, valid: &Valid<T>, (kx, ky): (usize, usize), r: usize, c: usize) -> (T::X, T::Y) {
+    let (r0, r1) = (r.saturating_sub(ky), (r + ky).min(frame.height() - 1));
+    let (c0, c1) = (c.saturating_sub(kx), (c + kx).min(frame.width() - 1));
+    let w = frame.width();
     let (mut x, mut y) = (T::X::default(), T::Y::default());
     for rr in r0..=r1 {
         let values = &frame.row(rr)[c0..=c1];
@@ -615,13 +671,18 @@ fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &m
 ///    (packed `x`, `m`, big pixels; `y` of the small pixels) computed once
 ///    and kept in a ring of the `2ky+1` rows of the window, the row leaving
 ///    has its terms there, and the column sums take the difference;
-/// 2. 64 columns at a time, the box sums are the column sums added across
-///    `2kx+1` columns, and a filter in `f32` (branch-free, so the compiler
-///    makes it SIMD) keeps the pixels that may pass DIALS's two tests. Its
-///    bounds are wider than its rounding: every pixel DIALS's rule takes
-///    passes it; the few that pass are decided exactly.
+/// 2. eight columns at a time, the box sums are the column sums added across
+///    `2kx+1` columns, and two sieves in `f32` keep the pixels that may pass
+///    DIALS's two tests (the second, with the sums of squares, only for a
+///    group where one passed the first). Their bounds are wider than their
+///    rounding: every pixel DIALS's rule takes passes them; the few that
+///    pass are decided exactly.
 ///
-/// Memory: the ring (`4 (2ky+1)` bytes a column) and two rows of column sums.
+/// Both passes are AVX2 intrinsics where the CPU has it (the plain code
+/// otherwise, and for the last columns of a row). The rows come from a
+/// [`Rows`]: a frame in memory, or a chunk decoded as the window reaches it.
+///
+/// Memory: the ring (`5 (2ky+1)` bytes a column) and two rows of column sums.
 mod fast {
     use super::*;
 
@@ -699,6 +760,69 @@ mod fast {
         /// whose terms are in the same slot, leaves.
         #[inline(always)]
         fn enter<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            self.enter_from(0, e, row, max, f)
+        }
+
+        /// [`Window::enter`] in AVX2, eight columns at a time, the last few
+        /// as it does them.
+        ///
+        /// # Safety
+        /// The CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn enter_avx2<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            use std::arch::x86_64::*;
+            let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
+            let w = self.col_p.len() - 2 * self.kx;
+            assert!(v.len() >= w && g.len() >= w);
+            let slot = (e % self.rows) * w;
+            let (rp, rl) = (self.ring_p[slot..slot + w].as_mut_ptr(), self.ring_level[slot..slot + w].as_mut_ptr());
+            let (cp, cy) = (self.col_p[self.kx..].as_mut_ptr(), self.col_y[self.kx..].as_mut_ptr());
+            let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
+            // values as u32 lanes: a negative one (widened by sign) is above
+            // every valid one, as `v >= 0` asks
+            let lanes = |c: usize| match std::mem::size_of::<T>() {
+                4 => _mm256_loadu_si256(vp.add(c) as *const __m256i),
+                2 if T::SIGNED => _mm256_cvtepi16_epi32(_mm_loadu_si128(vp.add(c) as *const __m128i)),
+                2 => _mm256_cvtepu16_epi32(_mm_loadu_si128(vp.add(c) as *const __m128i)),
+                _ => _mm256_cvtepu8_epi32(_mm_loadl_epi64(vp.add(c) as *const __m128i)),
+            };
+            let u = |t: T| _mm256_set1_epi32(t.small() as i32);
+            let (box_max, valid_max, above) = (u(max), u(f.valid_max), u(f.above));
+            let (small_max, top) = (_mm256_set1_epi32(SMALL as i32), _mm256_set1_epi32(LEVEL_MAX as i32));
+            let (m_one, big_one) = (_mm256_set1_epi32(M_ONE as i32), _mm256_set1_epi32(BIG_ONE as i32));
+            let at_most = |v: __m256i, max: __m256i| _mm256_cmpeq_epi32(_mm256_min_epu32(v, max), v);
+            let mut c = 0;
+            while c + 8 <= w {
+                let v = lanes(c);
+                let good = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(gp.add(c) as *const __m128i)), _mm256_setzero_si256());
+                // the terms: as `term`
+                let in_box = _mm256_and_si256(good, at_most(v, box_max));
+                let p = _mm256_and_si256(in_box, _mm256_or_si256(m_one, _mm256_blendv_epi8(big_one, v, at_most(v, small_max))));
+                let x = _mm256_and_si256(p, small_max);
+                let y = _mm256_madd_epi16(x, x); // x < 2^12: its low half squared
+                let old = _mm256_loadu_si256(rp.add(c) as *const __m256i);
+                let ox = _mm256_and_si256(old, small_max);
+                let oy = _mm256_madd_epi16(ox, ox);
+                let (cpc, cyc) = (cp.add(c) as *mut __m256i, cy.add(c) as *mut __m256i);
+                _mm256_storeu_si256(cpc, _mm256_add_epi32(_mm256_loadu_si256(cpc), _mm256_sub_epi32(p, old)));
+                _mm256_storeu_si256(cyc, _mm256_add_epi32(_mm256_loadu_si256(cyc), _mm256_sub_epi32(y, oy)));
+                _mm256_storeu_si256(rp.add(c) as *mut __m256i, p);
+                // the levels: as `level`
+                let can = _mm256_and_si256(_mm256_and_si256(good, at_most(v, valid_max)), _mm256_cmpeq_epi32(_mm256_max_epu32(v, above), v));
+                let level = _mm256_and_si256(can, _mm256_min_epu32(v, top));
+                let bytes = _mm256_packus_epi16(_mm256_packus_epi32(level, level), _mm256_setzero_si256());
+                let (lo, hi) = (_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes));
+                let eight = (_mm_cvtsi128_si32(lo) as u32 as u64) | ((_mm_cvtsi128_si32(hi) as u32 as u64) << 32);
+                std::ptr::write_unaligned(rl.add(c) as *mut u64, eight);
+                c += 8;
+            }
+            self.enter_from(c, e, row, max, f)
+        }
+
+        /// [`Window::enter`] of columns `from..`.
+        #[inline(always)]
+        fn enter_from<T: Pixel>(&mut self, from: usize, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
             let w = self.col_p.len() - 2 * self.kx;
             let slot = (e % self.rows) * w;
             let rp = &mut self.ring_p[slot..slot + w];
@@ -707,7 +831,7 @@ mod fast {
             match row {
                 Some((v, g)) => {
                     let (v, g) = (&v[..w], &g[..w]);
-                    for c in 0..w {
+                    for c in from..w {
                         let (p, y) = term(v[c], g[c], max);
                         let old = rp[c] & SMALL;
                         cp[c] = cp[c].wrapping_add(p).wrapping_sub(rp[c]);
@@ -837,28 +961,123 @@ mod fast {
         }
     }
 
-    /// Flags for a whole row, handed with the box sums to `each(c0, sums,
-    /// flags)` block by block; `TAPS` as in [`block`].
+    /// A pixel that passed both sieves: its column, packed box sums and box
+    /// sum of squares (of the small pixels), for the exact decision.
+    type Candidate<'e> = &'e mut dyn FnMut(usize, u32, u32);
+
+    /// The sieves over columns `from..` of a row, handing each pixel that
+    /// passes them to `each`; `TAPS` as in [`block`].
     #[inline(always)]
     fn filter_row<T: Pixel, const TAPS: usize>(
         f: &Filter<T>,
         win: &Window,
         taps: usize,
         levels: &[u8],
+        from: usize,
         next: Row<T>,
-        each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK]),
+        each: Candidate,
     ) {
         let mut sums = ([0u32; BLOCK], [0u32; BLOCK]);
         let mut flags = [0u8; BLOCK];
         let w = levels.len();
-        for c0 in (0..w).step_by(BLOCK) {
+        for c0 in (from..w).step_by(BLOCK) {
             prefetch(next, c0);
             block::<T, TAPS>(f, win, taps, levels, c0, BLOCK.min(w - c0), &mut sums, &mut flags);
             let any = flags.chunks_exact(8).fold(0u64, |a, e| a | u64::from_ne_bytes(e.try_into().expect("8 flags")));
             if any != 0 {
-                each(c0, &sums, &flags);
+                for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
+                    each(c0 + i, sums.0[i], sums.1[i]);
+                }
             }
         }
+    }
+
+    /// The sieves of [`Filter`] in AVX2, eight columns at a time, over as
+    /// many whole groups of eight as the row has; returns where it stopped.
+    /// The same `f32` operations in the same order as `may_signal` and
+    /// `may_disperse` (no fused multiply-adds; `b*|b|` for `b > 0 & b*b`),
+    /// so the same pixels pass, but for those of level 0 in a box decided
+    /// exactly, which `each` leaves out. The sums of squares are taken only
+    /// for a group where one passed the first sieve; the next row's lines
+    /// are asked for once every `BLOCK` columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sieve_avx2<T: Pixel, const TAPS: usize>(
+        f: &Filter<T>,
+        win: &Window,
+        taps: usize,
+        levels: &[u8],
+        next: Row<T>,
+        each: Candidate,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let taps = if TAPS == 0 { taps } else { TAPS };
+        let w = levels.len();
+        // column c's box is col[c..c + taps], read 8 columns at a time
+        assert!(win.col_p.len() >= w + taps - 1 && win.col_y.len() >= w + taps - 1);
+        let (cp, cy, lv) = (win.col_p.as_ptr(), win.col_y.as_ptr(), levels.as_ptr());
+        let sum = |col: *const u32, c0: usize| {
+            let mut s = _mm256_loadu_si256(col.add(c0) as *const __m256i);
+            for d in 1..taps {
+                s = _mm256_add_epi32(s, _mm256_loadu_si256(col.add(c0 + d) as *const __m256i));
+            }
+            s
+        };
+        let x_bits = _mm256_set1_epi32(X_BITS as i32);
+        let m_bits = _mm256_set1_epi32(63);
+        let no_big = _mm256_set1_epi32((BIG_ONE - 1) as i32);
+        let below_min_local = _mm256_set1_epi32(f.min_local as i32 - 1);
+        let top = _mm256_set1_epi32(LEVEL_MAX as i32);
+        let (zero, one, abs) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0), _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)));
+        let (s2, b2, gain, slack) = (_mm256_set1_ps(f.s2), _mm256_set1_ps(f.b2), _mm256_set1_ps(f.gain), _mm256_set1_ps(3e-7));
+        let gt = |a: __m256, b: __m256| _mm256_cmp_ps::<_CMP_GT_OQ>(a, b);
+        let mut c0 = 0;
+        let whole = w - w % 8;
+        while c0 < whole {
+            prefetch(next, c0);
+            let stop = (c0 + BLOCK).min(whole);
+            while c0 < stop {
+                let p = sum(cp, c0);
+                let level = _mm256_cvtepu8_epi32(_mm_loadl_epi64(lv.add(c0) as *const __m128i));
+                let m = _mm256_and_si256(_mm256_srli_epi32::<18>(p), m_bits);
+                let (mf, xf, vf) = (_mm256_cvtepi32_ps(m), _mm256_cvtepi32_ps(_mm256_and_si256(p, x_bits)), _mm256_cvtepi32_ps(level));
+                // may_signal: b > 0 and b*b > s2*x*m as b*|b| > s2*x*m (a level
+                // of 0 has b = -x <= 0: never a signal)
+                let b = _mm256_sub_ps(_mm256_mul_ps(mf, vf), xf);
+                let signal = gt(_mm256_mul_ps(b, _mm256_and_ps(b, abs)), _mm256_mul_ps(_mm256_mul_ps(s2, xf), mf));
+                // a box with a big pixel or a pixel at the top level is decided
+                // exactly (`each` leaves out the pixels of level 0)
+                let exact = _mm256_or_si256(_mm256_cmpgt_epi32(p, no_big), _mm256_cmpeq_epi32(level, top));
+                let pass = _mm256_and_si256(_mm256_cmpgt_epi32(m, below_min_local), _mm256_or_si256(exact, _mm256_castps_si256(signal)));
+                let mut hits = _mm256_movemask_ps(_mm256_castsi256_ps(pass)) as u32;
+                if hits != 0 {
+                    // may_disperse
+                    let y = sum(cy, c0);
+                    let yf = _mm256_cvtepi32_ps(y);
+                    let m1 = _mm256_sub_ps(mf, one);
+                    let (t1, t2, t3) = (_mm256_mul_ps(mf, yf), _mm256_mul_ps(xf, xf), _mm256_mul_ps(_mm256_mul_ps(gain, xf), m1));
+                    let a = _mm256_add_ps(
+                        _mm256_sub_ps(_mm256_sub_ps(t1, t2), t3),
+                        _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(t1, t2), t3), slack),
+                    );
+                    let disperse = _mm256_and_ps(gt(a, zero), gt(_mm256_mul_ps(a, a), _mm256_mul_ps(_mm256_mul_ps(b2, t2), m1)));
+                    hits &= _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(exact), disperse)) as u32;
+                    let (mut ps, mut ys) = ([0u32; 8], [0u32; 8]);
+                    _mm256_storeu_si256(ps.as_mut_ptr() as *mut __m256i, p);
+                    _mm256_storeu_si256(ys.as_mut_ptr() as *mut __m256i, y);
+                    while hits != 0 {
+                        let i = hits.trailing_zeros() as usize;
+                        each(c0 + i, ps[i], ys[i]);
+                        hits &= hits - 1;
+                    }
+                }
+                c0 += 8;
+            }
+        }
+        c0
     }
 
     /// Ask for the lines of columns `c0..c0 + BLOCK` of the row entering
@@ -890,35 +1109,42 @@ mod fast {
     /// The two passes over a row, compiled for the CPU found at run time.
     struct Kernels<T: 'static> {
         enter: unsafe fn(&mut Window, usize, Row<T>, T, &Filter<T>),
-        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])),
-    }
-
-    #[inline(always)]
-    fn filter_any<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        let taps = 2 * win.kx + 1;
-        match taps {
-            3 => filter_row::<T, 3>(f, win, taps, levels, next, each),
-            5 => filter_row::<T, 5>(f, win, taps, levels, next, each),
-            7 => filter_row::<T, 7>(f, win, taps, levels, next, each),
-            _ => filter_row::<T, 0>(f, win, taps, levels, next, each),
-        }
+        filter: unsafe fn(&Filter<T>, &Window, &[u8], Row<T>, Candidate),
     }
 
     fn enter<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
         win.enter(e, row, max, f)
     }
-    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, levels, next, each)
+    fn filter<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: Candidate) {
+        let taps = 2 * win.kx + 1;
+        match taps {
+            3 => filter_row::<T, 3>(f, win, taps, levels, 0, next, each),
+            5 => filter_row::<T, 5>(f, win, taps, levels, 0, next, each),
+            7 => filter_row::<T, 7>(f, win, taps, levels, 0, next, each),
+            _ => filter_row::<T, 0>(f, win, taps, levels, 0, next, each),
+        }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn enter_avx2<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
-        win.enter(e, row, max, f)
+        // SAFETY: this function runs only where the CPU has AVX2
+        unsafe { win.enter_avx2(e, row, max, f) }
     }
+    /// The row in groups of eight in AVX2, the last few columns as [`filter`].
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: &mut dyn FnMut(usize, &([u32; BLOCK], [u32; BLOCK]), &[u8; BLOCK])) {
-        filter_any(f, win, levels, next, each)
+    fn filter_avx2<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: Candidate) {
+        let taps = 2 * win.kx + 1;
+        // SAFETY: this function runs only where the CPU has AVX2
+        unsafe {
+            let done = match taps {
+                3 => sieve_avx2::<T, 3>(f, win, taps, levels, next, each),
+                5 => sieve_avx2::<T, 5>(f, win, taps, levels, next, each),
+                7 => sieve_avx2::<T, 7>(f, win, taps, levels, next, each),
+                _ => sieve_avx2::<T, 0>(f, win, taps, levels, next, each),
+            };
+            filter_row::<T, 0>(f, win, taps, levels, done, next, each)
+        }
     }
 
     fn kernels<T: Pixel>() -> Kernels<T> {
@@ -929,10 +1155,10 @@ mod fast {
         Kernels { enter: enter::<T>, filter: filter::<T> }
     }
 
-    pub(super) fn dispersion<T: Pixel>(frame: &Frame<T>, valid: &Valid<T>, rule: &Rule, out: &mut Strong) {
-        let (h, w) = (frame.height, frame.width);
-        let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return };
-        let Some(above) = T::above(rule.global_threshold) else { return };
+    pub(super) fn dispersion<T: Pixel, R: Rows<T> + ?Sized>(frame: &mut R, valid: &Valid<T>, rule: &Rule, out: &mut Strong) -> Result<()> {
+        let (h, w) = (frame.height(), frame.width());
+        let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return Ok(()) };
+        let Some(above) = T::above(rule.global_threshold) else { return Ok(()) };
         let ky = rule.kernel.1;
         let g = rule.gain.unwrap_or(1.0);
         let f = Filter {
@@ -944,48 +1170,52 @@ mod fast {
             b2: (2.0 * (rule.sigma_background * g).powi(2) * (1.0 - 1e-5)) as f32,
         };
         let all_good = vec![true; if valid.mask.is_none() { w } else { 0 }];
-        let row = |r: usize| -> (&[T], &[bool]) {
-            let good = match valid.mask {
+        let good = |r: usize| -> &[bool] {
+            match valid.mask {
                 Some(m) => &m[r * w..(r + 1) * w],
                 None => &all_good[..],
-            };
-            (frame.row(r), good)
+            }
         };
         let k = kernels::<T>();
         let mut win = Window::new(w, rule.kernel);
         // SAFETY (each call below): `kernels` chose code this CPU runs
         for e in 0..ky.min(h) {
-            unsafe { (k.enter)(&mut win, e, Some(row(e)), box_max, &f) };
+            frame.reach(e)?;
+            unsafe { (k.enter)(&mut win, e, Some((frame.row(e), good(e))), box_max, &f) };
         }
         for r in 0..h {
             let e = r + ky;
-            unsafe { (k.enter)(&mut win, e, (e < h).then(|| row(e)), box_max, &f) };
+            if e < h {
+                frame.reach(e)?;
+            }
+            unsafe { (k.enter)(&mut win, e, (e < h).then(|| (frame.row(e), good(e))), box_max, &f) };
+            let frame = &*frame;
             let values = frame.row(r);
-            let mut candidates = |c0: usize, (bp, by): &([u32; BLOCK], [u32; BLOCK]), flags: &[u8; BLOCK]| {
-                for (i, _) in flags.iter().enumerate().filter(|(_, &b)| b != 0) {
-                    let c = c0 + i;
-                    let at = r * w + c;
-                    if !super::good(valid.mask, at) {
-                        continue;
-                    }
-                    let (p, ys) = (bp[i], by[i]);
-                    let (m, big) = ((p >> 18) & 63, p >> 24);
-                    let v = values[c].f64();
-                    // the box sums of the big pixels are taken over the box again
-                    let (x, y) = if big == 0 {
-                        ((p & X_BITS) as f64, ys as f64)
-                    } else {
-                        let (x, y) = box_xy(frame, valid, rule.kernel, r, c);
-                        (x.f64(), y.f64())
-                    };
-                    if rule.dispersion_and_signal(m as f64, x, y, v) {
-                        out.push(at, v);
-                    }
+            let levels = win.levels(r, w);
+            let mut candidates = |c: usize, p: u32, ys: u32| {
+                // not valid or not above the threshold (a sieve may let these
+                // through to be decided exactly)
+                if levels[c] == 0 {
+                    return;
+                }
+                let at = r * w + c;
+                let (m, big) = ((p >> 18) & 63, p >> 24);
+                let v = values[c].f64();
+                // the box sums of the big pixels are taken over the box again
+                let (x, y) = if big == 0 {
+                    ((p & X_BITS) as f64, ys as f64)
+                } else {
+                    let (x, y) = box_xy(frame, valid, rule.kernel, r, c);
+                    (x.f64(), y.f64())
+                };
+                if rule.dispersion_and_signal(m as f64, x, y, v) {
+                    out.push(at, v);
                 }
             };
-            let next = (e + 1 < h).then(|| row(e + 1));
-            unsafe { (k.filter)(&f, &win, win.levels(r, w), next, &mut candidates) };
+            let next = (e + 1 < h && frame.resident()).then(|| (frame.row(e + 1), good(e + 1)));
+            unsafe { (k.filter)(&f, &win, levels, next, &mut candidates) };
         }
+        Ok(())
     }
 }
 
@@ -1080,12 +1310,13 @@ mod tests {
 
     /// The rule written out with plain loops over the box, for every pixel.
     fn by_hand(data: &[u32], h: usize, w: usize, rule: &Rule) -> Vec<u32> {
+        let (kx, ky) = rule.kernel;
         let mut strong = vec![];
         for r in 0..h {
             for c in 0..w {
                 let (mut m, mut x, mut y) = (0u32, 0u64, 0u64);
-                for rr in r.saturating_sub(3)..=(r + 3).min(h - 1) {
-                    for cc in c.saturating_sub(3)..=(c + 3).min(w - 1) {
+                for rr in r.saturating_sub(ky)..=(r + ky).min(h - 1) {
+                    for cc in c.saturating_sub(kx)..=(c + kx).min(w - 1) {
                         let v = data[rr * w + cc] as u64;
                         if v < 1 << 24 {
                             m += 1;
@@ -1125,6 +1356,59 @@ mod tests {
         strong_pixels(&Frame::new(&data, h, w).unwrap(), &Valid::new(None, None), &rule, &mut out).unwrap();
         assert_eq!(out.index, by_hand(&data, h, w, &rule));
         assert!(out.index.contains(&(9 * w as u32 + 12)));
+    }
+
+    #[test]
+    fn sums_of_big_boxes_of_values_near_2_to_the_24_do_not_wrap() {
+        // 17x17 = 289 pixels below 2^24 sum past 2^32: the general path's sums
+        let (h, w) = (40, 45);
+        let mut s = 5u64;
+        let data: Vec<u32> = (0..h * w)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (1 << 24) - 1 - ((s >> 33) as u32 % (1 << 22))
+            })
+            .collect();
+        for kernel in [(8, 8), (8, 3), (3, 8)] {
+            let rule = Rule { kernel, ..Rule::default() };
+            let mut out = Strong::default();
+            strong_pixels(&Frame::new(&data, h, w).unwrap(), &Valid::new(None, None), &rule, &mut out).unwrap();
+            let expected = by_hand(&data, h, w, &rule);
+            assert!(!expected.is_empty() && expected.len() < h * w, "{}", expected.len());
+            assert_eq!(out.index, expected, "kernel {kernel:?}");
+        }
+    }
+
+    #[test]
+    fn every_integer_type_finds_what_its_values_as_32_bits_do() {
+        // the fast path widens u8, u16 and i16 (by sign: negatives not valid) to u32 lanes
+        let (h, w) = (37, 45);
+        let data = frame(h, w, 11);
+        let mask: Vec<bool> = (0..h * w).map(|i| i % 23 != 4).collect();
+        let rule = Rule::default();
+        let strong = |f: &dyn Fn(&mut Strong, &Option<&[bool]>)| {
+            let mut out = Strong::default();
+            f(&mut out, &Some(&mask));
+            let masked = out.index.clone();
+            out = Strong::default();
+            f(&mut out, &None);
+            (masked, out.index)
+        };
+        let of = |d: &[u32], m: &Option<&[bool]>, out: &mut Strong| {
+            strong_pixels(&Frame::new(d, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()
+        };
+        let small: Vec<u32> = data.iter().map(|&v| v.min(255)).collect();
+        let expected = strong(&|out, m| of(&small, m, out));
+        assert!(!expected.1.is_empty());
+        let bytes: Vec<u8> = small.iter().map(|&v| v as u8).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&bytes, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
+        let words: Vec<u16> = small.iter().map(|&v| v as u16).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&words, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
+        let signed: Vec<i32> = small.iter().enumerate().map(|(i, &v)| if i % 7 == 3 { -1 - (i % 3) as i32 } else { v as i32 }).collect();
+        let expected = strong(&|out, m| strong_pixels(&Frame::new(&signed, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap());
+        assert!(!expected.1.is_empty());
+        let short: Vec<i16> = signed.iter().map(|&v| v as i16).collect();
+        assert_eq!(strong(&|out, m| strong_pixels(&Frame::new(&short, h, w).unwrap(), &Valid::new(*m, Some(250.0)), &rule, out).unwrap()), expected);
     }
 
     #[test]
