@@ -7,12 +7,11 @@ ours - floor. What a bench has to say (:func:`note`) is printed there too, not
 amid the progress dots.
 
 The session's RabbitMQ node keeps its data on tmpfs (``ZOCALO_XRC_BROKER_TMPFS``),
-and a SIGTERM ends the session as Ctrl-C does: every fixture's teardown runs,
-the node and the benches' service processes go.
+and a SIGTERM ends the session as Ctrl-C does (the root conftest): every
+fixture's teardown runs, the node and the benches' service processes go.
 """
 
 import os
-import signal
 import statistics
 import sys
 from collections import defaultdict
@@ -35,14 +34,6 @@ NOTES: list[str] = []
 OURS = "zocalo-xrc"
 #: the contender that does only what any implementation must (benches/floor_xrc_service.py)
 FLOOR = "floor (plain pika)"
-
-
-def pytest_configure(config):
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the teardown is not to be interrupted again
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
