@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from scale import scaled
+
 # numpy's BLAS threads spin on the second of two cores and disturb timings.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -49,6 +51,8 @@ def record(benchmark, request):
     def run(suite, workload, contender, fn, *args, rounds=None, setup=None, **kwargs):
         benchmark.group = f"{suite}: {workload}"
         benchmark.name = contender
+        if rounds is not None:
+            rounds = scaled(rounds)  # the quick mode's share (ZOCALO_XRC_BENCH_SCALE)
         if rounds is None:
             result = benchmark(fn, *args, **kwargs)
         else:
