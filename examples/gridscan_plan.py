@@ -8,7 +8,7 @@ read the best crystal, convert it to mm and move the sample there.
 Zocalo's side is a local Zocalo (``zocalo_xrc.local``): zocalo's dispatcher
 and recipes, ISPyB (SQLite) holding the scan, Mimas, per-image analysis
 simulated from the recorded spot counts of ``examples/scan3d.json``, and the
-project's X-ray centring service. Needs ``pip install 'zocalo-xrc[bluesky,local]' h5py``.
+project's X-ray centring service. Needs ``pip install 'zocalo-xrc[bluesky,local]'``.
 """
 
 from __future__ import annotations
