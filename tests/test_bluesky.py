@@ -319,6 +319,42 @@ def test_the_example_plan_runs_and_moves_to_the_best_crystal(where, request):
     assert out.stdout.startswith(f"{len(direct_3d())} crystal(s)")
 
 
+def test_the_example_plan_uses_a_running_local_zocalo(rabbit, tmp_path):
+    """--broker where `zocalo-xrc local up` runs: the scan is registered in
+    that one's state directory and the plan gets its result (before: the
+    example started a second local Zocalo there and ended in a BrokerInUseError
+    traceback); a wrong --state is one line."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not hasattr(rabbit, "vhost"):
+        pytest.skip("an external broker: no vhost of our own")
+    root = Path(__file__).resolve().parent.parent
+    url = rabbit.vhost(f"example-up-{time.monotonic_ns()}")
+    state = tmp_path / "state"
+    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, "--state", str(state),
+                           "--frame-rate", "20000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "local Zocalo up" in up.stdout.readline()
+        plan = [sys.executable, str(root / "examples" / "gridscan_plan.py"), "--broker", url]
+        out = subprocess.run([*plan, "--state", str(state)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        x, y, z = grid_geometry().to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
+        assert f"moved to x {x:.4f} mm, y {y:.4f} mm, z {z:.4f} mm" in out.stdout, out.stdout
+        wrong = subprocess.run([*plan, "--state", str(tmp_path / "elsewhere")], capture_output=True, text=True,
+                               timeout=120)
+        assert wrong.returncode == 1
+        assert wrong.stderr.splitlines() == [
+            f"gridscan_plan.py: {url.replace('guest:guest@', 'guest@')} has a Zocalo running, but "
+            f"{tmp_path / 'elsewhere'} is no local Zocalo's state directory: give --state the one of its "
+            "`zocalo-xrc local up`"], wrong.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
+
+
 @pytest.mark.parametrize("source, want", [("GPU", 2), ("CPU", 1), ("EITHER", 1)])
 def test_the_results_source_as_dodals_and_the_first_of_either(RE, transport, unique, source, want):
     """CPU and GPU results for one collection: the chosen source's, or
