@@ -22,8 +22,8 @@ try:
     os.killpg(group, 9)
 except ProcessLookupError:
     pass
-for _ in range(20):  # epmd refuses -kill while it still counts the killed node as registered
-    if not last or subprocess.run(last, capture_output=True, check=False).returncode == 0:
+for _ in range(120 if last else 0):  # epmd refuses -kill ("not allowed") while it counts the killed node alive
+    if b"not allowed" not in subprocess.run(last, capture_output=True, check=False).stdout:
         break
     time.sleep(0.25)
 shutil.rmtree(base, ignore_errors=True)
