@@ -1,6 +1,7 @@
 """Fixtures shared by tests/ and benches/: one real RabbitMQ broker per session."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 import rabbitmq  # noqa: E402
 from mariadb import mariadb_url  # noqa: E402,F401 (a private MariaDB server per session)
+
+
+def pytest_configure(config):
+    """A SIGTERM ends the session as Ctrl-C does: every fixture's teardown
+    runs, so the private broker and database go (their wardens, tests/warden.py,
+    end them if the session is killed outright)."""
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the teardown is not to be interrupted again
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ each contender runs each workload once.
 Each round's interval is measured inside the round (from a publish or its
 confirm, or from the moment the service may consume, to a result's arrival)
 and handed to pytest-benchmark as that round's time through a timer the round
-advances (:class:`Stopwatch`); ingest hands over the time per message.
+advances (:class:`Stopwatch`, named by pytest-benchmark's ``benchmark`` marker); ingest hands over the time per message.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ import pika
 import pytest
 
 import pia_messages as pm
+from scale import scaled
 import zocalo_xrc as zx
 from zocalo_xrc.messaging import QueueSpec
 from zocalo_xrc.messaging.rabbitmq import AmqpTransport
@@ -87,8 +88,6 @@ PACED_3D_ROUNDS = {OURS: 100, FLOOR: 100, PEER: 2}
 PACED_3D_BATCH = {OURS: 10, FLOOR: 10, PEER: 2}  # scans preloaded (all but their last image) at a time
 PACED_2D_ROUNDS = {OURS: 200, FLOOR: 200, PEER: 100}
 PACED_2D_BATCH = {OURS: 50, FLOOR: 50, PEER: 20}
-#: ZOCALO_XRC_BENCH_SCALE=0.2: a fifth of every workload's rounds (while iterating)
-SCALE = float(os.environ.get("ZOCALO_XRC_BENCH_SCALE", "1"))
 
 #: every result of a workload, by contender (for ours == peer)
 RESULTS: dict[str, dict[str, object]] = {}
@@ -158,11 +157,16 @@ class Stopwatch:
         self.now += seconds
 
 
+#: the timer of the benches that measure their rounds themselves: pytest-benchmark's
+#: ``benchmark`` marker names it (``@pytest.mark.benchmark(timer=STOPWATCH.read)``)
+STOPWATCH = Stopwatch()
+timed_by_the_round = pytest.mark.benchmark(timer=STOPWATCH.read)
+
+
 @pytest.fixture
-def stopwatch(benchmark):
-    watch = Stopwatch()
-    benchmark._timer = watch.read  # the runner reads the fixture's timer each round
-    return watch
+def stopwatch():
+    """The round's stopwatch (the tests marked :data:`timed_by_the_round` are timed by it)."""
+    return STOPWATCH
 
 
 # ---- the contenders as processes ----------------------------------------------------------------
@@ -396,11 +400,11 @@ def contender(request, rabbit, amqp, receiver, tmp_path_factory):
 
 
 def rounds_of(benchmark, rounds: int) -> tuple[int, int]:
-    """(rounds recorded, rounds run: recorded + the record fixture's warm-up ones)."""
+    """(rounds to ask ``record`` for, rounds it runs: the quick mode's share
+    of them (:mod:`scale`) and its warm-up ones)."""
     if benchmark.disabled:
         return 1, 1
-    rounds = max(1, round(rounds * SCALE))
-    return rounds, rounds + min(20, rounds // 10)
+    return rounds, scaled(rounds) + min(20, scaled(rounds) // 10)
 
 
 def summary(benchmark, note, workload: str, contender: Contender) -> None:
@@ -417,6 +421,7 @@ def summary(benchmark, note, workload: str, contender: Contender) -> None:
 # ---- the workloads ---------------------------------------------------------------------------------------
 
 
+@timed_by_the_round
 @pytest.mark.parametrize("backlog", [1, 10], ids=["1 scan", "10 scans"])
 def test_ingest_preloaded(record, benchmark, stopwatch, contender, amqp, note, backlog):
     """3D scans wait in the queue; the service is let at them; time per message
@@ -464,6 +469,7 @@ def test_ingest_preloaded(record, benchmark, stopwatch, contender, amqp, note, b
                 f"messages/s (median of {len(rates)} round(s))")
 
 
+@timed_by_the_round
 @pytest.mark.parametrize("kind", ["3D", "2D"])
 def test_burst(kind, record, benchmark, stopwatch, contender, amqp, note):
     """All of a scan's images as fast as the broker takes them; from the last
@@ -519,6 +525,7 @@ class Paced:
         return run
 
 
+@timed_by_the_round
 @pytest.mark.parametrize("kind", ["3D", "2D"])
 def test_paced(kind, record, benchmark, stopwatch, contender, note):
     rounds_by, batch_by, scan, workload = {

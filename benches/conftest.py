@@ -7,18 +7,19 @@ ours - floor. What a bench has to say (:func:`note`) is printed there too, not
 amid the progress dots.
 
 The session's RabbitMQ node keeps its data on tmpfs (``ZOCALO_XRC_BROKER_TMPFS``),
-and a SIGTERM ends the session as Ctrl-C does: every fixture's teardown runs,
-the node and the benches' service processes go.
+and a SIGTERM ends the session as Ctrl-C does (the root conftest): every
+fixture's teardown runs, the node and the benches' service processes go.
 """
 
 import os
-import signal
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+from scale import scaled
 
 # numpy's BLAS threads spin on the second of two cores and disturb timings.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -37,14 +38,6 @@ OURS = "zocalo-xrc"
 FLOOR = "floor (plain pika)"
 
 
-def pytest_configure(config):
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the teardown is not to be interrupted again
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 @pytest.fixture(scope="session")
 def note():
     """``note(line)``: a line for the end of the session's summary."""
@@ -58,6 +51,8 @@ def record(benchmark, request):
     def run(suite, workload, contender, fn, *args, rounds=None, setup=None, **kwargs):
         benchmark.group = f"{suite}: {workload}"
         benchmark.name = contender
+        if rounds is not None:
+            rounds = scaled(rounds)  # the quick mode's share (ZOCALO_XRC_BENCH_SCALE)
         if rounds is None:
             result = benchmark(fn, *args, **kwargs)
         else:

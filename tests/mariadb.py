@@ -2,7 +2,8 @@
 in a directory of its own (initialised with mariadb-install-db, no system
 tables touched), listening on a free port of 127.0.0.1 and on a socket in
 that directory, with one database and one user with a password; stopped and
-removed when the test session ends. Works as root (CI) and as anyone else."""
+removed when the test session ends, and by its warden (``warden.py``) if the
+session ends without stopping it (killed). Works as root (CI) and as anyone else."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from warden import Warden
 
 #: Where Debian puts the server (not always on a user's PATH).
 _SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"])
@@ -71,6 +74,7 @@ class MariaDB:
         self.data = self.base / "data"
         self.socket = self.base / "mariadb.sock"
         self.process: subprocess.Popen[bytes] | None = None
+        self._warden: Warden | None = None
         self._as_root = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root without it
 
     @property
@@ -107,6 +111,7 @@ class MariaDB:
              f"--init-file={init}", *self._as_root, *_SERVER_OPTIONS],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
+        self._warden = Warden(self.process.pid, self.base)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -143,6 +148,9 @@ class MariaDB:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
         self.process = None
+        if self._warden is not None:
+            self._warden.release()
+            self._warden = None
 
     def stop(self) -> None:
         self.stop_server()

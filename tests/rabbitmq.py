@@ -4,9 +4,9 @@ its own, and stopped when the test session ends.
 
 With ``tmpfs=True`` (the benches ask for it) that directory, the node's data
 included, is on tmpfs (``/dev/shm``): the broker's disk writes are not what a
-bench measures. Such a node has a warden, a process that outlives whatever
-kills the session (SIGKILL too) and then ends the node and frees its
-memory."""
+bench measures. Every node has a warden (``warden.py``), which ends the node
+(beam.smp and its epmd) and removes its directory if the session ends
+without stopping it: killed, SIGKILL included."""
 
 from __future__ import annotations
 
@@ -19,24 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from warden import Warden
+
 BIN = Path("/usr/lib/rabbitmq/bin")
 TMPFS = Path("/dev/shm")
-
-#: The warden of a node on tmpfs: waits for its stdin (a pipe the session
-#: holds) to end, however the session ended, then kills the node's process
-#: group and its epmd and removes its directory.
-_WARDEN = """
-import os, shutil, subprocess, sys
-sys.stdin.buffer.read()
-group, epmd, env_port, base = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-try:
-    os.killpg(group, 9)
-except ProcessLookupError:
-    pass
-subprocess.run([epmd, "-port", env_port, "-kill"], capture_output=True, check=False)
-shutil.rmtree(base, ignore_errors=True)
-"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,7 +51,7 @@ class RabbitMQ:
     def __init__(self, tmpfs: bool = False) -> None:
         self.tmpfs = tmpfs
         self.base = Path(tempfile.mkdtemp(prefix="zocalo-xrc-rabbitmq-", dir=TMPFS if tmpfs else None))
-        self._warden: tuple[subprocess.Popen[bytes], int] | None = None
+        self._warden: Warden | None = None
         self.port = free_port()
         self.node = f"zxrc{os.getpid()}@localhost"
         (self.base / "rabbitmq.conf").write_text(
@@ -97,8 +83,7 @@ class RabbitMQ:
             [str(BIN / "rabbitmq-server")], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        if self.tmpfs:
-            self._start_warden()
+        self._warden = Warden(self.process.pid, self.base, [self._epmd(), "-port", self.env["ERL_EPMD_PORT"], "-kill"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -111,16 +96,6 @@ class RabbitMQ:
             except (OSError, subprocess.CalledProcessError):
                 time.sleep(0.5)
         raise RuntimeError("rabbitmq-server did not start in time")
-
-    def _start_warden(self) -> None:
-        assert self.process is not None
-        read, write = os.pipe()  # neither end is inherited by anything else the session starts
-        warden = subprocess.Popen(
-            [sys.executable, "-c", _WARDEN, str(self.process.pid), self._epmd(), self.env["ERL_EPMD_PORT"],
-             str(self.base)], stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        os.close(read)
-        self._warden = (warden, write)
 
     def _epmd(self) -> str:
         return str(shutil.which("epmd") or "epmd")
@@ -164,9 +139,6 @@ class RabbitMQ:
                        env=self.env, capture_output=True, check=False)
         self.log.close()
         shutil.rmtree(self.base, ignore_errors=True)
-        if self._warden is not None:  # nothing left for it to do (and the node's group id may be reused)
-            warden, write = self._warden
-            warden.kill()
-            warden.wait()
-            os.close(write)
+        if self._warden is not None:
+            self._warden.release()
             self._warden = None

@@ -108,6 +108,53 @@ def test_a_plan_reads_the_result_of_its_scan(RE, loop, unique):
     assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 0)
 
 
+def test_count_reads_the_results_of_collections_that_end_after_it_stages(RE, loop, unique):
+    """bluesky.plans.count([device], num=2): count stages the device (a result
+    waiting from before is stale, settled), then each reading is the next
+    result, here of a collection started once the run is open."""
+    import bluesky.plans as bp
+
+    transport, q = loop
+    zocalo = device(transport, unique)
+    _, _, stale = scan(unique, shift=1000)
+    publish(transport, q, stale)
+    assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 1)
+    scans = [scan(unique, shift=2000), scan(unique, shift=3000)]
+    documents = []
+
+    def collect(name, doc):  # the collections run once count has staged the device and opened its run
+        documents.append((name, doc))
+        if name in ("start", "event") and scans:
+            publish(transport, q, scans.pop(0)[2])
+
+    RE(bp.count([zocalo], num=2), collect)
+    read = [doc["data"]["zocalo-ispyb_dcid"] for name, doc in documents if name == "event"]
+    assert read == [CASE_3D["grids"][0]["dcid"] + 2000, CASE_3D["grids"][0]["dcid"] + 3000]
+    for name, doc in documents:
+        if name == "event":
+            np.testing.assert_array_equal(doc["data"]["zocalo-centre_of_mass"],
+                                          direct_3d().sorted(by="max_count").centre_of_mass)
+
+
+def test_count_with_nothing_after_staging_says_why(RE, loop, unique):
+    """Only a result from before: count's reading is NoResultsFromZocaloError
+    after the device's timeout, saying the waiting one was stale."""
+    import bluesky.plans as bp
+
+    transport, q = loop
+    zocalo = device(transport, unique, timeout_s=2)
+    _, _, stale = scan(unique, shift=1000)
+    publish(transport, q, stale)
+    assert eventually(lambda: transport.message_count(f"xrc.{unique}") == 1)
+    with pytest.raises(FailedStatus) as failed:
+        RE(bp.count([zocalo]))
+    error = failed.value.__cause__
+    assert isinstance(error, NoResultsFromZocaloError)
+    assert str(error) == ("no X-ray centring results for the next collection within 2 s: zocalo reads the results "
+                          "of collections that end after it is staged (1 waiting when it was staged, stale, were "
+                          "settled); start Zocalo after staging, as ZocaloCallback does")
+
+
 def test_the_expected_collection_only(RE, loop, unique):
     """Told the collection, the device takes that result, not an earlier one
     of another collection. (A plan stages its devices: the RunEngine unstages
@@ -317,6 +364,42 @@ def test_the_example_plan_runs_and_moves_to_the_best_crystal(where, request):
     x, y, z = grid_geometry().to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
     assert f"moved to x {x:.4f} mm, y {y:.4f} mm, z {z:.4f} mm" in out.stdout, out.stdout
     assert out.stdout.startswith(f"{len(direct_3d())} crystal(s)")
+
+
+def test_the_example_plan_uses_a_running_local_zocalo(rabbit, tmp_path):
+    """--broker where `zocalo-xrc local up` runs: the scan is registered in
+    that one's state directory and the plan gets its result (before: the
+    example started a second local Zocalo there and ended in a BrokerInUseError
+    traceback); a wrong --state is one line."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not hasattr(rabbit, "vhost"):
+        pytest.skip("an external broker: no vhost of our own")
+    root = Path(__file__).resolve().parent.parent
+    url = rabbit.vhost(f"example-up-{time.monotonic_ns()}")
+    state = tmp_path / "state"
+    up = subprocess.Popen([sys.executable, "-m", "zocalo_xrc", "local", "up", "--broker", url, "--state", str(state),
+                           "--frame-rate", "20000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "local Zocalo up" in up.stdout.readline()
+        plan = [sys.executable, str(root / "examples" / "gridscan_plan.py"), "--broker", url]
+        out = subprocess.run([*plan, "--state", str(state)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        x, y, z = grid_geometry().to_motor(direct_3d().sorted(by="max_count")[0]).centre_mm
+        assert f"moved to x {x:.4f} mm, y {y:.4f} mm, z {z:.4f} mm" in out.stdout, out.stdout
+        wrong = subprocess.run([*plan, "--state", str(tmp_path / "elsewhere")], capture_output=True, text=True,
+                               timeout=120)
+        assert wrong.returncode == 1
+        assert wrong.stderr.splitlines() == [
+            f"gridscan_plan.py: {url.replace('guest:guest@', 'guest@')} has a Zocalo running, but "
+            f"{tmp_path / 'elsewhere'} is no local Zocalo's state directory: give --state the one of its "
+            "`zocalo-xrc local up`"], wrong.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
 
 
 @pytest.mark.parametrize("source, want", [("GPU", 2), ("CPU", 1), ("EITHER", 1)])

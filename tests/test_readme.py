@@ -1,15 +1,18 @@
 """The README's examples run as written, and type-check as written: a new
 user copies them, so they are tested like code."""
 
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -30,6 +33,63 @@ def clean_env():
     return env
 
 
+def distribution(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_by_the_first_command():
+    """The distributions the README's first command installs: zocalo-xrc with
+    the extras it names (from pyproject.toml) and all they require."""
+    extras = re.search(r"pip install '\.\[([\w,]+)\]'", blocks("bash")[0]).group(1).split(",")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for extra in extras for r in project["optional-dependencies"][extra])]
+    todo, found = [Requirement(r) for r in wanted], {"zocalo-xrc"}
+    while todo:
+        req = todo.pop()
+        name = distribution(req.name)
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = importlib.metadata.requires(req.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not for this platform, say
+        for text in requires:
+            r = Requirement(text)
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(r)
+    return found
+
+
+#: Run first in a Python that is to have only what the first command installs:
+#: a module of any other installed distribution cannot be imported.
+ONLY_THE_FIRST_COMMANDS = """
+import importlib.abc, importlib.metadata, json, os, re, sys
+
+class OnlyInstalled(importlib.abc.MetaPathFinder):
+    def __init__(self, allowed):
+        self.owners = importlib.metadata.packages_distributions()
+        self.allowed = allowed
+
+    def find_spec(self, name, path=None, target=None):
+        owners = {re.sub(r"[-_.]+", "-", d).lower() for d in self.owners.get(name.partition(".")[0], ())}
+        if owners and not owners & self.allowed:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed by the README's first command)",
+                                      name=name)
+        return None
+
+sys.meta_path.insert(0, OnlyInstalled(set(json.loads(os.environ["INSTALLED"]))))
+"""
+
+
+def run_as_installed(path, *args, installed, timeout=120):
+    """``path`` run as ``python path args``, with only ``installed`` importable."""
+    code = ONLY_THE_FIRST_COMMANDS + f"sys.argv = {[str(path), *args]!r}\nimport runpy\n" \
+        f"runpy.run_path({str(path)!r}, run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**clean_env(), "INSTALLED": json.dumps(sorted(installed))})
+
+
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
     """Every Python block of the README, in order, as one script."""
@@ -39,11 +99,31 @@ def examples(tmp_path_factory):
 
 
 def test_the_python_examples_run_as_written(examples):
+    """After the first command: nothing else installed is imported."""
     assert len(blocks("python")) >= 3
-    out = subprocess.run([sys.executable, str(examples)], cwd=ROOT, capture_output=True, text=True, env=clean_env(),
-                         timeout=120)
+    out = run_as_installed(examples, installed=installed_by_the_first_command())
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_example_plan_needs_only_the_first_command():
+    out = run_as_installed(ROOT / "examples" / "gridscan_plan.py", installed=installed_by_the_first_command())
+    assert out.returncode == 0, out.stderr
+    assert "moved to x" in out.stdout
+
+
+@pytest.mark.parametrize("part, extra, missing", [("zocalo_xrc.bluesky", "bluesky", "ophyd-async"),
+                                                  ("zocalo_xrc.bluesky", "bluesky", "bluesky"),
+                                                  ("zocalo_xrc.local", "local", "workflows")])
+def test_a_missing_extra_is_named(part, extra, missing):
+    installed = installed_by_the_first_command() - {missing}
+    code = ONLY_THE_FIRST_COMMANDS + f"import {part}\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**clean_env(), "INSTALLED": json.dumps(sorted(installed))})
+    assert out.returncode == 1
+    module = missing.replace("-", "_")
+    assert out.stderr.strip().splitlines()[-1] == (f"ImportError: {part} needs {module}, which is not installed: "
+                                                   f"pip install 'zocalo-xrc[{extra}]'")
 
 
 def test_mypy_strict_accepts_the_python_examples(examples):

@@ -529,6 +529,7 @@ class _Receiver(_UsesBroker, Generic[R]):
         self._waiter: _Waiter[R] | None = None
         self._releasing = 0  # callers that have finished, whose waiters the I/O thread has still to release
         self._stale = 0  # how many of the first deliveries were waiting before settle_waiting()
+        self._stale_settled = 0  # of those, how many are settled (one INFO line once they all are)
 
     def _describe(self) -> str:
         asking = self._asking
@@ -568,13 +569,14 @@ class _Receiver(_UsesBroker, Generic[R]):
                 stale, self._held = self._held, []
             for arrival in stale:
                 self._settle_stale(arrival.delivery, arrival.message, arrival.keys)
+            self._log_stale(len(stale), "settled: they were waiting before this receiver was staged")
             return len(stale)
         deadline = time.monotonic() + timeout_s
         waiting = 0
         if not self.private_queue:
             waiting = self._admin(f"count the results waiting in {self.queue}", timeout_s, self._waiting_in_queue)
         with self._state:
-            self._stale = waiting
+            self._stale, self._stale_settled = waiting, 0
         self.subscribe(timeout_s=max(0.0, deadline - time.monotonic()))
         return waiting
 
@@ -607,9 +609,15 @@ class _Receiver(_UsesBroker, Generic[R]):
         """Ack a result that waited before staging, and remember it (a copy
         of it that comes later is stale too)."""
         what = f"DCID {message.dcid} / DCGID {message.dcgid}" if message is not None else "a message"
-        log.info("settling a stale result on %s (%s): it was waiting before this receiver was staged", self.queue, what)
+        log.debug("settling a stale result on %s (%s): it was waiting before this receiver was staged", self.queue, what)
         self._remember(keys)
         delivery.ack()
+
+    def _log_stale(self, count: int, what: str) -> None:
+        """One INFO line for ``count`` stale results dealt with at once (each
+        one is a DEBUG line)."""
+        if count:
+            log.info("%d stale result%s on %s %s", count, "" if count == 1 else "s", self.queue, what)
 
     def _remember(self, keys: Iterable[str]) -> None:
         with self._state:
@@ -786,8 +794,12 @@ class _Receiver(_UsesBroker, Generic[R]):
             stale = self._stale > 0
             if stale:
                 self._stale -= 1
+                self._stale_settled += 1
+            settled = self._stale_settled if stale and self._stale == 0 else 0
         if stale:
-            return self._settle_stale(delivery, None, _keys(delivery))
+            self._settle_stale(delivery, None, _keys(delivery))
+            self._log_stale(settled, "settled: they were waiting before this receiver was staged")
+            return
         if not is_recipe_envelope(delivery.headers):
             log.error("rejecting a message on %s: not a recipe envelope (no workflows-recipe header)", self.queue)
             delivery.reject(requeue=False)
@@ -832,9 +844,9 @@ class _Receiver(_UsesBroker, Generic[R]):
             self._held.extend(arrivals)
             self._held.sort(key=lambda a: a.seq)
 
-    def _discard(self, arrival: _Arrival, why: str) -> None:
+    def _discard(self, arrival: _Arrival, why: str, level: int = logging.WARNING) -> None:
         message = arrival.message
-        log.warning("rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
+        log.log(level, "rejecting a result for DCID %s / DCGID %s (%s)", message.dcid, message.dcgid, why)
         self._remember(arrival.keys)
         arrival.delivery.reject(requeue=False)
 
@@ -844,19 +856,22 @@ class _Receiver(_UsesBroker, Generic[R]):
             return
         with self._state:
             self._waiter = waiter
+        stale = 0
         while True:
             # One at a time, leaving the rest in _held: a caller that starts
             # its next trigger meanwhile sees them there, and waits its turn.
             with self._state:
                 if self._waiter is not waiter or not self._held:
-                    return  # done already, or nothing more came early
+                    break  # done already, or nothing more came early
                 arrival = self._held.pop(0)
             if not arrival.delivery.live:
                 continue  # from a lost connection or consumer: the broker delivers it again
             if waiter.matches(arrival.message):
                 self._offer(waiter, arrival)
             else:
-                self._discard(arrival, f"stale: waiting for {waiter.describe()}")
+                self._discard(arrival, f"stale: waiting for {waiter.describe()}", logging.DEBUG)
+                stale += 1
+        self._log_stale(stale, f"rejected (to dlq.{self.queue}): none of them for {waiter.describe()}")
 
     def _release(self, waiter: _Waiter[R]) -> None:
         """On the I/O thread, once the caller has given up: hold again

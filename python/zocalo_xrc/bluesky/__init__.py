@@ -2,7 +2,11 @@
 results into a plan, and a document callback that triggers Zocalo for a
 plan's collections (``pip install 'zocalo-xrc[bluesky]'``)."""
 
-from .callback import (
+from .._extras import require
+
+require("zocalo_xrc.bluesky", "bluesky", "bluesky", "ophyd_async")
+
+from .callback import (  # noqa: E402 (after the check that names the extra)
     FILENAME_KEY,
     ZOCALO_HW_READ,
     NoCollectionsError,

@@ -100,6 +100,7 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
         self._receiver: client.ZocaloResults | None = None
         self._expected: tuple[frozenset[int], int | None] | None = None
         self._staged = False
+        self._settled = 0  # results waiting when the device was staged: stale, settled
         self._waiting: asyncio.Task[Any] | None = None  # the trigger waiting for a result, if one is
 
         self.centre_of_mass, self._set_centre_of_mass = soft_signal_r_and_setter(np.ndarray, np.zeros((0, 3)))
@@ -148,7 +149,7 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
         await self._settle(self.timeout_s)
 
     async def _settle(self, timeout_s: float) -> None:
-        await asyncio.to_thread(self.receiver.settle_waiting, timeout_s=timeout_s)
+        self._settled = await asyncio.to_thread(self.receiver.settle_waiting, timeout_s=timeout_s)
         self._staged = True
 
     @AsyncStatus.wrap
@@ -197,6 +198,10 @@ class ZocaloResults(StandardReadable, Triggerable, Stageable):
                 results = await self.receiver.trigger_async(any_collection=True, timeout_s=timeout_s)
             else:
                 results = await self.receiver.trigger_async(dcids=expected[0], dcgid=expected[1], timeout_s=timeout_s)
+        except NoResultsFromZocaloError as e:
+            raise NoResultsFromZocaloError(f"{e}: {self.name} reads the results of collections that end after it "
+                                           f"is staged ({self._settled} waiting when it was staged, stale, were "
+                                           "settled); start Zocalo after staging, as ZocaloCallback does") from None
         finally:
             if self._waiting is asyncio.current_task():
                 self._waiting = None

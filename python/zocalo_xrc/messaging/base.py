@@ -193,9 +193,11 @@ class Transport(ABC):
     @abstractmethod
     def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
         """Declare a results queue the way Diamond's deployment does: a durable
-        quorum queue with a delivery limit of 5 that dead-letters to
+        quorum queue with a delivery limit of 5 (and, named ``xrc.*``, a
+        message TTL of 60 s, Diamond's policies) that dead-letters to
         ``dlq.<name>``, bound to the topic exchange ``exchange`` with
-        ``routing_key`` (default: the queue's name)."""
+        ``routing_key`` (default: the queue's name). A queue there already is
+        left as it is, bound."""
 
     @abstractmethod
     def declare_work_queue(self, name: str, *, shared: bool = False) -> None:

@@ -52,6 +52,23 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
+#: Diamond's RabbitMQ policies (python-zocalo's snapshot of its configuration,
+#: ``contrib/rabbitmq-configuration.yaml``), given here as the arguments of the
+#: queues this transport declares: ``redelivery``, a delivery limit of 5 on
+#: every queue; ``ttl``, on every ``^xrc.*`` queue, a message TTL of 60 s too
+#: (a result nobody took within a minute is stale: it expires, to ``dlq.<queue>``).
+DELIVERY_LIMIT = 5
+XRC_MESSAGE_TTL_MS = 60_000
+
+
+def policy_arguments(queue: str) -> dict[str, Any]:
+    """The queue arguments Diamond's policies give the queue named ``queue``."""
+    arguments: dict[str, Any] = {"x-delivery-limit": DELIVERY_LIMIT}
+    if queue.startswith("xrc"):  # the ttl policy's pattern, ^xrc.*
+        arguments["x-message-ttl"] = XRC_MESSAGE_TTL_MS
+    return arguments
+
+
 _CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.ConnectionWrongStateError, OSError)
 _REFUSED_CREDENTIALS = (px.ProbableAuthenticationError, px.AuthenticationError, px.ProbableAccessDeniedError)
 
@@ -448,13 +465,14 @@ class AmqpTransport(Transport):
 
     def _declare_results_queue(self, ch: Any, name: str, exchange: str, routing_key: str) -> None:
         ch.exchange_declare(exchange, exchange_type="topic", durable=True)
-        ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
-        ch.queue_declare(name, durable=True, arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": 5,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": f"dlq.{name}",
-        })
+        if not self._exists(name):  # one there already is left as it is (its arguments may be older ones)
+            ch.queue_declare(f"dlq.{name}", durable=True, arguments={"x-queue-type": "quorum"})
+            ch.queue_declare(name, durable=True, arguments={
+                "x-queue-type": "quorum",
+                **policy_arguments(name),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": f"dlq.{name}",
+            })
         ch.queue_bind(name, exchange, routing_key=routing_key)
 
     def declare_results_queue(self, name: str, *, exchange: str = "results", routing_key: str | None = None) -> None:
@@ -472,7 +490,7 @@ class AmqpTransport(Transport):
         ch.queue_declare(name, durable=True, arguments={
             "x-queue-type": "quorum",
             "x-single-active-consumer": not shared,
-            "x-delivery-limit": 5,
+            **policy_arguments(name),
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": f"dlq.{dead_letters}",
         })
