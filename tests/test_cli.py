@@ -154,11 +154,32 @@ def test_bad_files_are_one_line_and_one_exit_code(tmp_path):
     bad.write_text(json.dumps({"counts": [1, 2, 3], "gridinfo": {"steps_x": 2}}))
     one_line_error(run("centre", bad), cli.EXIT_FILE, f"{bad}: gridinfo: missing key 'steps_y'")
     bad.write_text(json.dumps({"grids": [1]}))
-    one_line_error(run("centre", bad), cli.EXIT_FILE, "exactly two grids")
+    one_line_error(run("centre", bad), cli.EXIT_FILE, f"{bad}: grids[0]: expected an object with gridinfo")
     one_line_error(run("demo", bad), cli.EXIT_FILE, f"{bad}: grids[0]: expected an object with gridinfo")
     one_line_error(run("centre", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
     one_line_error(run("demo", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
     assert run("centre").returncode == cli.EXIT_USAGE
+
+
+@pytest.mark.parametrize("example, fault, words", [
+    ("scan2d.json", lambda d: d["counts"].__setitem__(2, -3), "counts[2]: expected a count (a whole number >= 0), got -3"),
+    ("scan3d.json", lambda d: d["grids"][1]["counts"].__setitem__(2, -3),
+     "grids[1].counts[2]: expected a count (a whole number >= 0), got -3"),
+    ("scan2d.json", lambda d: d["gridinfo"].pop("steps_y"), "gridinfo: missing key 'steps_y'"),
+    ("scan3d.json", lambda d: d["grids"][0]["counts"].pop(), "grids[0].counts: expected a list of 240 counts"),
+])
+def test_every_command_names_a_bad_scan_file_in_the_same_words_where_the_file_holds_it(tmp_path, example, fault,
+                                                                                        words):
+    """One reader of scan files: a 2D file (counts at the top) is never blamed on grids[0]."""
+    case = json.loads((EXAMPLES / example).read_text())
+    fault(case)
+    bad = tmp_path / example
+    bad.write_text(json.dumps(case))
+    said = {command: one_line_error(run(*command.split(), bad, *extra), cli.EXIT_FILE, f"{bad}: {words}")
+            .split(": ", 1)[1] for command, extra in (("centre", ()), ("demo", ()),
+                                                      ("local add-scan", ("--state", tmp_path / "state")))}
+    assert len(set(said.values())) == 1, said
+    assert not (tmp_path / "state").exists()
 
 
 def table_lines(stdout):

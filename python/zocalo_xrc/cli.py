@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__
-from ._text import read_json
+from ._text import quoted, read_json
 from ._native import XrcResults
 from ._results import GridScan2DResult, XrcResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
@@ -87,10 +87,22 @@ class CaseError(ValueError):
 
 
 def load_case(path: Path) -> dict[str, Any]:
-    case = read_json(path, CaseError)
-    if not isinstance(case, dict) or not ("grids" in case or {"counts", "gridinfo"} <= case.keys()):
-        raise CaseError(f"{path}: expected a 2D case (counts, gridinfo) or a 3D case (grids)")
+    """A case file's content, checked as every scan file is (:class:`~zocalo_xrc.local.scan.Scan`)."""
+    case: dict[str, Any] = read_json(path, CaseError)
+    try:
+        scan_of(case)
+    except ValueError as e:
+        raise CaseError(f"{path}: {e}") from None
     return case
+
+
+def scan_of(case: Any) -> Any:
+    """The scan a case describes, read by the one reader of scan files (the
+    demo's and ``local add-scan``'s), so every command names a bad file's
+    fault in the same words, where the file holds it."""
+    from .local.scan import Scan
+
+    return Scan.from_dict(case)
 
 
 def _pin(case: dict[str, Any], grid: GridInfo) -> dict[str, Any]:
@@ -102,23 +114,15 @@ def _pin(case: dict[str, Any], grid: GridInfo) -> dict[str, Any]:
     }
 
 
-def scans_of(case: dict[str, Any]) -> list[GridScan]:
-    """The two grids of a 3D case, lower DCID (xy) first."""
-    grids = case.get("grids")
-    if not isinstance(grids, list) or len(grids) != 2:
-        raise CaseError("a 3D case needs exactly two grids")
+def scans_of(case: dict[str, Any], scan: Any) -> list[GridScan]:
+    """The two grids of a 3D case, lower DCID (xy) first; a file that gives
+    no DCIDs numbers its grids 1 and 2 in its order (xy, then xz)."""
     scans = []
-    for k, g in enumerate(grids):
-        if not isinstance(g, dict) or not {"dcid", "counts", "gridinfo"} <= g.keys():
-            raise CaseError(f"grids[{k}]: expected an object with dcid, counts and gridinfo")
-        try:
-            dcid = int(g["dcid"])
-        except (TypeError, ValueError):
-            raise CaseError(f"grids[{k}].dcid: expected an integer, got {g['dcid']!r:.40}") from None
-        try:
-            scans.append(GridScan(dcid, g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
-        except (TypeError, ValueError) as e:
-            raise CaseError(f"grids[{k}]: {e}") from None
+    for k, g in enumerate(case["grids"]):
+        dcid = g.get("dcid", k + 1)
+        if isinstance(dcid, bool) or not isinstance(dcid, int):
+            raise CaseError(f"grids[{k}].dcid: expected an integer, got {quoted(dcid)}")
+        scans.append(GridScan(dcid, scan.counts(k), scan.grids[k]))
     return sorted(scans, key=lambda s: s.dcid)
 
 
@@ -136,17 +140,18 @@ def geometry_of(grids: Sequence[GridInfo]) -> GridGeometry:
 def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[tuple[str, Any]], GridGeometry]:
     """Centre a case; return the result, the grids ``(label, A[x][y])`` for
     display and the grid's geometry in mm."""
-    if "grids" in case:
-        scans = scans_of(case)
+    scan = scan_of(case)
+    if len(scan.grids) == 2:
+        scans = scans_of(case, scan)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
         first, second = scans
         results = centre_3d_scans(first, second, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
                  for i, s in enumerate(scans)]
         return results, shown, geometry_of([s.grid for s in scans])
-    grid = GridInfo.from_ispyb(case["gridinfo"])
-    result = centre_2d(case["counts"], grid, **_pin(case, grid))
-    return result, [("xy", reshape_grid(case["counts"], grid))], geometry_of([grid])
+    grid, counts = scan.grids[0], scan.counts(0)
+    result = centre_2d(counts, grid, **_pin(case, grid))
+    return result, [("xy", reshape_grid(counts, grid))], geometry_of([grid])
 
 
 def result_payload(result: GridScan2DResult | XrcResults) -> str:
