@@ -255,10 +255,45 @@ def test_demo_with_a_bad_password_says_so_in_one_line(rabbit):
     one_line_error(out, cli.EXIT_BROKER, "amqp://guest@127.0.0.1", "refused the user name or password")
 
 
-def test_demo_with_a_broker_that_is_not_a_url_says_so_in_one_line():
-    one_line_error(run("demo", "--broker", "dev_bluesky"), cli.EXIT_USAGE, "expected an amqp:// URL")
-    one_line_error(run("local", "up", "--broker", "in-process"), cli.EXIT_USAGE,
-                   "local up runs each service as a process of its own")
+BROKER_COMMANDS = [["demo", EXAMPLES / "scan2d.json", "--plot", "none"], ["service"], ["local", "up"]]
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))
+def test_every_command_takes_an_environment_for_broker_and_suggests_only_what_it_can_use(command, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOCALO_CONFIG"}
+    line = one_line_error(run(*command, "--broker", "nosuchenv", env=env, timeout=60), cli.EXIT_BROKER,
+                          "--broker: no zocalo configuration for environment 'nosuchenv': set ZOCALO_CONFIG")
+    assert ("'in-process'" in line) == (command[0] == "demo"), line
+    one_line_error(run(*command, "--broker", "", timeout=60), cli.EXIT_USAGE, "--broker: an empty string names no broker")
+    config = tmp_path / "zocalo.yaml"
+    config.write_text("version: 1\nr: {plugin: pika, host: 127.0.0.1, port: 5672, username: u, password: p, vhost: /}\n"
+                      "environments: {lab: [r]}\n")
+    one_line_error(run(*command, "--broker", "elsewhere", env={**env, "ZOCALO_CONFIG": str(config)}, timeout=60),
+                   cli.EXIT_BROKER, f"{config}: no environment 'elsewhere' (known: lab)")
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS[1:], ids=lambda c: " ".join(c))
+def test_in_process_is_refused_where_other_processes_must_reach_the_broker(command):
+    one_line_error(run(*command, "--broker", "in-process", timeout=30), cli.EXIT_USAGE,
+                   "--broker: ", "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)")
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))
+def test_every_command_reaches_the_broker_an_environment_names(command, rabbit, tmp_path):
+    """A wrong password, from the environment: the broker was asked, and said so."""
+    import os
+
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    config = tmp_path / "zocalo.yaml"
+    config.write_text(f"version: 1\nr: {{plugin: pika, host: 127.0.0.1, port: {rabbit.port}, username: guest, "
+                      f"password: {SECRET}, vhost: /}}\nenvironments: {{lab: [r]}}\n")
+    out = run(*command, "--broker", "lab", "--state", tmp_path / "state", env={**os.environ, "ZOCALO_CONFIG": str(config)},
+              timeout=60) if command[0] == "local" else \
+        run(*command, "--broker", "lab", env={**os.environ, "ZOCALO_CONFIG": str(config)}, timeout=60)
+    one_line_error(out, cli.EXIT_BROKER, f"amqp://guest@127.0.0.1:{rabbit.port}", "refused the user name or password")
 
 
 def test_a_demo_that_cannot_start_leaves_no_state_behind(tmp_path):
@@ -352,7 +387,7 @@ def test_a_reader_that_goes_away_is_no_error_message():
 @pytest.mark.parametrize("args, code, words", [
     (["--timeout", "nan"], cli.EXIT_USAGE, "expected a positive number of seconds"),
     (["--timeout", "-1"], cli.EXIT_USAGE, "expected a positive number of seconds"),
-    (["--broker", ""], cli.EXIT_USAGE, "expected an amqp:// URL"),
+    (["--broker", ""], cli.EXIT_USAGE, "--broker: an empty string names no broker"),
     (["--broker", f"AMQP:/gda:{SECRET}@h"], cli.EXIT_USAGE, "not an amqp URL: ********@h"),
     (["--ispyb", f"mysql://gda:{SECRET}@h:x/db"], cli.EXIT_USAGE, "ISPyB: not an SQLAlchemy database URL"),
     (["--ispyb", f"mysql://gda:{SECRET}@h/db"], cli.EXIT_USAGE, "no database driver MySQLdb here; use mysql+pymysql://"),

@@ -36,6 +36,7 @@ from .service.runner import IDLE_S, XrcService
 from .service.metrics import ServiceMetrics
 from .service.metrics import serve as serve_metrics
 from .service.shards import ShardedService
+from .client import IN_PROCESS
 from .messaging import ConnectionSettings, TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
@@ -67,11 +68,54 @@ def exit_codes(command: str | None = None) -> str:
 
 EXIT_CODES = exit_codes()
 
-BROKER_HELP = (
-    "the broker to talk through: 'in-process' (a broker inside this process), an "
-    "amqp://user:password@host:port/vhost URL, or a zocalo environment name read from the YAML file "
-    "$ZOCALO_CONFIG (default: %(default)s); Zocalo's side is simulated in this process either way"
-)
+#: Why a command cannot run on a broker inside its own process.
+_NEEDS_A_SHARED_BROKER = {
+    "service": "the service takes its messages from other processes (per-image analysis), which cannot reach a "
+               "broker inside this one",
+    "local up": "local up runs each service as a process of its own, and they meet on RabbitMQ",
+}
+
+
+def broker_help(command: str) -> str:
+    """What ``--broker`` takes for ``command``: the same forms for every command."""
+    forms = "an amqp://user:password@host:port/vhost URL, or a zocalo environment of the YAML file $ZOCALO_CONFIG " \
+            "(keeps the password off the command line)"
+    if command == "demo":
+        return f"the broker: 'in-process' (a broker inside this process; the default), {forms}"
+    default = " (required)" if command == "local up" else \
+        " (default: dodal's environment, bluesky, or dev_bluesky with DODAL_TEST_MODE=true)"
+    return f"RabbitMQ: {forms}{default}"
+
+
+def broker_of(text: str | None, command: str) -> ConnectionSettings | None:
+    """What ``--broker`` names, read the same way by every command: an
+    amqp:// URL, a zocalo environment of ``$ZOCALO_CONFIG``, or
+    ``'in-process'`` (None: a broker inside this process, for the demo
+    only). ``text`` None is the command's default: the in-process broker for
+    the demo, dodal's environment otherwise. Errors suggest only what
+    ``command`` can use."""
+    in_process = command not in _NEEDS_A_SHARED_BROKER
+    if text == IN_PROCESS or (text is None and in_process):
+        if in_process:
+            return None
+        raise CliError(f"--broker: {_NEEDS_A_SHARED_BROKER[command]}: give an amqp:// URL or a zocalo environment "
+                       "('zocalo-xrc demo' runs in one process)", EXIT_USAGE)
+    if text == "":
+        raise CliError("--broker: an empty string names no broker", EXIT_USAGE)
+    if text is not None and looks_like_url(text):
+        try:
+            return ConnectionSettings.from_url(text)
+        except ConfigurationError as e:
+            raise CliError(f"--broker: {e}", EXIT_USAGE) from None
+    environment = text or default_environment()
+    if not os.environ.get("ZOCALO_CONFIG"):
+        other = "an amqp:// URL" + (", or 'in-process' for a broker inside this process" if in_process else "")
+        raise CliError(f"--broker: no zocalo configuration for environment {environment!r}: set ZOCALO_CONFIG to "
+                       f"a zocalo YAML file, or give {other}", EXIT_BROKER)
+    try:
+        return ConnectionSettings.from_zocalo_config(environment)
+    except ConfigurationError as e:
+        raise CliError(str(e), EXIT_BROKER) from None
 
 
 class CliError(Exception):
@@ -330,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("file", type=Path, nargs="?", default=None,
                       help="a scan file: recorded counts (examples/scan3d.json) or a crystal model "
                            "(default: a modelled 3D scan of two crystals, 60 x 30 + 60 x 30)")
-    _local_options(demo)
+    _local_options(demo, "demo")
     demo.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for Zocalo's results (default: %(default)s)")
     demo.add_argument("--detector", default=None, metavar="eiger2x-4m",
@@ -387,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "centring service as zocalo.service processes on RabbitMQ, restarting any that "
                                         "dies, until SIGTERM or Ctrl-C. Clients (dodal, Hyperion's tests, "
                                         "ZocaloTrigger) trigger scans registered with 'add-scan'.")
-    _local_options(up, broker_required=True)
+    _local_options(up, "local up")
     _logging_options(up, top=False)
     add = actions.add_parser("add-scan", help="register a simulated grid scan in ISPyB",
                              description="Register a grid scan (data collection group, data collections, GridInfo) "
@@ -423,10 +467,7 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--queue", default="reduce.xray_centering",
                          help="the queue to consume (default: %(default)s; GPU spot finding sends to "
                               "reduce.xray_centering.gpu)")
-    service.add_argument("--broker", metavar="URL|ENVIRONMENT", default=None,
-                         help="an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from "
-                              "$ZOCALO_CONFIG (default: dodal's environment, bluesky, or dev_bluesky with "
-                              "DODAL_TEST_MODE=true)")
+    service.add_argument("--broker", metavar="URL|ENVIRONMENT", default=None, help=broker_help("service"))
     service.add_argument("-e", "--environment", metavar="ENV", default=None,
                          help="a zocalo environment of $ZOCALO_CONFIG, as zocalo.service -e takes it (the same as "
                               "--broker ENV); where it names Graylog, the service logs there too")
@@ -458,14 +499,9 @@ def _state_options(parser: argparse.ArgumentParser) -> None:
                              "(default: SQLite in the state directory)")
 
 
-def _local_options(parser: argparse.ArgumentParser, *, broker_required: bool = False) -> None:
-    if broker_required:
-        parser.add_argument("--broker", metavar="URL|ENVIRONMENT", required=True,
-                            help="RabbitMQ as amqp://user:password@host:port/vhost, or a zocalo environment of "
-                                 "$ZOCALO_CONFIG (keeps the password off the command line)")
-    else:
-        parser.add_argument("--broker", metavar="URL", default=None,
-                            help="RabbitMQ as amqp://user:password@host:port/vhost (default: the in-process broker)")
+def _local_options(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT" if command == "demo" else "URL|ENVIRONMENT",
+                        required=command == "local up", default=None, help=broker_help(command))
     _state_options(parser)
     parser.add_argument("--pia", default="gpu,cpu", metavar="gpu,cpu",
                         help="which per-image analysis runs: GPU at start, CPU at end, or both (default: %(default)s)")
@@ -620,7 +656,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if plot_to is not None:
         check_plot_path(plot_to)
     settings = _local_settings(args)
-    broker = None if args.broker == "in-process" else args.broker
+    broker = broker_of(args.broker, "demo")
     from .local.detector import detector_size
 
     try:
@@ -683,12 +719,9 @@ def run_local_up(args: argparse.Namespace) -> int:
     from .local.zocalo import LocalZocalo, default_state_directory
 
     settings = _local_settings(args)
-    if args.broker == "in-process":
-        raise CliError("--broker: local up runs each service as a process of its own, and they meet on RabbitMQ: "
-                       "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)",
-                       EXIT_USAGE)
+    broker = broker_of(args.broker, "local up")
+    assert broker is not None  # local up refuses a broker inside its own process
     try:
-        broker = args.broker if looks_like_url(args.broker) else ConnectionSettings.from_zocalo_config(args.broker)
         local = LocalZocalo(broker=broker, ispyb_url=args.ispyb, state=args.state or default_state_directory(),
                             settings=settings, processes=True)
     except ConfigurationError as e:
@@ -938,7 +971,6 @@ def run_service(args: argparse.Namespace) -> int:
     import threading
 
     from .client import connect
-    from .messaging.rabbitmq import AmqpTransport
 
     if args.instance is not None and args.shards is None:
         raise CliError("--instance needs --shards", EXIT_USAGE)
@@ -951,6 +983,8 @@ def run_service(args: argparse.Namespace) -> int:
     if args.instance is not None and args.instance >= args.shards:
         raise CliError(f"--instance: expected 0..{args.shards - 1} with --shards {args.shards}, got {args.instance}",
                        EXIT_USAGE)
+    broker = broker_of(args.broker, "service")
+    assert broker is not None  # the service refuses a broker inside its own process
     try:
         _zocalo_logging(args.broker)
     except ConfigurationError as e:
@@ -966,9 +1000,8 @@ def run_service(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CliError(f"--metrics-port {args.metrics_port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
-        transport = connect(args.broker)
-        where = f"RabbitMQ at {transport.settings.url()}" if isinstance(transport, AmqpTransport) else \
-            "the in-process broker"
+        transport = connect(broker)
+        where = f"RabbitMQ at {broker.url()}"
         transport.wait_connected(30.0)
         if not transport.queue_exists(args.queue):
             if not args.declare:

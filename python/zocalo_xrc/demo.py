@@ -21,6 +21,7 @@ from ._native import XrcResults
 from ._progress import Progress
 from .client import Source, ZocaloResults, ZocaloResults2D, ZocaloTrigger
 from .local.ispyb import RegisteredScan
+from .messaging import ConnectionSettings
 from .local.scan import Scan
 from .local.settings import Settings
 from .local.zocalo import LocalZocalo
@@ -40,11 +41,12 @@ class Outcome:
 
 
 class Demo:
-    """One run of the demo: ``broker`` None (in-process) or an amqp:// URL;
+    """One run of the demo: ``broker`` None (in-process), an amqp:// URL or
+    :class:`~zocalo_xrc.messaging.ConnectionSettings`;
     ``ispyb_url`` None (SQLite in the local Zocalo's state directory) or a
     SQLAlchemy URL."""
 
-    def __init__(self, scan: Scan, *, broker: str | None = None, ispyb_url: str | None = None,
+    def __init__(self, scan: Scan, *, broker: str | ConnectionSettings | None = None, ispyb_url: str | None = None,
                  settings: Settings = Settings(), state: str | None = None, name: str = "demo",
                  detector: str | tuple[int, int] | None = None) -> None:
         self.scan, self.name, self.settings = scan, name, settings
