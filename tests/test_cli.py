@@ -280,6 +280,25 @@ def test_in_process_is_refused_where_other_processes_must_reach_the_broker(comma
                    "--broker: ", "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)")
 
 
+@pytest.mark.parametrize("command", BROKER_COMMANDS[1:], ids=lambda c: " ".join(c))
+def test_service_and_local_up_keep_trying_for_the_connect_timeout_their_help_states(command, tmp_path):
+    """One policy: one line that it is trying again, one when it gives up."""
+    assert "--connect-timeout SECONDS how long to keep trying to reach the broker" in " ".join(
+        run(*command, "--help").stdout.split())
+    started = time.monotonic()
+    out = run(*command, "--broker", f"amqp://g:{SECRET}@127.0.0.1:1/", "--connect-timeout", "2",
+              "--state", tmp_path / "state", timeout=60) if command[0] == "local" else \
+        run(*command, "--broker", f"amqp://g:{SECRET}@127.0.0.1:1/", "--connect-timeout", "2", timeout=60)
+    took = time.monotonic() - started
+    assert out.returncode == cli.EXIT_BROKER and SECRET not in out.stderr and "Traceback" not in out.stderr
+    retrying, gave_up = out.stderr.strip().splitlines()
+    assert retrying.endswith("WARNING zocalo_xrc.cli: cannot connect to amqp://g@127.0.0.1:1/%2F (connection refused "
+                             "(is RabbitMQ running there?)); trying again for up to 2 s (--connect-timeout)"), retrying
+    assert gave_up == (f"zocalo-xrc {' '.join(command)}: cannot connect to amqp://g@127.0.0.1:1/%2F: connection refused "
+                       "(is RabbitMQ running there?) (gave up after 2 s, --connect-timeout)")
+    assert 2 <= took < 20, took
+
+
 @pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))
 def test_every_command_reaches_the_broker_an_environment_names(command, rabbit, tmp_path):
     """A wrong password, from the environment: the broker was asked, and said so."""

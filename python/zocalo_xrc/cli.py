@@ -118,6 +118,40 @@ def broker_of(text: str | None, command: str) -> ConnectionSettings | None:
         raise CliError(str(e), EXIT_BROKER) from None
 
 
+#: How long ``service`` and ``local up`` keep trying to reach their broker as they start (--connect-timeout).
+CONNECT_TIMEOUT_S = 30.0
+CONNECT_HELP = (
+    "how long to keep trying to reach the broker as it starts: one warning when an attempt fails, one error line "
+    "when it gives up (exit code 3); a refused user name or password gives up at once")
+
+
+def wait_for_broker(transport: Any, timeout: float) -> None:
+    """The connection policy of ``service`` and ``local up``: keep trying
+    for ``timeout`` seconds, saying so once (each attempt is logged at
+    DEBUG), and give up at once if the broker refuses the credentials;
+    :class:`TransportError` (one line) when it gives up."""
+    attempts = logging.getLogger("zocalo_xrc.messaging.rabbitmq")
+    level = attempts.level
+    if not attempts.isEnabledFor(logging.DEBUG):
+        attempts.setLevel(logging.ERROR)  # each attempt's WARNING: this says it once
+    deadline, seen, said = time.monotonic() + timeout, None, False
+    try:
+        while not transport.connected.wait(0.05):
+            error = transport.last_error
+            if transport.credentials_refused:
+                raise TransportError(f"cannot connect to {transport.settings.url()}: {error}")
+            if time.monotonic() >= deadline:
+                raise TransportError(f"cannot connect to {transport.settings.url()}: {error or 'no answer'} "
+                                     f"(gave up after {timeout:g} s, --connect-timeout)")
+            if error is not None and seen is not None and not said:  # seen twice: not a refused password
+                log.warning("cannot connect to %s (%s); trying again for up to %g s (--connect-timeout)",
+                            transport.settings.url(), error, timeout)
+                said = True
+            seen = error
+    finally:
+        attempts.setLevel(level)
+
+
 class CliError(Exception):
     """An error for the command line: one line and an exit code."""
 
@@ -432,6 +466,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "dies, until SIGTERM or Ctrl-C. Clients (dodal, Hyperion's tests, "
                                         "ZocaloTrigger) trigger scans registered with 'add-scan'.")
     _local_options(up, "local up")
+    up.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                    help=CONNECT_HELP + "; once up, each service reconnects as workflows does, and one that dies "
+                                        "is started again (default: %(default)s)")
     _logging_options(up, top=False)
     add = actions.add_parser("add-scan", help="register a simulated grid scan in ISPyB",
                              description="Register a grid scan (data collection group, data collections, GridInfo) "
@@ -471,6 +508,9 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("-e", "--environment", metavar="ENV", default=None,
                          help="a zocalo environment of $ZOCALO_CONFIG, as zocalo.service -e takes it (the same as "
                               "--broker ENV); where it names Graylog, the service logs there too")
+    service.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                         help=CONNECT_HELP + "; once connected, a lost connection is retried for as long as it runs "
+                                              "(default: %(default)s)")
     service.add_argument("--declare", action="store_true",
                          help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
                               "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
@@ -592,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     log.debug("exit %d", code, exc_info=True)
-    print(f"zocalo-xrc {args.command}: {message}", file=sys.stderr)
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # local add-scan, ...
+    print(f"zocalo-xrc {command}: {message}", file=sys.stderr)
     return code
 
 
@@ -717,6 +758,7 @@ def run_local_up(args: argparse.Namespace) -> int:
     import threading
 
     from .local.zocalo import LocalZocalo, default_state_directory
+    from .messaging.rabbitmq import AmqpTransport
 
     settings = _local_settings(args)
     broker = broker_of(args.broker, "local up")
@@ -731,6 +773,8 @@ def run_local_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        with AmqpTransport(broker, connect_timeout=None) as probe:
+            wait_for_broker(probe, args.connect_timeout)
         local.start()
     except Exception as e:
         raise _local_errors(e) from e
@@ -1002,7 +1046,7 @@ def run_service(args: argparse.Namespace) -> int:
     try:
         transport = connect(broker)
         where = f"RabbitMQ at {broker.url()}"
-        transport.wait_connected(30.0)
+        wait_for_broker(transport, args.connect_timeout)
         if not transport.queue_exists(args.queue):
             if not args.declare:
                 raise CliError(f"there is no queue {args.queue!r} on {where} (--declare makes it, as Diamond's "
