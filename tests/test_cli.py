@@ -75,6 +75,24 @@ def test_help_names_defaults_what_broker_accepts_and_exit_codes():
     assert '"type": "2d"|"3d"' in centre and "mm" in centre
 
 
+def test_help_of_every_command_states_its_own_defaults_and_exit_codes(tmp_path):
+    def help(*command):
+        return " ".join(run(*command, "--help").stdout.split())
+
+    up, add, book = help("local", "up"), help("local", "add-scan"), help("local", "logbook")
+    for text in (up, add, book):
+        assert "exit codes: 0 " in text and "130 interrupted" in text, text
+        assert "--state DIR" in text and "temporary" not in text.split("--state DIR")[1].split("--")[0], text
+    assert "(default: the scan file's name without its suffix: scan3d for scan3d.json)" in add
+    assert "(default: a temporary directory, removed when the demo ends)" in help("demo")
+    for command in (("centre",), ("demo",), ("find-spots",), ("local", "add-scan"), ("local", "logbook")):
+        assert "SIGTERM" not in help(*command).split("exit codes:")[1], command
+    for text in (help("service"), up):
+        assert "exit codes: 0 stopped by SIGTERM (it runs until stopped) 2 " in text.replace(" 1 a file", " 2 ")
+    one_line_error(run("local", "add-scan", tmp_path / "missing.json", "--state", tmp_path), cli.EXIT_FILE,
+                   "zocalo-xrc local add-scan: ")
+
+
 def test_3d_json_is_the_payload_and_parses_back():
     case, scans = case_3d()
     want = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])
@@ -228,6 +246,8 @@ def test_demo_of_a_2d_scan_with_gpu_analysis_only(tmp_path):
     out = run("demo", EXAMPLES / "scan2d.json", "--pia", "gpu", "--plot", "none", "--frame-rate", "5000")
     assert out.returncode == 0, out.stderr
     assert "GPU results" in out.stdout and "CPU results" not in out.stdout
+    assert re.search(r"DCG \d+, DCID \d+ \(14 x 9\)\n", out.stdout) and "DCIDs" not in out.stdout
+    assert "sent start for the grid to processing_recipe" in out.stdout and "sent end for the grid\n" in out.stdout
     centre = run("centre", EXAMPLES / "scan2d.json").stdout
     assert [line for line in centre.splitlines() if "centre (grid boxes)" in line][0] in out.stdout
 

@@ -48,22 +48,30 @@ EXIT_BROKER = 3  # the configuration, or the broker: cannot connect, refused, un
 EXIT_ZOCALO = 4  # Zocalo failed, or did not answer in time
 EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+_ALL = ("centre", "demo", "find-spots", "service", "local up", "local add-scan", "local logbook")
 #: What each exit code means, and which commands can end with it.
 _MEANINGS = [
-    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service local find-spots"),
-    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo local find-spots"),
-    (EXIT_USAGE, "the command line is wrong", "centre demo service local find-spots"),
-    (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached", "demo service local"),
-    (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
-    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service local find-spots"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service local find-spots"),
+    (EXIT_OK, "done", ("centre", "demo", "find-spots", "local add-scan", "local logbook")),
+    (EXIT_OK, "stopped by SIGTERM (it runs until stopped)", ("service", "local up")),
+    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case",
+     ("centre", "demo", "find-spots", "local up", "local add-scan", "local logbook")),
+    (EXIT_USAGE, "the command line is wrong", _ALL),
+    (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached",
+     ("demo", "service", "local up", "local add-scan")),
+    (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", ("demo",)),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", _ALL),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", _ALL),
 ]
 
 
 def exit_codes(command: str | None = None) -> str:
-    """The epilog of a help text: the exit codes ``command`` (or any command) can end with."""
-    rows = [f"  {code:<4} {meaning}" for code, meaning, commands in _MEANINGS if command is None or command in commands.split()]
-    return "exit codes:\n" + "\n".join(rows)
+    """The epilog of a help text: the exit codes ``command`` (``local`` for
+    any of its subcommands; None for any command) can end with, each once."""
+    rows: dict[int, list[str]] = {}
+    for code, meaning, commands in _MEANINGS:
+        if command is None or any(c == command or c.startswith(f"{command} ") for c in commands):
+            rows.setdefault(code, []).append(meaning)
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {'; or '.join(m)}" for code, m in rows.items())
 
 
 EXIT_CODES = exit_codes()
@@ -374,10 +382,11 @@ def _best_caption(results: list[Any], positions: list[Any], unit: str, names: li
     return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
 
 
-def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    """A command's parser: its one-line help, its description wrapped, the exit codes it can end with."""
+def _command(commands: Any, name: str, summary: str, description: str, *, full_name: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser: its one-line help, its description wrapped, the
+    exit codes it can end with (``full_name``: a subcommand's, ``local up``)."""
     parser: argparse.ArgumentParser = commands.add_parser(
-        name, help=summary, description=textwrap.fill(description, 79), epilog=exit_codes(name),
+        name, help=summary, description=textwrap.fill(description, 79), epilog=exit_codes(full_name or name),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
@@ -460,22 +469,24 @@ def _parser() -> argparse.ArgumentParser:
                      "on RabbitMQ, 'add-scan' registers a simulated grid scan in its ISPyB, 'logbook' shows every "
                      "message of a recipe run.")
     actions = local.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = actions.add_parser("up", help="run the local Zocalo's services on RabbitMQ until stopped",
-                            description="Run zocalo's dispatcher, Mimas, simulated per-image analysis and the X-ray "
-                                        "centring service as zocalo.service processes on RabbitMQ, restarting any that "
-                                        "dies, until SIGTERM or Ctrl-C. Clients (dodal, Hyperion's tests, "
-                                        "ZocaloTrigger) trigger scans registered with 'add-scan'.")
+    up = _command(actions, "up", "run the local Zocalo's services on RabbitMQ until stopped",
+                  "Run zocalo's dispatcher, Mimas, simulated per-image analysis and the X-ray centring service as "
+                  "zocalo.service processes on RabbitMQ, restarting any that dies, until SIGTERM or Ctrl-C. Clients "
+                  "(dodal, Hyperion's tests, ZocaloTrigger) trigger scans registered with 'add-scan'.",
+                  full_name="local up")
     _local_options(up, "local up")
     up.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
                     help=CONNECT_HELP + "; once up, each service reconnects as workflows does, and one that dies "
                                         "is started again (default: %(default)s)")
     _logging_options(up, top=False)
-    add = actions.add_parser("add-scan", help="register a simulated grid scan in ISPyB",
-                             description="Register a grid scan (data collection group, data collections, GridInfo) "
-                                         "in the local Zocalo's ISPyB, with its data for simulated per-image analysis; "
-                                         "prints the DCIDs and the start messages to send.")
+    add = _command(actions, "add-scan", "register a simulated grid scan in ISPyB",
+                   "Register a grid scan (data collection group, data collections, GridInfo) in the local Zocalo's "
+                   "ISPyB, with its data for simulated per-image analysis; prints the DCIDs and the start messages "
+                   "to send.", full_name="local add-scan")
     add.add_argument("file", type=Path, help="a scan file: recorded counts or a crystal model")
-    add.add_argument("--name", default=None, help="the detector file name the beamline sends (default: made up)")
+    add.add_argument("--name", default=None,
+                     help="the detector file name the beamline sends (default: the scan file's name without its "
+                          "suffix: scan3d for scan3d.json)")
     add.add_argument("--json", action="store_true", help="print what was registered as JSON")
     add.add_argument("--detector", default=None, metavar="eiger2x-4m",
                      help="write the scan's frames as a simulated detector does (eiger2x-1m, -4m, -9m or -16m): "
@@ -484,12 +495,12 @@ def _parser() -> argparse.ArgumentParser:
                           "counts are played)")
     add.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
                      help="with --detector: frames per second it writes (default: %(default)s)")
-    _state_options(add)
+    _state_options(add, "local add-scan")
     _logging_options(add, top=False)
-    book = actions.add_parser("logbook", help="every message of a recipe run (no GUID: list the runs)",
-                              description="Show every message of a recipe run and the runs it started, from the "
-                                          "dispatcher's logbook and the services' journals; without a GUID, list "
-                                          "the runs the logbook knows.")
+    book = _command(actions, "logbook", "every message of a recipe run (no GUID: list the runs)",
+                    "Show every message of a recipe run and the runs it started, from the dispatcher's logbook and "
+                    "the services' journals; without a GUID, list the runs the logbook knows.",
+                    full_name="local logbook")
     book.add_argument("guid", nargs="?", default=None, help="a recipe run's GUID")
     book.add_argument("--dcid", type=_count, default=None, help="only runs of this DCID (when listing)")
     book.add_argument("--every-image", action="store_true", help="list per-image messages one by one")
@@ -530,10 +541,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _state_options(parser: argparse.ArgumentParser) -> None:
+def _state_options(parser: argparse.ArgumentParser, command: str) -> None:
+    default = "a temporary directory, removed when the demo ends" if command == "demo" else \
+        "$XDG_STATE_HOME/zocalo-xrc"
     parser.add_argument("--state", type=Path, default=None, metavar="DIR",
-                        help="where ISPyB (SQLite), the scans' data and the logbook live "
-                             "(default: $XDG_STATE_HOME/zocalo-xrc; the demo: a temporary directory)")
+                        help=f"where ISPyB (SQLite), the scans' data and the logbook live (default: {default})")
     parser.add_argument("--ispyb", default=None, metavar="URL",
                         help="ISPyB as a SQLAlchemy URL, e.g. mysql+pymysql://user:password@127.0.0.1/ispyb "
                              "(default: SQLite in the state directory)")
@@ -542,7 +554,7 @@ def _state_options(parser: argparse.ArgumentParser) -> None:
 def _local_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT" if command == "demo" else "URL|ENVIRONMENT",
                         required=command == "local up", default=None, help=broker_help(command))
-    _state_options(parser)
+    _state_options(parser, command)
     parser.add_argument("--pia", default="gpu,cpu", metavar="gpu,cpu",
                         help="which per-image analysis runs: GPU at start, CPU at end, or both (default: %(default)s)")
     parser.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
@@ -846,10 +858,10 @@ def _print_registered(args: argparse.Namespace, scan: Any, registered: Any, name
                           "visit": registered.visit, "filename": name, "starts": starts}), flush=True)
         return
     kind = "3D" if len(scan.grids) == 2 else "2D"
-    grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(registered.dcids, scan.grids))
     print(f"registered a {kind} grid scan on {registered.beamline} ({registered.visit}): DCG {registered.dcgid}, "
-          f"DCIDs {grids}, detector file {name!r}")
-    print("trigger it as dodal does (dodal.devices.zocalo: one start per grid, then one end per grid):")
+          f"{scan.describe_grids(registered.dcids)}, detector file {name!r}")
+    how = "one start per grid, then one end per grid" if len(scan.grids) > 1 else "a start, then an end"
+    print(f"trigger it as dodal does (dodal.devices.zocalo: {how}):")
     for i in infos:
         print(f"  trigger.run_start(ZocaloStartInfo({i.ispyb_dcid}, {i.filename!r}, {i.start_frame_index}, "
               f"{i.number_of_frames}, {i.message_index}))")

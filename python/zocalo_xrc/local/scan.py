@@ -161,6 +161,17 @@ class Scan:
             first += grid.image_count
         return infos
 
+    def describe_grids(self, dcids: Sequence[int]) -> str:
+        """The grids as ISPyB registered them: ``DCID 5 (14 x 9)``, or
+        ``DCIDs 5 (20 x 12), 6 (20 x 10)``."""
+        grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(dcids, self.grids))
+        return f"DCID{'s' if len(self.grids) > 1 else ''} {grids}"
+
+    @property
+    def each_grid(self) -> str:
+        """How to say "for every grid" of this scan."""
+        return "each grid" if len(self.grids) > 1 else "the grid"
+
     def to_dict(self) -> dict[str, Any]:
         """The scan file's contents (what :meth:`from_dict` reads back)."""
         grids: list[dict[str, Any]] = [{"gridinfo": g.to_ispyb()} for g in self.grids]
