@@ -419,8 +419,58 @@ def test_a_reader_that_goes_away_is_no_error_message():
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stderr is not None
     p.stdout.close()  # before it writes
-    assert p.wait(timeout=60) in (cli.EXIT_OK, cli.EXIT_FILE)
+    assert p.wait(timeout=60) == -signal.SIGPIPE  # as yes | head: killed by SIGPIPE
     assert p.stderr.read() == b""
+
+
+def demo_in(tmp_path, *args):
+    """A demo whose temporary directories go to ``tmp_path``: there to be seen."""
+    import os
+
+    return [sys.executable, "-m", "zocalo_xrc", "demo", *map(str, args), "--plot", "none"], \
+        {**os.environ, "TMPDIR": str(tmp_path)}
+
+
+def test_a_piped_demo_whose_reader_goes_away_ends_quietly_as_unix_tools_do_and_leaves_nothing(tmp_path):
+    import shlex
+
+    command, env = demo_in(tmp_path, "--frame-rate", "5000")
+    out = subprocess.run(["bash", "-c", f"{shlex.join(command)} | head -1; echo \"status ${{PIPESTATUS[0]}}\""],
+                         capture_output=True, text=True, env=env, timeout=120)
+    first, status = out.stdout.splitlines()
+    assert first.startswith("Local Zocalo: ") and status == "status 141", out.stdout  # 128 + SIGPIPE, as yes | head
+    assert out.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, cli.EXIT_INTERRUPTED, "zocalo-xrc demo: interrupted\n"),
+                                             (signal.SIGTERM, -signal.SIGTERM, "")])
+def test_an_interrupted_demo_leaves_no_temporary_state(tmp_path, sig, code, said):
+    command, env = demo_in(tmp_path, "--frame-rate", "100")  # 36 s of frames: stopped in the middle
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None
+    assert p.stdout.readline().startswith("Local Zocalo: ")
+    assert p.stdout.readline().startswith("registered a 3D grid scan in ISPyB")
+    assert [d.name.startswith("zocalo-xrc-local-") for d in tmp_path.iterdir()] == [True]
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == code and stderr.replace("\r\x1b[K", "") == said, (p.returncode, stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kept_state_directory_holds_no_sqlite_journal_after_the_demo(tmp_path):
+    state = tmp_path / "state"
+    out = run("demo", EXAMPLES / "scan2d.json", "--plot", "none", "--frame-rate", "5000", "--state", state)
+    assert out.returncode == 0, out.stderr
+    assert (state / "ispyb.sqlite").is_file()
+    assert sorted(p.name for p in state.glob("ispyb.sqlite-*")) == []  # -wal and -shm folded back at exit
+
+
+def test_a_demo_with_a_bad_ispyb_url_leaves_no_temporary_state(tmp_path):
+    command, env = demo_in(tmp_path, "--ispyb", f"mysql://gda:{SECRET}@h/db")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    one_line_error(out, cli.EXIT_USAGE, "no database driver MySQLdb here")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, code, words", [

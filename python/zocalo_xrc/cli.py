@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -621,25 +622,54 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.getLogger("zocalo_xrc.messaging.rabbitmq").setLevel(level if level != "WARNING" else logging.ERROR)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is so that what it holds (a demo's
+    temporary state directory, its services) is cleaned up on the way out."""
+
+
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
+def _end_as_killed_by(signum: int) -> int:
+    """End as a process killed by ``signum`` ends (status 128 + signum in a
+    shell), its cleanup done: what well-behaved Unix tools do when a signal
+    stops them (``yes | head``: killed by SIGPIPE, 141)."""
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # not reached: the signal's default action ends the process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args)
+    on_sigterm = signal.signal(signal.SIGTERM, _terminated)  # service and local up set their own
     try:
         commands = {"demo": run_demo, "service": run_service, "centre": run_centre, "local": run_local,
                     "find-spots": run_find_spots}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a reader gone away (| head) is found here, not in Python's last flush
+        return code
     except CliError as e:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:  # the reader went away (| head): nothing more to say, to anyone
+    except Terminated:  # cleaned up on the way here; end quietly, as SIGTERM's default action does
+        return _end_as_killed_by(signal.SIGTERM)
+    except BrokenPipeError:
+        # The reader went away (| head): say nothing, to anyone, and end as well-behaved Unix tools
+        # do (yes | head), killed by SIGPIPE (status 141 in a shell) rather than Python's exit 1 or
+        # 120. stdout goes to /dev/null first so that no last flush complains.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FILE
+        return _end_as_killed_by(signal.SIGPIPE)
     except OSError as e:
         return _fail(args, f"cannot write the output: {e.strerror or e}", EXIT_FILE)
     except Exception as e:
         log.debug("unexpected error", exc_info=True)
         return _fail(args, f"unexpected error: {type(e).__name__}: {redact(str(e))}", EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)  # main() may run inside another program (tests)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
@@ -722,13 +752,17 @@ def run_demo(args: argparse.Namespace) -> int:
                         detector=size)
     except (ValueError, ConfigurationError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    print(f"Local Zocalo: {run.local.describe()}", flush=True)
     try:
+        print(f"Local Zocalo: {run.local.describe()}", flush=True)
         outcomes = run.run(timeout_s=args.timeout, progress=Progress(sys.stderr), announce=print)
     except NoResultsFromZocaloError as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
     except (TransportError, ConfigurationError, IspybError, OSError, TimeoutError) as e:
         raise _local_errors(e) from e
+    finally:
+        run.local.stop()  # however the demo ends (the output gone, Ctrl-C, SIGTERM): no temporary state left
     geometry = geometry_of(list(scan.grids))
     for o in outcomes:
         timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame" if o.after_last_frame_s is not None
@@ -766,7 +800,6 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def run_local_up(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from .local.zocalo import LocalZocalo, default_state_directory
@@ -1017,13 +1050,14 @@ def run_find_spots(args: argparse.Namespace) -> int:
                 print(f"plot of image {shown} written to {args.plot}", file=sys.stderr)
     except ImagesError as e:
         raise CliError(str(e), EXIT_FILE) from e
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
     except OSError as e:
         _input_error(e, args.file)
     return EXIT_OK
 
 
 def run_service(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from .client import connect
