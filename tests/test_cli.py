@@ -138,6 +138,11 @@ def test_plot_in_mm_with_a_legend_and_the_best_centre(tmp_path, name, monkeypatc
     for words in ("x (mm from the first box)", "centre of mass", "bounding box", "#1: max count", "best (#1): centre x = "):
         assert words in text, words
     assert ("z (mm from the first box)" in text) == (name == "scan3d.json")
+    # one colour scale, said so; the best region counted as the table counts it
+    assert text.count("spots per image") == 1
+    assert ("spots per image (one scale for both grids)" in text) == (name == "scan3d.json")
+    assert re.search(r"best \(#1\): .*, 28 voxels, total count" if name == "scan3d.json" else
+                     r"best \(#1\): .*, 7 boxes, total count", text)
     if name == "scan3d.json":  # the best centre, in mm, as geometry_of and to_motor give it
         case, scans = case_3d()
         best = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])[0]

@@ -322,7 +322,12 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     box, ranked, and the best centre written on the figure: in mm (relative
     to the centre of the first box) when ``geometry`` is known, else in boxes.
     ``crystals``: where a model put crystals, ``(centre, size)`` in the same
-    frame, drawn as dashed outlines."""
+    frame, drawn as dashed outlines.
+
+    The xz grid is drawn under the xy grid, both to one scale and sharing x,
+    so that what lies above what lines up; both share one colour scale (one
+    colour bar, as tall as the grids). Every mark is an outline: nothing
+    hides what it marks."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, Patch, Rectangle
@@ -336,51 +341,76 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     axes_of = geometry._axes()
     positions = [geometry.to_motor(r) for r in results]
     colours = ("red", "orange", "magenta", "white", "cyan")  # visible on viridis
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 6.0), squeeze=False)
-    for k, (ax, (label, counts)) in enumerate(zip(axes[0], grids)):
+    (xname, x0, dx, nx) = axes_of[0]
+    spans = [abs(axes_of[1 + k][2]) * axes_of[1 + k][3] for k in range(len(grids))]  # each grid's height
+    inches_per_unit = 6.0 / (abs(dx) * nx)  # the grids 6 inches wide, and as tall as that scale makes them
+    height = sum(spans) * inches_per_unit + 0.55 * len(grids) + 1.6  # + titles and axis labels, legend, caption
+    fig, axes = plt.subplots(len(grids), 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=(8.5, height), height_ratios=spans)
+    vmax = max(float(counts.max()) for _, counts in grids) or 1.0  # one colour scale for every grid
+    where = " from the first box" if unit == "mm" else ""
+    image = None
+    for k, (ax, (label, counts)) in enumerate(zip(axes[:, 0], grids)):
         j = 1 + k  # y for the xy grid, z for the xz grid
-        (xname, x0, dx, nx), (vname, v0, dv, nv) = axes_of[0], axes_of[j]
+        (vname, v0, dv, nv) = axes_of[j]
         extent = (x0 - 0.5 * dx, x0 + (nx - 0.5) * dx, v0 + (nv - 0.5) * dv, v0 - 0.5 * dv)
-        image = ax.imshow(counts.T, origin="upper", cmap="viridis", interpolation="nearest", extent=extent, aspect="equal")
-        fig.colorbar(image, ax=ax, label="spots per image", shrink=0.8)
-        ax.set_title(label)
-        where = " from the first box" if unit == "mm" else ""
-        ax.set_xlabel(f"{xname} ({unit}{where})")
+        image = ax.imshow(counts.T, origin="upper", cmap="viridis", interpolation="nearest", extent=extent,
+                          aspect="equal", vmin=0.0, vmax=vmax)
+        ax.set_title(label, loc="left", fontsize=10)
         ax.set_ylabel(f"{vname} ({unit}{where})")
-        handles: list[Any] = []
-        for rank, (r, p) in enumerate(zip(results, positions), 1):
+        for rank, p in enumerate(positions, 1):
             colour = colours[(rank - 1) % len(colours)]
             (lo, hi), c = p.bounding_box_mm, p.centre_mm
-            ax.add_patch(Rectangle((lo[0], lo[j]), hi[0] - lo[0], hi[j] - lo[j], fill=False, edgecolor=colour, lw=1.5))
-            ax.plot(c[0], c[j], "x", color=colour, ms=10, mew=2)
-            ax.annotate(f"#{rank}", (hi[0], lo[j]), color="white", fontsize=8, ha="left", va="bottom")
-            handles.append(Line2D([], [], color=colour, lw=1.5, label=f"#{rank}: max count {r.max_count:g}"))
+            ax.add_patch(Rectangle((lo[0], lo[j]), hi[0] - lo[0], hi[j] - lo[j], fill=False, edgecolor=colour, lw=1.2))
+            ax.plot(c[0], c[j], "o", mfc="none", mec=colour, ms=5, mew=1.2)
+            ax.annotate(f"#{rank}", (hi[0], lo[j]), xytext=(2, 1), textcoords="offset points", color=colour,
+                        fontsize=8, fontweight="bold", ha="left", va="bottom")
         for centre, size in crystals:
-            ax.add_patch(Ellipse((centre[0], centre[j]), size[0], size[j], fill=False, edgecolor="cyan", ls="--", lw=1))
-        if crystals:
-            handles.append(Line2D([], [], color="cyan", ls="--", label="crystal in the model"))
-        if results:
-            handles += [Line2D([], [], color="black", marker="x", ls="", label="centre of mass"),
-                        Patch(fill=False, edgecolor="black", label="bounding box")]
-        else:
-            handles.append(Patch(color="none", label="no crystal found"))
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8,
-                  facecolor="lightgrey")
-    fig.suptitle(_best_caption(results, positions, unit, [a[0] for a in axes_of]), fontsize=10)
-    fig.tight_layout()
+            ax.add_patch(Ellipse((centre[0], centre[j]), size[0], size[j], fill=False, edgecolor="cyan", ls="--",
+                                 lw=0.8))
+    axes[-1, 0].set_xlabel(f"{xname} ({unit}{where})")
+    scale = "spots per image" + (" (one scale for both grids)" if len(grids) > 1 else "")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=scale, fraction=0.04, pad=0.02, aspect=30)
+    region = "voxels" if isinstance(result, XrcResults) else "boxes"
+    handles: list[Any] = [Line2D([], [], color=colours[(rank - 1) % len(colours)], lw=1.2,
+                                 label=f"#{rank}: max count {r.max_count:g}, {r.n_voxels} {region}")
+                          for rank, r in enumerate(results, 1)]
+    if crystals:
+        handles.append(Line2D([], [], color="cyan", ls="--", lw=0.8, label="crystal in the model"))
+    if results:
+        handles += [Line2D([], [], color="black", marker="o", mfc="none", ls="", label="centre of mass"),
+                    Patch(fill=False, edgecolor="black", label="bounding box")]
+    else:
+        handles.append(Patch(color="none", label="no crystal found"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle(_best_caption(results, positions, unit, [a[0] for a in axes_of], region), fontsize=9)
+    _fit_height(fig, axes[:, 0])
     try:
         fig.savefig(out, dpi=100)
     finally:
         plt.close(fig)
 
 
-def _best_caption(results: list[Any], positions: list[Any], unit: str, names: list[str]) -> str:
+def _fit_height(fig: Any, axes: Any) -> None:
+    """Take from the figure's height what the grids' fixed aspect leaves
+    empty above and below them, so that the colour bar and the legend sit
+    as close to the grids as they are tall."""
+    for _ in range(3):
+        fig.canvas.draw()
+        unused = sum(ax.get_position(original=True).height - ax.get_position().height for ax in axes)
+        width, height = fig.get_size_inches()
+        if unused * height < 0.05:
+            return
+        fig.set_size_inches(width, height * (1 - unused))
+
+
+def _best_caption(results: list[Any], positions: list[Any], unit: str, names: list[str], region: str) -> str:
     if not results:
         return "no crystal found"
     r, centre = results[0], positions[0].centre_mm
     where = ", ".join(f"{n} = {v:.4f}" if unit == "mm" else f"{n} = {v:.2f}" for n, v in zip(names, centre))
-    return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
+    return (f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} {region}, "
+            f"total count {r.total_count:g}")
 
 
 def _command(commands: Any, name: str, summary: str, description: str, *, full_name: str | None = None) -> argparse.ArgumentParser:
