@@ -75,6 +75,24 @@ def test_help_names_defaults_what_broker_accepts_and_exit_codes():
     assert '"type": "2d"|"3d"' in centre and "mm" in centre
 
 
+def test_help_of_every_command_states_its_own_defaults_and_exit_codes(tmp_path):
+    def help(*command):
+        return " ".join(run(*command, "--help").stdout.split())
+
+    up, add, book = help("local", "up"), help("local", "add-scan"), help("local", "logbook")
+    for text in (up, add, book):
+        assert "exit codes: 0 " in text and "130 interrupted" in text, text
+        assert "--state DIR" in text and "temporary" not in text.split("--state DIR")[1].split("--")[0], text
+    assert "(default: the scan file's name without its suffix: scan3d for scan3d.json)" in add
+    assert "(default: a temporary directory, removed when the demo ends)" in help("demo")
+    for command in (("centre",), ("demo",), ("find-spots",), ("local", "add-scan"), ("local", "logbook")):
+        assert "SIGTERM" not in help(*command).split("exit codes:")[1], command
+    for text in (help("service"), up):
+        assert "exit codes: 0 stopped by SIGTERM (it runs until stopped) 2 " in text.replace(" 1 a file", " 2 ")
+    one_line_error(run("local", "add-scan", tmp_path / "missing.json", "--state", tmp_path), cli.EXIT_FILE,
+                   "zocalo-xrc local add-scan: ")
+
+
 def test_3d_json_is_the_payload_and_parses_back():
     case, scans = case_3d()
     want = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])
@@ -120,6 +138,11 @@ def test_plot_in_mm_with_a_legend_and_the_best_centre(tmp_path, name, monkeypatc
     for words in ("x (mm from the first box)", "centre of mass", "bounding box", "#1: max count", "best (#1): centre x = "):
         assert words in text, words
     assert ("z (mm from the first box)" in text) == (name == "scan3d.json")
+    # one colour scale, said so; the best region counted as the table counts it
+    assert text.count("spots per image") == 1
+    assert ("spots per image (one scale for both grids)" in text) == (name == "scan3d.json")
+    assert re.search(r"best \(#1\): .*, 28 voxels, total count" if name == "scan3d.json" else
+                     r"best \(#1\): .*, 7 boxes, total count", text)
     if name == "scan3d.json":  # the best centre, in mm, as geometry_of and to_motor give it
         case, scans = case_3d()
         best = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])[0]
@@ -154,11 +177,32 @@ def test_bad_files_are_one_line_and_one_exit_code(tmp_path):
     bad.write_text(json.dumps({"counts": [1, 2, 3], "gridinfo": {"steps_x": 2}}))
     one_line_error(run("centre", bad), cli.EXIT_FILE, f"{bad}: gridinfo: missing key 'steps_y'")
     bad.write_text(json.dumps({"grids": [1]}))
-    one_line_error(run("centre", bad), cli.EXIT_FILE, "exactly two grids")
+    one_line_error(run("centre", bad), cli.EXIT_FILE, f"{bad}: grids[0]: expected an object with gridinfo")
     one_line_error(run("demo", bad), cli.EXIT_FILE, f"{bad}: grids[0]: expected an object with gridinfo")
     one_line_error(run("centre", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
     one_line_error(run("demo", tmp_path / "missing.json"), cli.EXIT_FILE, "missing.json: No such file")
     assert run("centre").returncode == cli.EXIT_USAGE
+
+
+@pytest.mark.parametrize("example, fault, words", [
+    ("scan2d.json", lambda d: d["counts"].__setitem__(2, -3), "counts[2]: expected a count (a whole number >= 0), got -3"),
+    ("scan3d.json", lambda d: d["grids"][1]["counts"].__setitem__(2, -3),
+     "grids[1].counts[2]: expected a count (a whole number >= 0), got -3"),
+    ("scan2d.json", lambda d: d["gridinfo"].pop("steps_y"), "gridinfo: missing key 'steps_y'"),
+    ("scan3d.json", lambda d: d["grids"][0]["counts"].pop(), "grids[0].counts: expected a list of 240 counts"),
+])
+def test_every_command_names_a_bad_scan_file_in_the_same_words_where_the_file_holds_it(tmp_path, example, fault,
+                                                                                        words):
+    """One reader of scan files: a 2D file (counts at the top) is never blamed on grids[0]."""
+    case = json.loads((EXAMPLES / example).read_text())
+    fault(case)
+    bad = tmp_path / example
+    bad.write_text(json.dumps(case))
+    said = {command: one_line_error(run(*command.split(), bad, *extra), cli.EXIT_FILE, f"{bad}: {words}")
+            .split(": ", 1)[1] for command, extra in (("centre", ()), ("demo", ()),
+                                                      ("local add-scan", ("--state", tmp_path / "state")))}
+    assert len(set(said.values())) == 1, said
+    assert not (tmp_path / "state").exists()
 
 
 def table_lines(stdout):
@@ -207,6 +251,8 @@ def test_demo_of_a_2d_scan_with_gpu_analysis_only(tmp_path):
     out = run("demo", EXAMPLES / "scan2d.json", "--pia", "gpu", "--plot", "none", "--frame-rate", "5000")
     assert out.returncode == 0, out.stderr
     assert "GPU results" in out.stdout and "CPU results" not in out.stdout
+    assert re.search(r"DCG \d+, DCID \d+ \(14 x 9\)\n", out.stdout) and "DCIDs" not in out.stdout
+    assert "sent start for the grid to processing_recipe" in out.stdout and "sent end for the grid\n" in out.stdout
     centre = run("centre", EXAMPLES / "scan2d.json").stdout
     assert [line for line in centre.splitlines() if "centre (grid boxes)" in line][0] in out.stdout
 
@@ -234,10 +280,64 @@ def test_demo_with_a_bad_password_says_so_in_one_line(rabbit):
     one_line_error(out, cli.EXIT_BROKER, "amqp://guest@127.0.0.1", "refused the user name or password")
 
 
-def test_demo_with_a_broker_that_is_not_a_url_says_so_in_one_line():
-    one_line_error(run("demo", "--broker", "dev_bluesky"), cli.EXIT_USAGE, "expected an amqp:// URL")
-    one_line_error(run("local", "up", "--broker", "in-process"), cli.EXIT_USAGE,
-                   "local up runs each service as a process of its own")
+BROKER_COMMANDS = [["demo", EXAMPLES / "scan2d.json", "--plot", "none"], ["service"], ["local", "up"]]
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))
+def test_every_command_takes_an_environment_for_broker_and_suggests_only_what_it_can_use(command, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOCALO_CONFIG"}
+    line = one_line_error(run(*command, "--broker", "nosuchenv", env=env, timeout=60), cli.EXIT_BROKER,
+                          "--broker: no zocalo configuration for environment 'nosuchenv': set ZOCALO_CONFIG")
+    assert ("'in-process'" in line) == (command[0] == "demo"), line
+    one_line_error(run(*command, "--broker", "", timeout=60), cli.EXIT_USAGE, "--broker: an empty string names no broker")
+    config = tmp_path / "zocalo.yaml"
+    config.write_text("version: 1\nr: {plugin: pika, host: 127.0.0.1, port: 5672, username: u, password: p, vhost: /}\n"
+                      "environments: {lab: [r]}\n")
+    one_line_error(run(*command, "--broker", "elsewhere", env={**env, "ZOCALO_CONFIG": str(config)}, timeout=60),
+                   cli.EXIT_BROKER, f"{config}: no environment 'elsewhere' (known: lab)")
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS[1:], ids=lambda c: " ".join(c))
+def test_in_process_is_refused_where_other_processes_must_reach_the_broker(command):
+    one_line_error(run(*command, "--broker", "in-process", timeout=30), cli.EXIT_USAGE,
+                   "--broker: ", "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)")
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS[1:], ids=lambda c: " ".join(c))
+def test_service_and_local_up_keep_trying_for_the_connect_timeout_their_help_states(command, tmp_path):
+    """One policy: one line that it is trying again, one when it gives up."""
+    assert "--connect-timeout SECONDS how long to keep trying to reach the broker" in " ".join(
+        run(*command, "--help").stdout.split())
+    started = time.monotonic()
+    out = run(*command, "--broker", f"amqp://g:{SECRET}@127.0.0.1:1/", "--connect-timeout", "2",
+              "--state", tmp_path / "state", timeout=60) if command[0] == "local" else \
+        run(*command, "--broker", f"amqp://g:{SECRET}@127.0.0.1:1/", "--connect-timeout", "2", timeout=60)
+    took = time.monotonic() - started
+    assert out.returncode == cli.EXIT_BROKER and SECRET not in out.stderr and "Traceback" not in out.stderr
+    retrying, gave_up = out.stderr.strip().splitlines()
+    assert retrying.endswith("WARNING zocalo_xrc.cli: cannot connect to amqp://g@127.0.0.1:1/%2F (connection refused "
+                             "(is RabbitMQ running there?)); trying again for up to 2 s (--connect-timeout)"), retrying
+    assert gave_up == (f"zocalo-xrc {' '.join(command)}: cannot connect to amqp://g@127.0.0.1:1/%2F: connection refused "
+                       "(is RabbitMQ running there?) (gave up after 2 s, --connect-timeout)")
+    assert 2 <= took < 20, took
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))
+def test_every_command_reaches_the_broker_an_environment_names(command, rabbit, tmp_path):
+    """A wrong password, from the environment: the broker was asked, and said so."""
+    import os
+
+    if rabbit.close_all_connections is None:
+        pytest.skip("external broker")
+    config = tmp_path / "zocalo.yaml"
+    config.write_text(f"version: 1\nr: {{plugin: pika, host: 127.0.0.1, port: {rabbit.port}, username: guest, "
+                      f"password: {SECRET}, vhost: /}}\nenvironments: {{lab: [r]}}\n")
+    out = run(*command, "--broker", "lab", "--state", tmp_path / "state", env={**os.environ, "ZOCALO_CONFIG": str(config)},
+              timeout=60) if command[0] == "local" else \
+        run(*command, "--broker", "lab", env={**os.environ, "ZOCALO_CONFIG": str(config)}, timeout=60)
+    one_line_error(out, cli.EXIT_BROKER, f"amqp://guest@127.0.0.1:{rabbit.port}", "refused the user name or password")
 
 
 def test_a_demo_that_cannot_start_leaves_no_state_behind(tmp_path):
@@ -324,14 +424,64 @@ def test_a_reader_that_goes_away_is_no_error_message():
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stderr is not None
     p.stdout.close()  # before it writes
-    assert p.wait(timeout=60) in (cli.EXIT_OK, cli.EXIT_FILE)
+    assert p.wait(timeout=60) == -signal.SIGPIPE  # as yes | head: killed by SIGPIPE
     assert p.stderr.read() == b""
+
+
+def demo_in(tmp_path, *args):
+    """A demo whose temporary directories go to ``tmp_path``: there to be seen."""
+    import os
+
+    return [sys.executable, "-m", "zocalo_xrc", "demo", *map(str, args), "--plot", "none"], \
+        {**os.environ, "TMPDIR": str(tmp_path)}
+
+
+def test_a_piped_demo_whose_reader_goes_away_ends_quietly_as_unix_tools_do_and_leaves_nothing(tmp_path):
+    import shlex
+
+    command, env = demo_in(tmp_path, "--frame-rate", "5000")
+    out = subprocess.run(["bash", "-c", f"{shlex.join(command)} | head -1; echo \"status ${{PIPESTATUS[0]}}\""],
+                         capture_output=True, text=True, env=env, timeout=120)
+    first, status = out.stdout.splitlines()
+    assert first.startswith("Local Zocalo: ") and status == "status 141", out.stdout  # 128 + SIGPIPE, as yes | head
+    assert out.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, cli.EXIT_INTERRUPTED, "zocalo-xrc demo: interrupted\n"),
+                                             (signal.SIGTERM, -signal.SIGTERM, "")])
+def test_an_interrupted_demo_leaves_no_temporary_state(tmp_path, sig, code, said):
+    command, env = demo_in(tmp_path, "--frame-rate", "100")  # 36 s of frames: stopped in the middle
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None
+    assert p.stdout.readline().startswith("Local Zocalo: ")
+    assert p.stdout.readline().startswith("registered a 3D grid scan in ISPyB")
+    assert [d.name.startswith("zocalo-xrc-local-") for d in tmp_path.iterdir()] == [True]
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == code and stderr.replace("\r\x1b[K", "") == said, (p.returncode, stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kept_state_directory_holds_no_sqlite_journal_after_the_demo(tmp_path):
+    state = tmp_path / "state"
+    out = run("demo", EXAMPLES / "scan2d.json", "--plot", "none", "--frame-rate", "5000", "--state", state)
+    assert out.returncode == 0, out.stderr
+    assert (state / "ispyb.sqlite").is_file()
+    assert sorted(p.name for p in state.glob("ispyb.sqlite-*")) == []  # -wal and -shm folded back at exit
+
+
+def test_a_demo_with_a_bad_ispyb_url_leaves_no_temporary_state(tmp_path):
+    command, env = demo_in(tmp_path, "--ispyb", f"mysql://gda:{SECRET}@h/db")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    one_line_error(out, cli.EXIT_USAGE, "no database driver MySQLdb here")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, code, words", [
     (["--timeout", "nan"], cli.EXIT_USAGE, "expected a positive number of seconds"),
     (["--timeout", "-1"], cli.EXIT_USAGE, "expected a positive number of seconds"),
-    (["--broker", ""], cli.EXIT_USAGE, "expected an amqp:// URL"),
+    (["--broker", ""], cli.EXIT_USAGE, "--broker: an empty string names no broker"),
     (["--broker", f"AMQP:/gda:{SECRET}@h"], cli.EXIT_USAGE, "not an amqp URL: ********@h"),
     (["--ispyb", f"mysql://gda:{SECRET}@h:x/db"], cli.EXIT_USAGE, "ISPyB: not an SQLAlchemy database URL"),
     (["--ispyb", f"mysql://gda:{SECRET}@h/db"], cli.EXIT_USAGE, "no database driver MySQLdb here; use mysql+pymysql://"),

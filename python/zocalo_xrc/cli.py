@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__
-from ._text import read_json
+from ._text import quoted, read_json
 from ._native import XrcResults
 from ._results import GridScan2DResult, XrcResult
 from .centring import GridScan, centre_2d, centre_3d_scans, well_limits
@@ -37,6 +38,7 @@ from .service.runner import IDLE_S, XrcService
 from .service.metrics import ServiceMetrics
 from .service.metrics import serve as serve_metrics
 from .service.shards import ShardedService
+from .client import IN_PROCESS
 from .messaging import ConnectionSettings, TransportError
 
 log = logging.getLogger("zocalo_xrc.cli")
@@ -48,31 +50,116 @@ EXIT_BROKER = 3  # the configuration, or the broker: cannot connect, refused, un
 EXIT_ZOCALO = 4  # Zocalo failed, or did not answer in time
 EXIT_INTERNAL = 70  # a bug in zocalo-xrc (the traceback with --log-level DEBUG)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+_ALL = ("centre", "demo", "find-spots", "service", "local up", "local add-scan", "local logbook")
 #: What each exit code means, and which commands can end with it.
 _MEANINGS = [
-    (EXIT_OK, "done (for a service: stopped by SIGTERM)", "centre demo service local find-spots"),
-    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case", "centre demo local find-spots"),
-    (EXIT_USAGE, "the command line is wrong", "centre demo service local find-spots"),
-    (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached", "demo service local"),
-    (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", "demo"),
-    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", "centre demo service local find-spots"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "centre demo service local find-spots"),
+    (EXIT_OK, "done", ("centre", "demo", "find-spots", "local add-scan", "local logbook")),
+    (EXIT_OK, "stopped by SIGTERM (it runs until stopped)", ("service", "local up")),
+    (EXIT_FILE, "a file cannot be read or written, or does not hold a valid case",
+     ("centre", "demo", "find-spots", "local up", "local add-scan", "local logbook")),
+    (EXIT_USAGE, "the command line is wrong", _ALL),
+    (EXIT_BROKER, "the broker or database configuration is wrong, or they cannot be reached",
+     ("demo", "service", "local up", "local add-scan")),
+    (EXIT_ZOCALO, "Zocalo failed, or sent no results in time", ("demo",)),
+    (EXIT_INTERNAL, "an error in zocalo-xrc itself (--log-level DEBUG shows where)", _ALL),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", _ALL),
 ]
 
 
 def exit_codes(command: str | None = None) -> str:
-    """The epilog of a help text: the exit codes ``command`` (or any command) can end with."""
-    rows = [f"  {code:<4} {meaning}" for code, meaning, commands in _MEANINGS if command is None or command in commands.split()]
-    return "exit codes:\n" + "\n".join(rows)
+    """The epilog of a help text: the exit codes ``command`` (``local`` for
+    any of its subcommands; None for any command) can end with, each once."""
+    rows: dict[int, list[str]] = {}
+    for code, meaning, commands in _MEANINGS:
+        if command is None or any(c == command or c.startswith(f"{command} ") for c in commands):
+            rows.setdefault(code, []).append(meaning)
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {'; or '.join(m)}" for code, m in rows.items())
 
 
 EXIT_CODES = exit_codes()
 
-BROKER_HELP = (
-    "the broker to talk through: 'in-process' (a broker inside this process), an "
-    "amqp://user:password@host:port/vhost URL, or a zocalo environment name read from the YAML file "
-    "$ZOCALO_CONFIG (default: %(default)s); Zocalo's side is simulated in this process either way"
-)
+#: Why a command cannot run on a broker inside its own process.
+_NEEDS_A_SHARED_BROKER = {
+    "service": "the service takes its messages from other processes (per-image analysis), which cannot reach a "
+               "broker inside this one",
+    "local up": "local up runs each service as a process of its own, and they meet on RabbitMQ",
+}
+
+
+def broker_help(command: str) -> str:
+    """What ``--broker`` takes for ``command``: the same forms for every command."""
+    forms = "an amqp://user:password@host:port/vhost URL, or a zocalo environment of the YAML file $ZOCALO_CONFIG " \
+            "(keeps the password off the command line)"
+    if command == "demo":
+        return f"the broker: 'in-process' (a broker inside this process; the default), {forms}"
+    default = " (required)" if command == "local up" else \
+        " (default: dodal's environment, bluesky, or dev_bluesky with DODAL_TEST_MODE=true)"
+    return f"RabbitMQ: {forms}{default}"
+
+
+def broker_of(text: str | None, command: str) -> ConnectionSettings | None:
+    """What ``--broker`` names, read the same way by every command: an
+    amqp:// URL, a zocalo environment of ``$ZOCALO_CONFIG``, or
+    ``'in-process'`` (None: a broker inside this process, for the demo
+    only). ``text`` None is the command's default: the in-process broker for
+    the demo, dodal's environment otherwise. Errors suggest only what
+    ``command`` can use."""
+    in_process = command not in _NEEDS_A_SHARED_BROKER
+    if text == IN_PROCESS or (text is None and in_process):
+        if in_process:
+            return None
+        raise CliError(f"--broker: {_NEEDS_A_SHARED_BROKER[command]}: give an amqp:// URL or a zocalo environment "
+                       "('zocalo-xrc demo' runs in one process)", EXIT_USAGE)
+    if text == "":
+        raise CliError("--broker: an empty string names no broker", EXIT_USAGE)
+    if text is not None and looks_like_url(text):
+        try:
+            return ConnectionSettings.from_url(text)
+        except ConfigurationError as e:
+            raise CliError(f"--broker: {e}", EXIT_USAGE) from None
+    environment = text or default_environment()
+    if not os.environ.get("ZOCALO_CONFIG"):
+        other = "an amqp:// URL" + (", or 'in-process' for a broker inside this process" if in_process else "")
+        raise CliError(f"--broker: no zocalo configuration for environment {environment!r}: set ZOCALO_CONFIG to "
+                       f"a zocalo YAML file, or give {other}", EXIT_BROKER)
+    try:
+        return ConnectionSettings.from_zocalo_config(environment)
+    except ConfigurationError as e:
+        raise CliError(str(e), EXIT_BROKER) from None
+
+
+#: How long ``service`` and ``local up`` keep trying to reach their broker as they start (--connect-timeout).
+CONNECT_TIMEOUT_S = 30.0
+CONNECT_HELP = (
+    "how long to keep trying to reach the broker as it starts: one warning when an attempt fails, one error line "
+    "when it gives up (exit code 3); a refused user name or password gives up at once")
+
+
+def wait_for_broker(transport: Any, timeout: float) -> None:
+    """The connection policy of ``service`` and ``local up``: keep trying
+    for ``timeout`` seconds, saying so once (each attempt is logged at
+    DEBUG), and give up at once if the broker refuses the credentials;
+    :class:`TransportError` (one line) when it gives up."""
+    attempts = logging.getLogger("zocalo_xrc.messaging.rabbitmq")
+    level = attempts.level
+    if not attempts.isEnabledFor(logging.DEBUG):
+        attempts.setLevel(logging.ERROR)  # each attempt's WARNING: this says it once
+    deadline, seen, said = time.monotonic() + timeout, None, False
+    try:
+        while not transport.connected.wait(0.05):
+            error = transport.last_error
+            if transport.credentials_refused:
+                raise TransportError(f"cannot connect to {transport.settings.url()}: {error}")
+            if time.monotonic() >= deadline:
+                raise TransportError(f"cannot connect to {transport.settings.url()}: {error or 'no answer'} "
+                                     f"(gave up after {timeout:g} s, --connect-timeout)")
+            if error is not None and seen is not None and not said:  # seen twice: not a refused password
+                log.warning("cannot connect to %s (%s); trying again for up to %g s (--connect-timeout)",
+                            transport.settings.url(), error, timeout)
+                said = True
+            seen = error
+    finally:
+        attempts.setLevel(level)
 
 
 class CliError(Exception):
@@ -88,10 +175,22 @@ class CaseError(ValueError):
 
 
 def load_case(path: Path) -> dict[str, Any]:
-    case = read_json(path, CaseError)
-    if not isinstance(case, dict) or not ("grids" in case or {"counts", "gridinfo"} <= case.keys()):
-        raise CaseError(f"{path}: expected a 2D case (counts, gridinfo) or a 3D case (grids)")
+    """A case file's content, checked as every scan file is (:class:`~zocalo_xrc.local.scan.Scan`)."""
+    case: dict[str, Any] = read_json(path, CaseError)
+    try:
+        scan_of(case)
+    except ValueError as e:
+        raise CaseError(f"{path}: {e}") from None
     return case
+
+
+def scan_of(case: Any) -> Any:
+    """The scan a case describes, read by the one reader of scan files (the
+    demo's and ``local add-scan``'s), so every command names a bad file's
+    fault in the same words, where the file holds it."""
+    from .local.scan import Scan
+
+    return Scan.from_dict(case)
 
 
 def _pin(case: dict[str, Any], grid: GridInfo) -> dict[str, Any]:
@@ -103,23 +202,15 @@ def _pin(case: dict[str, Any], grid: GridInfo) -> dict[str, Any]:
     }
 
 
-def scans_of(case: dict[str, Any]) -> list[GridScan]:
-    """The two grids of a 3D case, lower DCID (xy) first."""
-    grids = case.get("grids")
-    if not isinstance(grids, list) or len(grids) != 2:
-        raise CaseError("a 3D case needs exactly two grids")
+def scans_of(case: dict[str, Any], scan: Any) -> list[GridScan]:
+    """The two grids of a 3D case, lower DCID (xy) first; a file that gives
+    no DCIDs numbers its grids 1 and 2 in its order (xy, then xz)."""
     scans = []
-    for k, g in enumerate(grids):
-        if not isinstance(g, dict) or not {"dcid", "counts", "gridinfo"} <= g.keys():
-            raise CaseError(f"grids[{k}]: expected an object with dcid, counts and gridinfo")
-        try:
-            dcid = int(g["dcid"])
-        except (TypeError, ValueError):
-            raise CaseError(f"grids[{k}].dcid: expected an integer, got {g['dcid']!r:.40}") from None
-        try:
-            scans.append(GridScan(dcid, g["counts"], GridInfo.from_ispyb(g["gridinfo"])))
-        except (TypeError, ValueError) as e:
-            raise CaseError(f"grids[{k}]: {e}") from None
+    for k, g in enumerate(case["grids"]):
+        dcid = g.get("dcid", k + 1)
+        if isinstance(dcid, bool) or not isinstance(dcid, int):
+            raise CaseError(f"grids[{k}].dcid: expected an integer, got {quoted(dcid)}")
+        scans.append(GridScan(dcid, scan.counts(k), scan.grids[k]))
     return sorted(scans, key=lambda s: s.dcid)
 
 
@@ -137,17 +228,18 @@ def geometry_of(grids: Sequence[GridInfo]) -> GridGeometry:
 def run_case(case: dict[str, Any]) -> tuple[GridScan2DResult | XrcResults, list[tuple[str, Any]], GridGeometry]:
     """Centre a case; return the result, the grids ``(label, A[x][y])`` for
     display and the grid's geometry in mm."""
-    if "grids" in case:
-        scans = scans_of(case)
+    scan = scan_of(case)
+    if len(scan.grids) == 2:
+        scans = scans_of(case, scan)
         options = {k: case[k] for k in ("threshold", "threshold_absolute") if k in case}
         first, second = scans
         results = centre_3d_scans(first, second, **options, **_pin(case, scans[0].grid))
         shown = [(f"xy (DCID {s.dcid})" if i == 0 else f"xz (DCID {s.dcid})", reshape_grid(s.counts, s.grid))
                  for i, s in enumerate(scans)]
         return results, shown, geometry_of([s.grid for s in scans])
-    grid = GridInfo.from_ispyb(case["gridinfo"])
-    result = centre_2d(case["counts"], grid, **_pin(case, grid))
-    return result, [("xy", reshape_grid(case["counts"], grid))], geometry_of([grid])
+    grid, counts = scan.grids[0], scan.counts(0)
+    result = centre_2d(counts, grid, **_pin(case, grid))
+    return result, [("xy", reshape_grid(counts, grid))], geometry_of([grid])
 
 
 def result_payload(result: GridScan2DResult | XrcResults) -> str:
@@ -189,7 +281,12 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     box, ranked, and the best centre written on the figure: in mm (relative
     to the centre of the first box) when ``geometry`` is known, else in boxes.
     ``crystals``: where a model put crystals, ``(centre, size)`` in the same
-    frame, drawn as dashed outlines."""
+    frame, drawn as dashed outlines.
+
+    The xz grid is drawn under the xy grid, both to one scale and sharing x,
+    so that what lies above what lines up; both share one colour scale (one
+    colour bar, as tall as the grids). Every mark is an outline: nothing
+    hides what it marks."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, Patch, Rectangle
@@ -203,57 +300,83 @@ def plot(result: GridScan2DResult | XrcResults, grids: list[tuple[str, Any]], ou
     axes_of = geometry._axes()
     positions = [geometry.to_motor(r) for r in results]
     colours = ("red", "orange", "magenta", "white", "cyan")  # visible on viridis
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 6.0), squeeze=False)
-    for k, (ax, (label, counts)) in enumerate(zip(axes[0], grids)):
+    (xname, x0, dx, nx) = axes_of[0]
+    spans = [abs(axes_of[1 + k][2]) * axes_of[1 + k][3] for k in range(len(grids))]  # each grid's height
+    inches_per_unit = 6.0 / (abs(dx) * nx)  # the grids 6 inches wide, and as tall as that scale makes them
+    height = sum(spans) * inches_per_unit + 0.55 * len(grids) + 1.6  # + titles and axis labels, legend, caption
+    fig, axes = plt.subplots(len(grids), 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=(8.5, height), height_ratios=spans)
+    vmax = max(float(counts.max()) for _, counts in grids) or 1.0  # one colour scale for every grid
+    where = " from the first box" if unit == "mm" else ""
+    image = None
+    for k, (ax, (label, counts)) in enumerate(zip(axes[:, 0], grids)):
         j = 1 + k  # y for the xy grid, z for the xz grid
-        (xname, x0, dx, nx), (vname, v0, dv, nv) = axes_of[0], axes_of[j]
+        (vname, v0, dv, nv) = axes_of[j]
         extent = (x0 - 0.5 * dx, x0 + (nx - 0.5) * dx, v0 + (nv - 0.5) * dv, v0 - 0.5 * dv)
-        image = ax.imshow(counts.T, origin="upper", cmap="viridis", interpolation="nearest", extent=extent, aspect="equal")
-        fig.colorbar(image, ax=ax, label="spots per image", shrink=0.8)
-        ax.set_title(label)
-        where = " from the first box" if unit == "mm" else ""
-        ax.set_xlabel(f"{xname} ({unit}{where})")
+        image = ax.imshow(counts.T, origin="upper", cmap="viridis", interpolation="nearest", extent=extent,
+                          aspect="equal", vmin=0.0, vmax=vmax)
+        ax.set_title(label, loc="left", fontsize=10)
         ax.set_ylabel(f"{vname} ({unit}{where})")
-        handles: list[Any] = []
-        for rank, (r, p) in enumerate(zip(results, positions), 1):
+        for rank, p in enumerate(positions, 1):
             colour = colours[(rank - 1) % len(colours)]
             (lo, hi), c = p.bounding_box_mm, p.centre_mm
-            ax.add_patch(Rectangle((lo[0], lo[j]), hi[0] - lo[0], hi[j] - lo[j], fill=False, edgecolor=colour, lw=1.5))
-            ax.plot(c[0], c[j], "x", color=colour, ms=10, mew=2)
-            ax.annotate(f"#{rank}", (hi[0], lo[j]), color="white", fontsize=8, ha="left", va="bottom")
-            handles.append(Line2D([], [], color=colour, lw=1.5, label=f"#{rank}: max count {r.max_count:g}"))
+            ax.add_patch(Rectangle((lo[0], lo[j]), hi[0] - lo[0], hi[j] - lo[j], fill=False, edgecolor=colour, lw=1.2))
+            ax.plot(c[0], c[j], "o", mfc="none", mec=colour, ms=5, mew=1.2)
+            ax.annotate(f"#{rank}", (hi[0], lo[j]), xytext=(2, 1), textcoords="offset points", color=colour,
+                        fontsize=8, fontweight="bold", ha="left", va="bottom")
         for centre, size in crystals:
-            ax.add_patch(Ellipse((centre[0], centre[j]), size[0], size[j], fill=False, edgecolor="cyan", ls="--", lw=1))
-        if crystals:
-            handles.append(Line2D([], [], color="cyan", ls="--", label="crystal in the model"))
-        if results:
-            handles += [Line2D([], [], color="black", marker="x", ls="", label="centre of mass"),
-                        Patch(fill=False, edgecolor="black", label="bounding box")]
-        else:
-            handles.append(Patch(color="none", label="no crystal found"))
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8,
-                  facecolor="lightgrey")
-    fig.suptitle(_best_caption(results, positions, unit, [a[0] for a in axes_of]), fontsize=10)
-    fig.tight_layout()
+            ax.add_patch(Ellipse((centre[0], centre[j]), size[0], size[j], fill=False, edgecolor="cyan", ls="--",
+                                 lw=0.8))
+    axes[-1, 0].set_xlabel(f"{xname} ({unit}{where})")
+    scale = "spots per image" + (" (one scale for both grids)" if len(grids) > 1 else "")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=scale, fraction=0.04, pad=0.02, aspect=30)
+    region = "voxels" if isinstance(result, XrcResults) else "boxes"
+    handles: list[Any] = [Line2D([], [], color=colours[(rank - 1) % len(colours)], lw=1.2,
+                                 label=f"#{rank}: max count {r.max_count:g}, {r.n_voxels} {region}")
+                          for rank, r in enumerate(results, 1)]
+    if crystals:
+        handles.append(Line2D([], [], color="cyan", ls="--", lw=0.8, label="crystal in the model"))
+    if results:
+        handles += [Line2D([], [], color="black", marker="o", mfc="none", ls="", label="centre of mass"),
+                    Patch(fill=False, edgecolor="black", label="bounding box")]
+    else:
+        handles.append(Patch(color="none", label="no crystal found"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle(_best_caption(results, positions, unit, [a[0] for a in axes_of], region), fontsize=9)
+    _fit_height(fig, axes[:, 0])
     try:
         fig.savefig(out, dpi=100)
     finally:
         plt.close(fig)
 
 
-def _best_caption(results: list[Any], positions: list[Any], unit: str, names: list[str]) -> str:
+def _fit_height(fig: Any, axes: Any) -> None:
+    """Take from the figure's height what the grids' fixed aspect leaves
+    empty above and below them, so that the colour bar and the legend sit
+    as close to the grids as they are tall."""
+    for _ in range(3):
+        fig.canvas.draw()
+        unused = sum(ax.get_position(original=True).height - ax.get_position().height for ax in axes)
+        width, height = fig.get_size_inches()
+        if unused * height < 0.05:
+            return
+        fig.set_size_inches(width, height * (1 - unused))
+
+
+def _best_caption(results: list[Any], positions: list[Any], unit: str, names: list[str], region: str) -> str:
     if not results:
         return "no crystal found"
     r, centre = results[0], positions[0].centre_mm
     where = ", ".join(f"{n} = {v:.4f}" if unit == "mm" else f"{n} = {v:.2f}" for n, v in zip(names, centre))
-    return f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} boxes, total count {r.total_count:g}"
+    return (f"best (#1): centre {where} {unit}; max count {r.max_count:g}, {r.n_voxels} {region}, "
+            f"total count {r.total_count:g}")
 
 
-def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    """A command's parser: its one-line help, its description wrapped, the exit codes it can end with."""
+def _command(commands: Any, name: str, summary: str, description: str, *, full_name: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser: its one-line help, its description wrapped, the
+    exit codes it can end with (``full_name``: a subcommand's, ``local up``)."""
     parser: argparse.ArgumentParser = commands.add_parser(
-        name, help=summary, description=textwrap.fill(description, 79), epilog=exit_codes(name),
+        name, help=summary, description=textwrap.fill(description, 79), epilog=exit_codes(full_name or name),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
@@ -284,7 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("file", type=Path, nargs="?", default=None,
                       help="a scan file: recorded counts (examples/scan3d.json) or a crystal model "
                            "(default: a modelled 3D scan of two crystals, 60 x 30 + 60 x 30)")
-    _local_options(demo)
+    _local_options(demo, "demo")
     demo.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for Zocalo's results (default: %(default)s)")
     demo.add_argument("--detector", default=None, metavar="eiger2x-4m",
@@ -336,19 +459,24 @@ def _parser() -> argparse.ArgumentParser:
                      "on RabbitMQ, 'add-scan' registers a simulated grid scan in its ISPyB, 'logbook' shows every "
                      "message of a recipe run.")
     actions = local.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = actions.add_parser("up", help="run the local Zocalo's services on RabbitMQ until stopped",
-                            description="Run zocalo's dispatcher, Mimas, simulated per-image analysis and the X-ray "
-                                        "centring service as zocalo.service processes on RabbitMQ, restarting any that "
-                                        "dies, until SIGTERM or Ctrl-C. Clients (dodal, Hyperion's tests, "
-                                        "ZocaloTrigger) trigger scans registered with 'add-scan'.")
-    _local_options(up, broker_required=True)
+    up = _command(actions, "up", "run the local Zocalo's services on RabbitMQ until stopped",
+                  "Run zocalo's dispatcher, Mimas, simulated per-image analysis and the X-ray centring service as "
+                  "zocalo.service processes on RabbitMQ, restarting any that dies, until SIGTERM or Ctrl-C. Clients "
+                  "(dodal, Hyperion's tests, ZocaloTrigger) trigger scans registered with 'add-scan'.",
+                  full_name="local up")
+    _local_options(up, "local up")
+    up.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                    help=CONNECT_HELP + "; once up, each service reconnects as workflows does, and one that dies "
+                                        "is started again (default: %(default)s)")
     _logging_options(up, top=False)
-    add = actions.add_parser("add-scan", help="register a simulated grid scan in ISPyB",
-                             description="Register a grid scan (data collection group, data collections, GridInfo) "
-                                         "in the local Zocalo's ISPyB, with its data for simulated per-image analysis; "
-                                         "prints the DCIDs and the start messages to send.")
+    add = _command(actions, "add-scan", "register a simulated grid scan in ISPyB",
+                   "Register a grid scan (data collection group, data collections, GridInfo) in the local Zocalo's "
+                   "ISPyB, with its data for simulated per-image analysis; prints the DCIDs and the start messages "
+                   "to send.", full_name="local add-scan")
     add.add_argument("file", type=Path, help="a scan file: recorded counts or a crystal model")
-    add.add_argument("--name", default=None, help="the detector file name the beamline sends (default: made up)")
+    add.add_argument("--name", default=None,
+                     help="the detector file name the beamline sends (default: the scan file's name without its "
+                          "suffix: scan3d for scan3d.json)")
     add.add_argument("--json", action="store_true", help="print what was registered as JSON")
     add.add_argument("--detector", default=None, metavar="eiger2x-4m",
                      help="write the scan's frames as a simulated detector does (eiger2x-1m, -4m, -9m or -16m): "
@@ -357,12 +485,12 @@ def _parser() -> argparse.ArgumentParser:
                           "counts are played)")
     add.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
                      help="with --detector: frames per second it writes (default: %(default)s)")
-    _state_options(add)
+    _state_options(add, "local add-scan")
     _logging_options(add, top=False)
-    book = actions.add_parser("logbook", help="every message of a recipe run (no GUID: list the runs)",
-                              description="Show every message of a recipe run and the runs it started, from the "
-                                          "dispatcher's logbook and the services' journals; without a GUID, list "
-                                          "the runs the logbook knows.")
+    book = _command(actions, "logbook", "every message of a recipe run (no GUID: list the runs)",
+                    "Show every message of a recipe run and the runs it started, from the dispatcher's logbook and "
+                    "the services' journals; without a GUID, list the runs the logbook knows.",
+                    full_name="local logbook")
     book.add_argument("guid", nargs="?", default=None, help="a recipe run's GUID")
     book.add_argument("--dcid", type=_count, default=None, help="only runs of this DCID (when listing)")
     book.add_argument("--every-image", action="store_true", help="list per-image messages one by one")
@@ -377,13 +505,13 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--queue", default="reduce.xray_centering",
                          help="the queue to consume (default: %(default)s; GPU spot finding sends to "
                               "reduce.xray_centering.gpu)")
-    service.add_argument("--broker", metavar="URL|ENVIRONMENT", default=None,
-                         help="an amqp://user:password@host:port/vhost URL, or a zocalo environment name read from "
-                              "$ZOCALO_CONFIG (default: dodal's environment, bluesky, or dev_bluesky with "
-                              "DODAL_TEST_MODE=true)")
+    service.add_argument("--broker", metavar="URL|ENVIRONMENT", default=None, help=broker_help("service"))
     service.add_argument("-e", "--environment", metavar="ENV", default=None,
                          help="a zocalo environment of $ZOCALO_CONFIG, as zocalo.service -e takes it (the same as "
                               "--broker ENV); where it names Graylog, the service logs there too")
+    service.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                         help=CONNECT_HELP + "; once connected, a lost connection is retried for as long as it runs "
+                                              "(default: %(default)s)")
     service.add_argument("--declare", action="store_true",
                          help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
                               "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
@@ -403,24 +531,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _state_options(parser: argparse.ArgumentParser) -> None:
+def _state_options(parser: argparse.ArgumentParser, command: str) -> None:
+    default = "a temporary directory, removed when the demo ends" if command == "demo" else \
+        "$XDG_STATE_HOME/zocalo-xrc"
     parser.add_argument("--state", type=Path, default=None, metavar="DIR",
-                        help="where ISPyB (SQLite), the scans' data and the logbook live "
-                             "(default: $XDG_STATE_HOME/zocalo-xrc; the demo: a temporary directory)")
+                        help=f"where ISPyB (SQLite), the scans' data and the logbook live (default: {default})")
     parser.add_argument("--ispyb", default=None, metavar="URL",
                         help="ISPyB as a SQLAlchemy URL, e.g. mysql+pymysql://user:password@127.0.0.1/ispyb "
                              "(default: SQLite in the state directory)")
 
 
-def _local_options(parser: argparse.ArgumentParser, *, broker_required: bool = False) -> None:
-    if broker_required:
-        parser.add_argument("--broker", metavar="URL|ENVIRONMENT", required=True,
-                            help="RabbitMQ as amqp://user:password@host:port/vhost, or a zocalo environment of "
-                                 "$ZOCALO_CONFIG (keeps the password off the command line)")
-    else:
-        parser.add_argument("--broker", metavar="URL", default=None,
-                            help="RabbitMQ as amqp://user:password@host:port/vhost (default: the in-process broker)")
-    _state_options(parser)
+def _local_options(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--broker", metavar="in-process|URL|ENVIRONMENT" if command == "demo" else "URL|ENVIRONMENT",
+                        required=command == "local up", default=None, help=broker_help(command))
+    _state_options(parser, command)
     parser.add_argument("--pia", default="gpu,cpu", metavar="gpu,cpu",
                         help="which per-image analysis runs: GPU at start, CPU at end, or both (default: %(default)s)")
     parser.add_argument("--frame-rate", type=float, default=500.0, metavar="HZ",
@@ -487,30 +611,60 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.getLogger("zocalo_xrc.messaging.rabbitmq").setLevel(level if level != "WARNING" else logging.ERROR)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is so that what it holds (a demo's
+    temporary state directory, its services) is cleaned up on the way out."""
+
+
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
+def _end_as_killed_by(signum: int) -> int:
+    """End as a process killed by ``signum`` ends (status 128 + signum in a
+    shell), its cleanup done: what well-behaved Unix tools do when a signal
+    stops them (``yes | head``: killed by SIGPIPE, 141)."""
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # not reached: the signal's default action ends the process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args)
+    on_sigterm = signal.signal(signal.SIGTERM, _terminated)  # service and local up set their own
     try:
         commands = {"demo": run_demo, "service": run_service, "centre": run_centre, "local": run_local,
                     "find-spots": run_find_spots}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a reader gone away (| head) is found here, not in Python's last flush
+        return code
     except CliError as e:
         return _fail(args, str(e), e.code)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:  # the reader went away (| head): nothing more to say, to anyone
+    except Terminated:  # cleaned up on the way here; end quietly, as SIGTERM's default action does
+        return _end_as_killed_by(signal.SIGTERM)
+    except BrokenPipeError:
+        # The reader went away (| head): say nothing, to anyone, and end as well-behaved Unix tools
+        # do (yes | head), killed by SIGPIPE (status 141 in a shell) rather than Python's exit 1 or
+        # 120. stdout goes to /dev/null first so that no last flush complains.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FILE
+        return _end_as_killed_by(signal.SIGPIPE)
     except OSError as e:
         return _fail(args, f"cannot write the output: {e.strerror or e}", EXIT_FILE)
     except Exception as e:
         log.debug("unexpected error", exc_info=True)
         return _fail(args, f"unexpected error: {type(e).__name__}: {redact(str(e))}", EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)  # main() may run inside another program (tests)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     log.debug("exit %d", code, exc_info=True)
-    print(f"zocalo-xrc {args.command}: {message}", file=sys.stderr)
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # local add-scan, ...
+    print(f"zocalo-xrc {command}: {message}", file=sys.stderr)
     return code
 
 
@@ -574,7 +728,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if plot_to is not None:
         check_plot_path(plot_to)
     settings = _local_settings(args)
-    broker = None if args.broker == "in-process" else args.broker
+    broker = broker_of(args.broker, "demo")
     from .local.detector import detector_size
 
     try:
@@ -587,13 +741,17 @@ def run_demo(args: argparse.Namespace) -> int:
                         detector=size)
     except (ValueError, ConfigurationError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    print(f"Local Zocalo: {run.local.describe()}", flush=True)
     try:
+        print(f"Local Zocalo: {run.local.describe()}", flush=True)
         outcomes = run.run(timeout_s=args.timeout, progress=Progress(sys.stderr), announce=print)
     except NoResultsFromZocaloError as e:
         raise CliError(str(e), EXIT_ZOCALO) from e
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
     except (TransportError, ConfigurationError, IspybError, OSError, TimeoutError) as e:
         raise _local_errors(e) from e
+    finally:
+        run.local.stop()  # however the demo ends (the output gone, Ctrl-C, SIGTERM): no temporary state left
     geometry = geometry_of(list(scan.grids))
     for o in outcomes:
         timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame" if o.after_last_frame_s is not None
@@ -631,18 +789,15 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def run_local_up(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from .local.zocalo import LocalZocalo, default_state_directory
+    from .messaging.rabbitmq import AmqpTransport
 
     settings = _local_settings(args)
-    if args.broker == "in-process":
-        raise CliError("--broker: local up runs each service as a process of its own, and they meet on RabbitMQ: "
-                       "give an amqp:// URL or a zocalo environment ('zocalo-xrc demo' runs in one process)",
-                       EXIT_USAGE)
+    broker = broker_of(args.broker, "local up")
+    assert broker is not None  # local up refuses a broker inside its own process
     try:
-        broker = args.broker if looks_like_url(args.broker) else ConnectionSettings.from_zocalo_config(args.broker)
         local = LocalZocalo(broker=broker, ispyb_url=args.ispyb, state=args.state or default_state_directory(),
                             settings=settings, processes=True)
     except ConfigurationError as e:
@@ -652,6 +807,8 @@ def run_local_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        with AmqpTransport(broker, connect_timeout=None) as probe:
+            wait_for_broker(probe, args.connect_timeout)
         local.start()
     except Exception as e:
         raise _local_errors(e) from e
@@ -723,10 +880,10 @@ def _print_registered(args: argparse.Namespace, scan: Any, registered: Any, name
                           "visit": registered.visit, "filename": name, "starts": starts}), flush=True)
         return
     kind = "3D" if len(scan.grids) == 2 else "2D"
-    grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(registered.dcids, scan.grids))
     print(f"registered a {kind} grid scan on {registered.beamline} ({registered.visit}): DCG {registered.dcgid}, "
-          f"DCIDs {grids}, detector file {name!r}")
-    print("trigger it as dodal does (dodal.devices.zocalo: one start per grid, then one end per grid):")
+          f"{scan.describe_grids(registered.dcids)}, detector file {name!r}")
+    how = "one start per grid, then one end per grid" if len(scan.grids) > 1 else "a start, then an end"
+    print(f"trigger it as dodal does (dodal.devices.zocalo: {how}):")
     for i in infos:
         print(f"  trigger.run_start(ZocaloStartInfo({i.ispyb_dcid}, {i.filename!r}, {i.start_frame_index}, "
               f"{i.number_of_frames}, {i.message_index}))")
@@ -882,17 +1039,17 @@ def run_find_spots(args: argparse.Namespace) -> int:
                 print(f"plot of image {shown} written to {args.plot}", file=sys.stderr)
     except ImagesError as e:
         raise CliError(str(e), EXIT_FILE) from e
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
     except OSError as e:
         _input_error(e, args.file)
     return EXIT_OK
 
 
 def run_service(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from .client import connect
-    from .messaging.rabbitmq import AmqpTransport
 
     if args.instance is not None and args.shards is None:
         raise CliError("--instance needs --shards", EXIT_USAGE)
@@ -905,6 +1062,8 @@ def run_service(args: argparse.Namespace) -> int:
     if args.instance is not None and args.instance >= args.shards:
         raise CliError(f"--instance: expected 0..{args.shards - 1} with --shards {args.shards}, got {args.instance}",
                        EXIT_USAGE)
+    broker = broker_of(args.broker, "service")
+    assert broker is not None  # the service refuses a broker inside its own process
     try:
         _zocalo_logging(args.broker)
     except ConfigurationError as e:
@@ -920,10 +1079,9 @@ def run_service(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CliError(f"--metrics-port {args.metrics_port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
-        transport = connect(args.broker)
-        where = f"RabbitMQ at {transport.settings.url()}" if isinstance(transport, AmqpTransport) else \
-            "the in-process broker"
-        transport.wait_connected(30.0)
+        transport = connect(broker)
+        where = f"RabbitMQ at {broker.url()}"
+        wait_for_broker(transport, args.connect_timeout)
         if not transport.queue_exists(args.queue):
             if not args.declare:
                 raise CliError(f"there is no queue {args.queue!r} on {where} (--declare makes it, as Diamond's "

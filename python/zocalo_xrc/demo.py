@@ -21,6 +21,7 @@ from ._native import XrcResults
 from ._progress import Progress
 from .client import Source, ZocaloResults, ZocaloResults2D, ZocaloTrigger
 from .local.ispyb import RegisteredScan
+from .messaging import ConnectionSettings
 from .local.scan import Scan
 from .local.settings import Settings
 from .local.zocalo import LocalZocalo
@@ -40,11 +41,12 @@ class Outcome:
 
 
 class Demo:
-    """One run of the demo: ``broker`` None (in-process) or an amqp:// URL;
+    """One run of the demo: ``broker`` None (in-process), an amqp:// URL or
+    :class:`~zocalo_xrc.messaging.ConnectionSettings`;
     ``ispyb_url`` None (SQLite in the local Zocalo's state directory) or a
     SQLAlchemy URL."""
 
-    def __init__(self, scan: Scan, *, broker: str | None = None, ispyb_url: str | None = None,
+    def __init__(self, scan: Scan, *, broker: str | ConnectionSettings | None = None, ispyb_url: str | None = None,
                  settings: Settings = Settings(), state: str | None = None, name: str = "demo",
                  detector: str | tuple[int, int] | None = None) -> None:
         self.scan, self.name, self.settings = scan, name, settings
@@ -75,8 +77,7 @@ class Demo:
                 self.registered = scan
                 self.spots_drawn = int(detector.spots[:detector.frames].sum())
             kind = "3D" if len(self.scan.grids) == 2 else "2D"
-            announce(f"registered a {kind} grid scan in ISPyB: DCG {scan.dcgid}, DCIDs "
-                     + ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(scan.dcids, self.scan.grids)))
+            announce(f"registered a {kind} grid scan in ISPyB: DCG {scan.dcgid}, {self.scan.describe_grids(scan.dcids)}")
             transport = self.local.transport()
             receiver = ZocaloResults if len(self.scan.grids) == 2 else ZocaloResults2D
             receivers = {s: receiver(transport, beamline=self.scan.beamline, private_queue=True, source=s,
@@ -86,7 +87,7 @@ class Demo:
             arrivals = {s: self._wait(r, scan, timeout_s) for s, r in receivers.items()}
             trigger = ZocaloTrigger(transport, timeout_s=10.0)
             trigger.run_start(*self.scan.start_infos(scan.dcids, self.name))
-            announce("sent start for each grid to processing_recipe (recipe mimas), as dodal does")
+            announce(f"sent start for {self.scan.each_grid} to processing_recipe (recipe mimas), as dodal does")
             writing = None if detector is None else detector.start()
             self._play(Source.GPU, scan, progress, timeout_s)
             if writing is not None and detector is not None:
@@ -95,7 +96,7 @@ class Demo:
                     self.last_frame_at = {s: detector.last_written_at for s in self.sources}
             trigger.run_end(*scan.dcids)
             ended = time.time()
-            announce("sent end for each grid")
+            announce(f"sent end for {self.scan.each_grid}")
             if Source.CPU in arrivals:
                 self._play(Source.CPU, scan, progress, timeout_s)
             outcomes = []

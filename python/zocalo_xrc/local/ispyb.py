@@ -739,6 +739,16 @@ def database(url: str | None = None) -> Ispyb:
         return handle
 
 
+def close_shared(url: str) -> None:
+    """Close the process's shared handle on ``url`` (:func:`database`), if
+    any: its last connection closed, SQLite folds its ``-wal`` file back into
+    the database and removes it and the ``-shm``. Used again, it reconnects."""
+    with _lock:
+        handle = _handles.pop(url, None)
+    if handle is not None:
+        handle.close()
+
+
 # ---- the dispatcher filters ---------------------------------------------------
 
 

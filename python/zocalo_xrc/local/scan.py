@@ -110,20 +110,22 @@ class Scan:
         if not isinstance(data, Mapping):
             raise ScanFileError("expected an object with grids (or a 2D file's counts and gridinfo)")
         raw = data.get("grids")
-        if raw is None and "gridinfo" in data:  # a 2D recording: one grid at the top level
+        top = raw is None and "gridinfo" in data  # a 2D recording: one grid at the top level
+        if top:
             raw = [{k: data[k] for k in ("gridinfo", "counts") if k in data}]
         if not isinstance(raw, list) or len(raw) not in (1, 2):
             raise ScanFileError("grids: expected a list of one grid (2D) or two (3D: xy, then xz)")
         grids, recorded = [], []
         for k, g in enumerate(raw):
+            at = "" if top else f"grids[{k}]"  # where the file holds the grid
             if not isinstance(g, Mapping) or "gridinfo" not in g:
-                raise ScanFileError(f"grids[{k}]: expected an object with gridinfo")
+                raise ScanFileError(f"{at}: expected an object with gridinfo")
             try:
                 grids.append(GridInfo.from_ispyb(g["gridinfo"]))
-            except ValueError as e:
-                raise ScanFileError(f"grids[{k}]: {e}") from None
+            except ValueError as e:  # its message starts with "gridinfo"
+                raise ScanFileError(f"{at}.{e}" if at else str(e)) from None
             if "counts" in g:
-                recorded.append(_counts(f"grids[{k}].counts", g["counts"], grids[-1].image_count))
+                recorded.append(_counts(f"{at}.counts" if at else "counts", g["counts"], grids[-1].image_count))
         if len(grids) == 2 and grids[0].steps_x != grids[1].steps_x:
             raise ScanFileError(f"grids: the xy and xz grids must share x (steps_x {grids[0].steps_x} "
                                 f"and {grids[1].steps_x})")
@@ -158,6 +160,17 @@ class Scan:
             infos.append(ZocaloStartInfo(dcid, filename, first, grid.image_count, k))
             first += grid.image_count
         return infos
+
+    def describe_grids(self, dcids: Sequence[int]) -> str:
+        """The grids as ISPyB registered them: ``DCID 5 (14 x 9)``, or
+        ``DCIDs 5 (20 x 12), 6 (20 x 10)``."""
+        grids = ", ".join(f"{d} ({g.steps_x} x {g.steps_y})" for d, g in zip(dcids, self.grids))
+        return f"DCID{'s' if len(self.grids) > 1 else ''} {grids}"
+
+    @property
+    def each_grid(self) -> str:
+        """How to say "for every grid" of this scan."""
+        return "each grid" if len(self.grids) > 1 else "the grid"
 
     def to_dict(self) -> dict[str, Any]:
         """The scan file's contents (what :meth:`from_dict` reads back)."""
@@ -205,10 +218,14 @@ class Scan:
 
 
 def _counts(where: str, value: Any, n: int) -> tuple[int, ...]:
+    """A grid's spot counts, or what is wrong and where: ``where[i]`` is the
+    ``i``-th count as the file holds it (the image numbered ``i + 1``)."""
     if not isinstance(value, list) or len(value) != n:
-        raise ScanFileError(f"{where}: expected a list of {n} counts (steps_x * steps_y)")
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value):
-        raise ScanFileError(f"{where}: counts must be whole numbers >= 0")
+        got = f"{len(value)} counts" if isinstance(value, list) else quoted(value)
+        raise ScanFileError(f"{where}: expected a list of {n} counts (steps_x * steps_y), got {got}")
+    for i, c in enumerate(value):
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ScanFileError(f"{where}[{i}]: expected a count (a whole number >= 0), got {quoted(c)}")
     return tuple(value)
 
 

@@ -171,7 +171,11 @@ class LocalZocalo:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._client: Transport | None = None
-        self.db = ispyb.Ispyb(self.ispyb_url)  # a bad URL is an error now, before anything starts
+        try:
+            self.db = ispyb.Ispyb(self.ispyb_url)  # a bad URL is an error now, before anything starts
+        except BaseException:
+            self._remove_temporary()
+            raise
 
     @property
     def where(self) -> str:
@@ -232,7 +236,8 @@ class LocalZocalo:
     def stop(self, drain_s: float = 5.0) -> None:
         """Stop every service, after up to ``drain_s`` for the work already
         queued (a dispatch, a Mimas step) to be taken: what the services
-        hold unfinished goes back to its queue."""
+        hold unfinished goes back to its queue. A temporary state directory
+        goes. Safe to call again, and before :meth:`start`."""
         if self._threads and not self._stopping.is_set():
             self._drain(drain_s)
         self._stopping.set()
@@ -259,7 +264,11 @@ class LocalZocalo:
         self.db.close()
         if not self.processes:
             ispyb.configure(None)
-        if self._temporary:
+            ispyb.close_shared(self.ispyb_url)  # the dispatcher filters' handle: no -wal, -shm left behind
+        self._remove_temporary()
+
+    def _remove_temporary(self) -> None:
+        if self._temporary:  # it may hold the broker's password (zocalo.yaml)
             shutil.rmtree(self.state.path, ignore_errors=True)
 
     def _drain(self, seconds: float) -> None:

@@ -194,6 +194,11 @@ class AmqpTransport(Transport):
     def endpoint(self) -> Any:
         return ("amqp", self.settings.host, self.settings.port, self.settings.vhost)
 
+    @property
+    def credentials_refused(self) -> bool:
+        """The last attempt was refused its user name or password (or vhost): waiting will not help."""
+        return self._credentials_refused
+
     def trouble(self) -> str | None:
         if self.connected.is_set():
             return None
