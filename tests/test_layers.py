@@ -11,7 +11,7 @@ PACKAGE = Path(zocalo_xrc.__file__).parent
 #: Lowest first. A module belongs to the first layer holding a prefix of its
 #: name; the package itself, the public face, sits with the client.
 LAYERS = [
-    ("zocalo_xrc.messaging",),
+    ("zocalo_xrc.messaging", "zocalo_xrc._extras"),
     ("zocalo_xrc._native", "zocalo_xrc._results", "zocalo_xrc._text", "zocalo_xrc._counts", "zocalo_xrc._progress",
      "zocalo_xrc.grid", "zocalo_xrc.centring", "zocalo_xrc.geometry", "zocalo_xrc.messages",
      "zocalo_xrc.summary", "zocalo_xrc.pia"),
