@@ -69,7 +69,7 @@ def test_help_names_defaults_what_broker_accepts_and_exit_codes():
     assert "  3 " not in run("centre", "--help").stdout  # centre never talks to a broker
     demo = run("demo", "--help").stdout
     for words in ("in-process broker", "amqp://", "mysql+pymysql://", "(default: 60.0)", "(default: gpu,cpu)",
-                  "(default: demo.png", "60 x 30 + 60 x 30"):
+                  "(default: demo.png", "20 x 10 + 20 x 10", "default: eiger2x-1m for the default scan"):
         assert words in " ".join(demo.split()), words
     centre = " ".join(run("centre", "--help").stdout.split())
     assert '"type": "2d"|"3d"' in centre and "mm" in centre

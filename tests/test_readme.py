@@ -172,5 +172,7 @@ def test_the_first_commands_demo_and_ci_runs_the_test_command(tmp_path):
     assert demo.split()[:2] == ["zocalo-xrc", "demo"]
     out = subprocess.run(demo, shell=True, cwd=tmp_path, capture_output=True, text=True, env=clean_env(), timeout=120)
     assert out.returncode == 0 and "GPU results (" in out.stdout and "CPU results (" in out.stdout, out.stderr
+    assert out.stdout.count("put on the frames by the model") == 2, out.stdout  # from pixels, as the README says
+    assert list(tmp_path.iterdir()) == [tmp_path / "demo.png"]  # the frames went with the temporary state
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert tests in (ROOT / ".ci" / "run").read_text()

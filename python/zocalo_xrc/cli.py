@@ -399,22 +399,25 @@ def _parser() -> argparse.ArgumentParser:
     _logging_options(centre, top=False)
     demo = _command(
         commands, "demo", "run one grid scan through a local Zocalo, from trigger to result",
-        "Start a local Zocalo (zocalo's dispatcher, Mimas, simulated per-image analysis, the X-ray centring "
-        "service, ISPyB), register a grid scan in ISPyB, trigger it as dodal does, and wait for its results: "
+        "Start a local Zocalo (zocalo's dispatcher, Mimas, per-image analysis, the X-ray centring "
+        "service, ISPyB), register a grid scan in ISPyB, trigger it as dodal does (by default a simulated "
+        "detector writes its frames and per-image analysis finds their spots), and wait for its results: "
         "prints the best crystal in boxes and mm and the time from the last frame to the result, and draws the "
         "grids. In this process by default (in-process broker, SQLite); --broker and --ispyb run it on RabbitMQ "
         "and MariaDB.")
     demo.add_argument("file", type=Path, nargs="?", default=None,
                       help="a scan file: recorded counts (examples/scan3d.json) or a crystal model "
-                           "(default: a modelled 3D scan of two crystals, 60 x 30 + 60 x 30)")
+                           "(default: two modelled crystals on a 20 x 10 + 20 x 10 grid, from pixels: see "
+                           "--detector)")
     _local_options(demo, "demo")
     demo.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for Zocalo's results (default: %(default)s)")
     demo.add_argument("--detector", default=None, metavar="eiger2x-4m",
                       help="run from pixels: a simulated detector (eiger2x-1m, -4m, -9m or -16m) writes the scan's "
-                           "frames at --frame-rate and per-image analysis finds the spots in them (default: the scan "
-                           "file's counts are played); the frames go to the state directory, removed at exit unless "
-                           "--state is given")
+                           "frames at --frame-rate and per-image analysis finds the spots in them; 'none': the scan "
+                           "file's counts are played (default: eiger2x-1m for the default scan, about 90 MB of "
+                           "frames; none for a scan file); the frames go to the state directory, removed at exit "
+                           "unless --state is given")
     demo.add_argument("--plot", type=Path, default=Path("demo.png"), metavar="OUT.png",
                       help="where to draw the grids with the crystals found, in mm (default: %(default)s; "
                            "needs the [plot] extra; 'none' for no picture)")
@@ -701,10 +704,10 @@ def run_centre(args: argparse.Namespace) -> int:
 
 def _scan(path: Path | None) -> Any:
     from .local.scan import Scan
-    from .local.zocalo import default_scan
+    from .local.zocalo import demo_scan
 
     try:
-        return Scan.load(path if path is not None else default_scan())
+        return Scan.load(path if path is not None else demo_scan())
     except (OSError, ValueError) as e:
         _input_error(e, path or Path("(the default scan)"))
 
@@ -731,8 +734,11 @@ def run_demo(args: argparse.Namespace) -> int:
     broker = broker_of(args.broker, "demo")
     from .local.detector import detector_size
 
+    from .local.zocalo import DEMO_DETECTOR
+
+    detector = args.detector if args.detector is not None else (DEMO_DETECTOR if args.file is None else "none")
     try:
-        size = None if args.detector is None else detector_size(args.detector)
+        size = None if detector.lower() == "none" else detector_size(detector)
     except ValueError as e:
         raise CliError(f"--detector: {e}", EXIT_USAGE) from None
     try:
@@ -754,7 +760,9 @@ def run_demo(args: argparse.Namespace) -> int:
         run.local.stop()  # however the demo ends (the output gone, Ctrl-C, SIGTERM): no temporary state left
     geometry = geometry_of(list(scan.grids))
     for o in outcomes:
-        timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame" if o.after_last_frame_s is not None
+        # CPU per-image analysis starts at the end: its time counts from there
+        timing = (f"{o.after_last_frame_s * 1e3:.1f} ms after the last frame"
+                  if o.after_last_frame_s is not None and o.source.value != "cpu"
                   else f"{o.after_end_s * 1e3:.1f} ms after the end")
         print(f"\n{o.source.value.upper()} results ({timing}):")
         if run.spots_drawn is not None and o.source in run.spots_found:

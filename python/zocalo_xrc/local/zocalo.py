@@ -65,8 +65,19 @@ def recipe_directory() -> Path:
 
 
 def default_scan() -> Path:
-    """The demo's scan: a model of two crystals on a 60 x 30 + 60 x 30 grid."""
+    """A model of two crystals on a 60 x 30 + 60 x 30 grid (its counts played: the local Zocalo's benches)."""
     return Path(str(resources.files("zocalo_xrc.local") / "scans" / "crystals3d.json"))
+
+
+#: the demo's detector when it is given no scan file
+DEMO_DETECTOR = "eiger2x-1m"
+
+
+def demo_scan() -> Path:
+    """The demo's scan when it is given none: a model of two crystals on a
+    20 x 10 + 20 x 10 grid, for frames from pixels (400 frames of a 1M
+    detector, about 90 MB; ``examples/model3d.json``)."""
+    return Path(str(resources.files("zocalo_xrc.local") / "scans" / "crystals3d-pixels.json"))
 
 
 class BrokerInUseError(TransportError):
