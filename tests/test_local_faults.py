@@ -222,3 +222,37 @@ def test_first_add_scans_at_once_on_a_fresh_state_directory_all_succeed(tmp_path
         assert not failed, f"round {round_}: {failed}"
         dcids = [json.loads(out)["dcids"][0] for _, out, _ in outcomes]
         assert len(set(dcids)) == 6
+
+
+# ---- issue 20, item 10: a temporary local Zocalo stopped part-way on a shared broker -------
+
+
+def test_a_temporary_local_zocalo_stopped_mid_scan_leaves_no_work_on_the_broker(rabbit, caplog):
+    """A demo on RabbitMQ interrupted mid-scan: its ISPyB, data and logbook
+    go with its temporary state, so the work it left queued could only be
+    dead-lettered by the next local Zocalo there (with a confusing line, and
+    a run in a logbook that never registered it). Stopping empties its
+    service queues; the next one starts on empty queues and dead-letters
+    nothing."""
+    from zocalo_xrc.local.zocalo import SERVICE_QUEUES
+
+    if not hasattr(rabbit, "vhost"):
+        pytest.skip("an external broker: no vhost of our own")
+    url = rabbit.vhost(f"leftover-{uuid.uuid4().hex[:8]}")
+    scan = Scan.load(EXAMPLES / "scan3d.json")
+    slow = Settings(frame_rate=20.0, pia=frozenset({"gpu"}))  # the scan's frames take a minute to play
+    with caplog.at_level(logging.INFO, logger="zocalo_xrc.local"):
+        with LocalZocalo(broker=url, settings=slow) as z:
+            registered = z.add_scan(scan, name="interrupted")
+            ZocaloTrigger(z.transport(), timeout_s=10).run_start(*scan.start_infos(registered.dcids, "interrupted"))
+            (pia,) = z.per_image_analysis()
+            deadline = time.monotonic() + 30
+            while not any(g.sent for g in pia.progress.values()):  # mid-scan: frames playing, more queued
+                assert time.monotonic() < deadline, "per-image analysis never started"
+                time.sleep(0.05)
+            # the step held while its frames play, the images held by the centring service: back to the queues at stop
+    assert any("dropped" in r.getMessage() and "unfinished work" in r.getMessage() for r in caplog.records)
+    with LocalZocalo(broker=url, settings=slow) as again:
+        t = again.transport()
+        assert {q: t.message_count(q) for q in SERVICE_QUEUES} == {q: 0 for q in SERVICE_QUEUES}
+        assert {q: t.message_count(f"dlq.{q}") for q in SERVICE_QUEUES} == {q: 0 for q in SERVICE_QUEUES}

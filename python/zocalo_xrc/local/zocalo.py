@@ -170,6 +170,7 @@ class LocalZocalo:
             raise ValueError("broker: expected an amqp:// URL")
         self.broker_settings = ConnectionSettings.from_url(broker) if isinstance(broker, str) else broker
         self._temporary = state is None
+        self._declared = False  # its queues on the broker (once start has declared them)
         # absolute: services in other processes and directories find the scans' data by it
         self.state = StateDirectory(Path(tempfile.mkdtemp(prefix="zocalo-xrc-local-")) if state is None
                                     else Path(state).resolve())
@@ -239,6 +240,7 @@ class LocalZocalo:
                 admin.declare_broadcast(name)
             # results go to the results exchange; dodal's device consumes xrc.i03 and never declares it
             admin.declare_results_queue(DEFAULT_RESULTS_QUEUE)
+            self._declared = True
         if self.processes:
             self._start_processes(timeout)
         else:
@@ -272,11 +274,30 @@ class LocalZocalo:
                 _signal_group(child, signal.SIGKILL)
                 child.wait()
         self._children.clear()
+        self._drop_leftover_work()
         self.db.close()
         if not self.processes:
             ispyb.configure(None)
             ispyb.close_shared(self.ispyb_url)  # the dispatcher filters' handle: no -wal, -shm left behind
         self._remove_temporary()
+
+    def _drop_leftover_work(self) -> None:
+        """A temporary local Zocalo on a broker that outlives it (a demo on
+        RabbitMQ, stopped part-way) leaves work whose ISPyB, data and logbook
+        go with its state: the next Zocalo there could only dead-letter it.
+        Its service queues are emptied (a broker has one local Zocalo at a
+        time: the work is this one's)."""
+        if not self._temporary or self.broker is not None or not self._declared:
+            return
+        try:
+            with self._connect() as admin:
+                dropped = sum(admin.purge_queue(q) for q in SERVICE_QUEUES if admin.queue_exists(q))
+        except (TransportError, OSError) as e:
+            log.warning("could not empty the service queues of this temporary local Zocalo: %s", e)
+            return
+        if dropped:
+            log.info("dropped %d message(s) of unfinished work left on %s (its state goes with this local Zocalo)",
+                     dropped, self.where)
 
     def _remove_temporary(self) -> None:
         if self._temporary:  # it may hold the broker's password (zocalo.yaml)

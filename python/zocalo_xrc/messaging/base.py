@@ -241,6 +241,11 @@ class Transport(ABC):
     def delete_queue(self, name: str) -> None: ...
 
     @abstractmethod
+    def purge_queue(self, name: str) -> int:
+        """Drop the messages waiting in ``name`` (not those a consumer
+        holds unacked); how many were dropped."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self) -> Transport:

@@ -125,6 +125,14 @@ class InProcessBroker:
         with self._lock:
             return len(self._queues[name].ready)
 
+    def purge_queue(self, name: str) -> int:
+        """Drop the messages waiting in ``name``; how many."""
+        with self._lock:
+            ready = self._queues[name].ready
+            n = len(ready)
+            ready.clear()
+            return n
+
     def consumer_count(self, name: str) -> int:
         with self._lock:
             return len(self._queues[name].consumers)
@@ -391,6 +399,9 @@ class InProcessTransport(Transport):
 
     def delete_queue(self, name: str) -> None:
         self.broker.delete_queue(name)
+
+    def purge_queue(self, name: str) -> int:
+        return self.broker.purge_queue(name)
 
     def close(self) -> None:
         """Like a dropped connection: consumers go, their unacked messages return."""

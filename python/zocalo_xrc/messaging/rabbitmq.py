@@ -545,6 +545,9 @@ class AmqpTransport(Transport):
     def delete_queue(self, name: str) -> None:
         self._admin(lambda ch: ch.queue_delete(name))
 
+    def purge_queue(self, name: str) -> int:
+        return int(self._admin(lambda ch: ch.queue_purge(name).method.message_count))
+
     def close(self) -> None:
         if self._closing:
             return

@@ -111,6 +111,9 @@ class WorkflowsTransport(Transport):
     def delete_queue(self, name: str) -> None:
         raise self._not_here(f"cannot delete {name}")
 
+    def purge_queue(self, name: str) -> int:
+        raise self._not_here(f"cannot purge {name}")
+
     def close(self) -> None:
         self._timers.close()
 
