@@ -517,7 +517,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "(default: %(default)s)")
     service.add_argument("--declare", action="store_true",
                          help="declare the queue where it is missing, as Diamond's deployment does (a quorum queue "
-                              "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE)")
+                              "with a single active consumer, delivery limit 5, dead-lettering to dlq.QUEUE; Diamond's "
+                              "policies: also a 60 s message TTL if it is named xrc.*)")
     service.add_argument("--shards", type=_count, default=None, metavar="N",
                          help="share the work with other instances: route each scan's messages to one of N shard "
                               "queues (a consistent-hash exchange, RabbitMQ's plugin rabbitmq_consistent_hash_exchange)"
