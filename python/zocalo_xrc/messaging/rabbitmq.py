@@ -741,7 +741,10 @@ class _AmqpSubscription(Subscription):
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if self.cancelled:  # in flight as the consumer was cancelled: back to the queue, for whoever consumes next
-            channel.basic_reject(method.delivery_tag, requeue=True)
+            if not self.atomic:  # its channel stays open: hand it back now
+                channel.basic_reject(method.delivery_tag, requeue=True)
+            # an atomic one's channel is closing, which hands it back with the rest, once: rejected here, it came
+            # straight back to this consumer (still the queue's single active one) and hit the delivery limit
             return
         delivery = _AmqpDelivery(self, self.epoch, method, properties, body)
         self.outstanding.add(method.delivery_tag)

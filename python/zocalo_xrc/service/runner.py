@@ -543,6 +543,8 @@ class XrcService(AtomicConsumer):
             self.transport.call_later(max(0.0, when - time.monotonic()), self._tick)
 
     def _tick(self) -> None:
+        if self.subscription is None:
+            return  # stopped: what it held goes back to the queue, and the next consumer's timers count for it
         now = time.monotonic()
         if self._timer_at is not None and self._timer_at > now + 1e-3:
             return  # an earlier timer than the one now due: that one will come
