@@ -89,10 +89,7 @@ def test_old_results_are_one_info_line_not_one_warning_each(transport, results_q
             assert eventually(lambda: any("stale results" in r.getMessage() for r in caplog.records))
     finally:
         receiver.close()
-    mine = [r for r in caplog.records if r.name.startswith("zocalo_xrc.client")]
-    assert [r.levelname for r in mine if "stale" in r.getMessage()].count("DEBUG") == 5
-    assert not [r for r in mine if r.levelno >= logging.WARNING]
-    summaries = [r.getMessage() for r in mine if r.levelno >= logging.INFO and "stale" in r.getMessage()]
+    summaries = stale_summaries(caplog, debug_lines=5)
     assert summaries == [f"5 stale results on {results_queue} rejected (to dlq.{results_queue}): none of them for "
                          "DCID 99"], summaries
 
@@ -109,9 +106,15 @@ def test_results_settled_at_staging_are_one_info_line(transport, results_queue, 
             assert receiver.trigger(dcids=99)
     finally:
         receiver.close()
-    mine = [r for r in caplog.records if r.name.startswith("zocalo_xrc.client")]
-    assert [r.levelname for r in mine if "stale" in r.getMessage()].count("DEBUG") == 3
-    assert not [r for r in mine if r.levelno >= logging.WARNING]
-    summaries = [r.getMessage() for r in mine if r.levelno >= logging.INFO and "stale" in r.getMessage()]
+    summaries = stale_summaries(caplog, debug_lines=3)
     assert summaries == [f"3 stale results on {results_queue} settled: they were waiting before this receiver was "
                          "staged"], summaries
+
+
+def stale_summaries(caplog, *, debug_lines: int) -> list[str]:
+    """The client's INFO lines about stale results, once it is checked that
+    each stale result was one DEBUG line and that nothing was a warning."""
+    mine = [r for r in caplog.records if r.name.startswith("zocalo_xrc.client")]
+    assert [r.levelname for r in mine if "stale" in r.getMessage()].count("DEBUG") == debug_lines
+    assert not [r for r in mine if r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in mine if r.levelno >= logging.INFO and "stale" in r.getMessage()]
