@@ -155,17 +155,13 @@ class Rounds:
         return (r,), {}
 
     def last_frame(self, r: Round) -> Round:
-        r.written_at = time.time()
-        self.write(r, range(self.frames - 1, self.frames), None)
-        r.detector.writer.close()
-        r.results = self.results.trigger(dcids=r.registered.dcids, dcgid=r.registered.dcgid)
-        r.arrived_at = time.time()
-        self.done.append(r)
-        return r
+        """The paced round's timed part: the last frame written, the result waited for."""
+        return self.finish(r, range(self.frames - 1, self.frames))
 
-    def whole(self, r: Round) -> Round:
+    def finish(self, r: Round, frames: range) -> Round:
+        """Write ``frames`` back to back, close the files and wait for the round's result."""
         r.written_at = time.time()
-        self.write(r, range(self.frames), None)
+        self.write(r, frames, None)
         r.detector.writer.close()
         r.results = self.results.trigger(dcids=r.registered.dcids, dcgid=r.registered.dcgid)
         r.arrived_at = time.time()
@@ -227,7 +223,7 @@ def test_paced_last_frame_to_result(record, local, scan, size, chunks, note, req
 
 
 def throughput(local: LocalZocalo, rounds: Rounds) -> float:
-    r = rounds.whole(rounds.start())
+    r = rounds.finish(rounds.start(), range(rounds.frames))
     sent = [m["sent_at"] for ms_ in messages(local, r).values() for m in ms_]
     return rounds.frames / (max(sent) - r.written_at)
 
