@@ -308,20 +308,12 @@ def _open_hdf5(path: Path, detector: Optional[Images] = None) -> Images:
                     f"{segment.filename}: frames of {segment.dataset.shape[1:]}, but"
                     f" {segments[0].filename} has {shape}"
                 )
-        if detector is not None and detector.shape == shape:
-            return Images(path, shape, np.dtype(first.dtype), segments, files, length=length,
-                          mask=detector._mask, trusted_max=detector.trusted_max, geometry=detector.geometry)
-        return Images(
-            path,
-            shape,
-            np.dtype(first.dtype),
-            segments,
-            files,
-            length=length,
-            mask=_mask(path, master, shape),
-            trusted_max=_trusted_max(master),
-            geometry=_geometry(path, master, shape),
-        )
+        if detector is not None and detector.shape == shape:  # the detector as read before
+            mask, trusted_max, geometry = detector._mask, detector.trusted_max, detector.geometry
+        else:
+            mask, trusted_max, geometry = _mask(path, master, shape), _trusted_max(master), _geometry(path, master, shape)
+        return Images(path, shape, np.dtype(first.dtype), segments, files, length=length,
+                      mask=mask, trusted_max=trusted_max, geometry=geometry)
     except BaseException:
         for handle in files:
             handle.close()
