@@ -820,6 +820,60 @@ mod fast {
             self.enter_from(c, e, row, max, f)
         }
 
+        /// [`Window::enter`] in AVX-512, sixteen columns at a time (the
+        /// tests in masks), the last few as it does them.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F, BW and VL.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn enter_avx512<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+            use std::arch::x86_64::*;
+            let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
+            let w = self.col_p.len() - 2 * self.kx;
+            assert!(v.len() >= w && g.len() >= w);
+            let slot = (e % self.rows) * w;
+            let (rp, rl) = (self.ring_p[slot..slot + w].as_mut_ptr(), self.ring_level[slot..slot + w].as_mut_ptr());
+            let (cp, cy) = (self.col_p[self.kx..].as_mut_ptr(), self.col_y[self.kx..].as_mut_ptr());
+            let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
+            // values as u32 lanes, as enter_avx2 widens them
+            let lanes = |c: usize| match std::mem::size_of::<T>() {
+                4 => _mm512_loadu_si512(vp.add(c) as *const __m512i),
+                2 if T::SIGNED => _mm512_cvtepi16_epi32(_mm256_loadu_si256(vp.add(c) as *const __m256i)),
+                2 => _mm512_cvtepu16_epi32(_mm256_loadu_si256(vp.add(c) as *const __m256i)),
+                _ => _mm512_cvtepu8_epi32(_mm_loadu_si128(vp.add(c) as *const __m128i)),
+            };
+            let u = |t: T| _mm512_set1_epi32(t.small() as i32);
+            let (box_max, valid_max, above) = (u(max), u(f.valid_max), u(f.above));
+            let (small_max, top) = (_mm512_set1_epi32(SMALL as i32), _mm512_set1_epi32(LEVEL_MAX as i32));
+            let (m_one, big_one) = (_mm512_set1_epi32(M_ONE as i32), _mm512_set1_epi32(BIG_ONE as i32));
+            let mut c = 0;
+            while c + 16 <= w {
+                let v = lanes(c);
+                let gb = _mm_loadu_si128(gp.add(c) as *const __m128i);
+                let good = _mm_test_epi8_mask(gb, gb);
+                // the terms: as `term`
+                let in_box = _mm512_mask_cmple_epu32_mask(good, v, box_max);
+                let small = _mm512_cmple_epu32_mask(v, small_max);
+                let p = _mm512_maskz_or_epi32(in_box, m_one, _mm512_mask_blend_epi32(small, big_one, v));
+                let x = _mm512_and_si512(p, small_max);
+                let y = _mm512_madd_epi16(x, x); // x < 2^12: its low half squared
+                let old = _mm512_loadu_si512(rp.add(c) as *const __m512i);
+                let ox = _mm512_and_si512(old, small_max);
+                let oy = _mm512_madd_epi16(ox, ox);
+                let (cpc, cyc) = (cp.add(c) as *mut __m512i, cy.add(c) as *mut __m512i);
+                _mm512_storeu_si512(cpc, _mm512_add_epi32(_mm512_loadu_si512(cpc), _mm512_sub_epi32(p, old)));
+                _mm512_storeu_si512(cyc, _mm512_add_epi32(_mm512_loadu_si512(cyc), _mm512_sub_epi32(y, oy)));
+                _mm512_storeu_si512(rp.add(c) as *mut __m512i, p);
+                // the levels: as `level`
+                let can = _mm512_mask_cmpge_epu32_mask(_mm512_mask_cmple_epu32_mask(good, v, valid_max), v, above);
+                let level = _mm512_maskz_min_epu32(can, v, top);
+                _mm_storeu_si128(rl.add(c) as *mut __m128i, _mm512_cvtepi32_epi8(level));
+                c += 16;
+            }
+            self.enter_from(c, e, row, max, f)
+        }
+
         /// [`Window::enter`] of columns `from..`.
         #[inline(always)]
         fn enter_from<T: Pixel>(&mut self, from: usize, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
@@ -1080,6 +1134,83 @@ mod fast {
         c0
     }
 
+    /// [`sieve_avx2`] in AVX-512, sixteen columns at a time, the tests in
+    /// masks: the same `f32` operations in the same order, so the same pixels
+    /// pass; returns where it stopped.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VL.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn sieve_avx512<T: Pixel, const TAPS: usize>(
+        f: &Filter<T>,
+        win: &Window,
+        taps: usize,
+        levels: &[u8],
+        next: Row<T>,
+        each: Candidate,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let taps = if TAPS == 0 { taps } else { TAPS };
+        let w = levels.len();
+        // column c's box is col[c..c + taps], read 16 columns at a time
+        assert!(win.col_p.len() >= w + taps - 1 && win.col_y.len() >= w + taps - 1);
+        let (cp, cy, lv) = (win.col_p.as_ptr(), win.col_y.as_ptr(), levels.as_ptr());
+        let sum = |col: *const u32, c0: usize| {
+            let mut s = _mm512_loadu_si512(col.add(c0) as *const __m512i);
+            for d in 1..taps {
+                s = _mm512_add_epi32(s, _mm512_loadu_si512(col.add(c0 + d) as *const __m512i));
+            }
+            s
+        };
+        let x_bits = _mm512_set1_epi32(X_BITS as i32);
+        let m_bits = _mm512_set1_epi32(63);
+        let no_big = _mm512_set1_epi32((BIG_ONE - 1) as i32);
+        let below_min_local = _mm512_set1_epi32(f.min_local as i32 - 1);
+        let top = _mm512_set1_epi32(LEVEL_MAX as i32);
+        let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
+        let (s2, b2, gain, slack) = (_mm512_set1_ps(f.s2), _mm512_set1_ps(f.b2), _mm512_set1_ps(f.gain), _mm512_set1_ps(3e-7));
+        let gt = |a: __m512, b: __m512| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b);
+        let mut c0 = 0;
+        let whole = w - w % 16;
+        while c0 < whole {
+            prefetch(next, c0);
+            let stop = (c0 + BLOCK).min(whole);
+            while c0 < stop {
+                let p = sum(cp, c0);
+                let level = _mm512_cvtepu8_epi32(_mm_loadu_si128(lv.add(c0) as *const __m128i));
+                let m = _mm512_and_si512(_mm512_srli_epi32::<18>(p), m_bits);
+                let (mf, xf, vf) = (_mm512_cvtepi32_ps(m), _mm512_cvtepi32_ps(_mm512_and_si512(p, x_bits)), _mm512_cvtepi32_ps(level));
+                let b = _mm512_sub_ps(_mm512_mul_ps(mf, vf), xf);
+                let signal = gt(_mm512_mul_ps(b, _mm512_abs_ps(b)), _mm512_mul_ps(_mm512_mul_ps(s2, xf), mf));
+                let exact = _mm512_cmpgt_epi32_mask(p, no_big) | _mm512_cmpeq_epi32_mask(level, top);
+                let pass = _mm512_cmpgt_epi32_mask(m, below_min_local) & (exact | signal);
+                if pass != 0 {
+                    let y = sum(cy, c0);
+                    let yf = _mm512_cvtepi32_ps(y);
+                    let m1 = _mm512_sub_ps(mf, one);
+                    let (t1, t2, t3) = (_mm512_mul_ps(mf, yf), _mm512_mul_ps(xf, xf), _mm512_mul_ps(_mm512_mul_ps(gain, xf), m1));
+                    let a = _mm512_add_ps(
+                        _mm512_sub_ps(_mm512_sub_ps(t1, t2), t3),
+                        _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(t1, t2), t3), slack),
+                    );
+                    let disperse = gt(a, zero) & gt(_mm512_mul_ps(a, a), _mm512_mul_ps(_mm512_mul_ps(b2, t2), m1));
+                    let mut hits = (pass & (exact | disperse)) as u32;
+                    let (mut ps, mut ys) = ([0u32; 16], [0u32; 16]);
+                    _mm512_storeu_si512(ps.as_mut_ptr() as *mut __m512i, p);
+                    _mm512_storeu_si512(ys.as_mut_ptr() as *mut __m512i, y);
+                    while hits != 0 {
+                        let i = hits.trailing_zeros() as usize;
+                        each(c0 + i, ps[i], ys[i]);
+                        hits &= hits - 1;
+                    }
+                }
+                c0 += 16;
+            }
+        }
+        c0
+    }
+
     /// Ask for the lines of columns `c0..c0 + BLOCK` of the row entering
     /// next, so that they come from memory while this row is filtered (the
     /// pass that moves the window is otherwise bound by reading the frame).
@@ -1147,15 +1278,63 @@ mod fast {
         }
     }
 
-    fn kernels<T: Pixel>() -> Kernels<T> {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Kernels { enter: enter_avx2::<T>, filter: filter_avx2::<T> };
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn enter_avx512<T: Pixel>(win: &mut Window, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
+        // SAFETY: this function runs only where the CPU has AVX-512 F, BW and VL
+        unsafe { win.enter_avx512(e, row, max, f) }
+    }
+    /// The row in groups of sixteen in AVX-512, the last few columns as [`filter`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn filter_avx512<T: Pixel>(f: &Filter<T>, win: &Window, levels: &[u8], next: Row<T>, each: Candidate) {
+        let taps = 2 * win.kx + 1;
+        // SAFETY: this function runs only where the CPU has AVX-512 F, BW and VL
+        unsafe {
+            let done = match taps {
+                3 => sieve_avx512::<T, 3>(f, win, taps, levels, next, each),
+                5 => sieve_avx512::<T, 5>(f, win, taps, levels, next, each),
+                7 => sieve_avx512::<T, 7>(f, win, taps, levels, next, each),
+                _ => sieve_avx512::<T, 0>(f, win, taps, levels, next, each),
+            };
+            filter_row::<T, 0>(f, win, taps, levels, done, next, each)
         }
-        Kernels { enter: enter::<T>, filter: filter::<T> }
+    }
+
+    /// Every set of the two passes this CPU runs, the widest first: the
+    /// first is the one used, the others are there for the tests to compare.
+    fn kernel_sets<T: Pixel>() -> Vec<(&'static str, Kernels<T>)> {
+        let mut sets = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                sets.push(("avx512", Kernels { enter: enter_avx512::<T>, filter: filter_avx512::<T> }));
+            }
+            if has!("avx2") {
+                sets.push(("avx2", Kernels { enter: enter_avx2::<T>, filter: filter_avx2::<T> }));
+            }
+        }
+        sets.push(("plain", Kernels { enter: enter::<T>, filter: filter::<T> }));
+        sets
+    }
+
+    /// The widest set of the two passes this CPU runs.
+    fn kernels<T: Pixel>() -> Kernels<T> {
+        kernel_sets::<T>().swap_remove(0).1
     }
 
     pub(super) fn dispersion<T: Pixel, R: Rows<T> + ?Sized>(frame: &mut R, valid: &Valid<T>, rule: &Rule, out: &mut Strong) -> Result<()> {
+        dispersion_with(&kernels::<T>(), frame, valid, rule, out)
+    }
+
+    fn dispersion_with<T: Pixel, R: Rows<T> + ?Sized>(
+        k: &Kernels<T>,
+        frame: &mut R,
+        valid: &Valid<T>,
+        rule: &Rule,
+        out: &mut Strong,
+    ) -> Result<()> {
         let (h, w) = (frame.height(), frame.width());
         let (Some(box_max), Some(valid_max)) = (valid.box_max, valid.valid_max) else { return Ok(()) };
         let Some(above) = T::above(rule.global_threshold) else { return Ok(()) };
@@ -1176,7 +1355,6 @@ mod fast {
                 None => &all_good[..],
             }
         };
-        let k = kernels::<T>();
         let mut win = Window::new(w, rule.kernel);
         // SAFETY (each call below): `kernels` chose code this CPU runs
         for e in 0..ky.min(h) {
@@ -1216,6 +1394,69 @@ mod fast {
             unsafe { (k.filter)(&f, &win, levels, next, &mut candidates) };
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A frame of `T` with background, spots, big and masked-off values
+        /// and pixels above the trusted maximum, every kind the passes treat apart.
+        fn frame<T: Pixel + TryFrom<u32>>(h: usize, w: usize, seed: u64, top: u32) -> Vec<T> {
+            let mut s = seed;
+            (0..h * w)
+                .map(|i| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let r = (s >> 33) as u32;
+                    let v = match r % 97 {
+                        0 => top,                     // saturated or above the trusted maximum
+                        1..=3 => 200 + r % 3000,      // a bright pixel
+                        4 => 5000 + r % 60000,        // big: decided exactly
+                        _ => (r >> 8) % 4,            // background
+                    };
+                    let (row, c) = (i / w, i % w);
+                    let spot = if (row % 11 == 5) && (c % 13 == 6) { 300 } else { 0 };
+                    T::try_from((v + spot).min(top)).ok().unwrap_or(T::ZERO)
+                })
+                .collect()
+        }
+
+        fn every_set_finds<T: Pixel + TryFrom<u32>>(top: u32) {
+            let mut found = 0;
+            for (h, w) in [(9, 1), (13, 15), (17, 16), (21, 33), (40, 67), (30, 130)] {
+                let data = frame::<T>(h, w, (h * 131 + w) as u64, top);
+                let mask: Vec<bool> = (0..h * w).map(|i| i % 29 != 3).collect();
+                for (kernel, min_local, gain) in [((3, 3), 2, None), ((1, 2), 3, Some(1.5)), ((2, 1), 2, None), ((4, 3), 5, None)] {
+                    let rule = Rule { kernel, min_local, gain, ..Rule::default() };
+                    for mask in [None, Some(&mask[..])] {
+                        for trusted in [None, Some(4000.0)] {
+                            let valid = Valid::new(mask, trusted);
+                            let mut plain = Strong::default();
+                            super::super::dispersion(&Frame::new(&data, h, w).unwrap(), &valid, &rule, &mut plain);
+                            found += plain.len();
+                            for (name, k) in kernel_sets::<T>() {
+                                let mut out = Strong::default();
+                                dispersion_with(&k, &mut Frame::new(&data, h, w).unwrap(), &valid, &rule, &mut out).unwrap();
+                                assert_eq!(out, plain, "{name}, {} {h} x {w}, {rule:?}, mask {}, trusted {trusted:?}", T::DTYPE, mask.is_some());
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(found > 100, "{}: {found} strong pixels in all", T::DTYPE);
+        }
+
+        #[test]
+        fn every_set_of_passes_finds_what_the_general_rule_does() {
+            every_set_finds::<u32>(u32::MAX);
+            every_set_finds::<i32>(i32::MAX as u32);
+            every_set_finds::<u16>(u16::MAX as u32);
+            every_set_finds::<i16>(i16::MAX as u32);
+            every_set_finds::<u8>(u8::MAX as u32);
+            let names: Vec<_> = kernel_sets::<u32>().iter().map(|(name, _)| *name).collect();
+            eprintln!("sets of passes on this CPU: {names:?}");
+            assert_eq!(names.last(), Some(&"plain"));
+        }
     }
 }
 
