@@ -13,8 +13,11 @@
 //!
 //! Both steps are written for speed: the LZ4 blocks are inflated here (the
 //! long matches of detector frames, runs of zero bits, are filled or copied
-//! 16 or 32 bytes at a time, where a general decoder goes byte by byte), and
-//! the bits are put back with SSE2 or AVX2, eight bit rows at a time. A
+//! 16, 32 or 64 bytes at a time, where a general decoder goes byte by byte),
+//! and the bits are put back with SSE2 or AVX2, eight bit rows at a time, or
+//! with AVX-512 and GFNI, 64 bytes of eight rows at a time (an 8x8 bit
+//! transpose is one instruction). Which, the CPU decides at run time; all
+//! give the same bytes. A
 //! [`Reader`] hands the blocks out one by one, for a search that takes a
 //! frame's rows as they are decoded.
 
@@ -48,10 +51,39 @@ pub fn uncompressed_size(chunk: &[u8]) -> Result<u64, ChunkError> {
     Ok(u64::from_be_bytes(chunk[..8].try_into().unwrap()))
 }
 
+/// The instructions the decoder uses: the plain ones of every CPU (SSE2 on
+/// x86_64), AVX2, or AVX-512 (F, BW, VBMI) with GFNI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Plain,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The fastest this CPU has.
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") {
+                let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("gfni");
+                return if avx512 { Isa::Avx512 } else { Isa::Avx2 };
+            }
+        }
+        Isa::Plain
+    }
+}
+
 /// Decode `chunk` of elements `elem_size` bytes wide into `out` (exactly the
 /// uncompressed size). `scratch` is reused between calls.
 pub fn decode_into(chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
+    decode_with(Isa::best(), chunk, elem_size, out, scratch)
+}
+
+fn decode_with(isa: Isa, chunk: &[u8], elem_size: usize, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
     let mut reader = Reader::new(chunk, elem_size, out.len())?;
+    reader.isa = isa;
     let mut at = 0;
     while let Some(n) = reader.next_piece() {
         let bytes = n * elem_size;
@@ -75,6 +107,7 @@ pub struct Reader<'a> {
     at: usize,
     start: usize,
     done: bool,
+    isa: Isa,
 }
 
 impl<'a> Reader<'a> {
@@ -95,7 +128,7 @@ impl<'a> Reader<'a> {
         }
         let n = bytes / elem_size;
         let rest = n % block;
-        Ok(Reader { chunk, elem_size, n, block, last: rest - rest % 8, at: 12, start: 0, done: false })
+        Ok(Reader { chunk, elem_size, n, block, last: rest - rest % 8, at: 12, start: 0, done: false, isa: Isa::best() })
     }
 
     /// The next piece: its elements, and whether it is a compressed block.
@@ -140,10 +173,10 @@ impl<'a> Reader<'a> {
                 ));
             };
             scratch.resize(bytes + SLACK, 0);
-            if let Err(e) = inflate(lz4, scratch, bytes) {
+            if let Err(e) = inflate(self.isa, lz4, scratch, bytes) {
                 return err(format!("the block at element {start} is not LZ4: {e}"));
             }
-            untranspose(&scratch[..bytes], size, self.elem_size, out);
+            untranspose(self.isa, &scratch[..bytes], size, self.elem_size, out);
             self.at = at + 4 + packed;
         } else {
             match chunk.get(at..at + bytes) {
@@ -159,31 +192,114 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Bytes an inflated block needs past its end: copies go up to 32 bytes at a time.
-const SLACK: usize = 32;
+/// Bytes an inflated block needs past its end: copies go up to 64 bytes at a time.
+const SLACK: usize = 64;
 
 /// Inflate the LZ4 block `src` into exactly `out[..size]` (`out` is at least
 /// `size + SLACK` long; the bytes after `size` are overwritten). Every read
 /// and write is checked against the block's bounds before it is made, so a
 /// corrupt block is an error, never a read or write outside `src` or `out`.
-fn inflate(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+fn inflate(isa: Isa, src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2
-        return unsafe { inflate_avx2(src, out, size) };
+    match isa {
+        // SAFETY: Isa::best() found the CPU's instructions (or a test did)
+        Isa::Avx512 => return unsafe { inflate_avx512(src, out, size) },
+        Isa::Avx2 => return unsafe { inflate_avx2(src, out, size) },
+        Isa::Plain => {}
     }
-    inflate_any(src, out, size)
+    inflate_any::<Narrow>(src, out, size)
 }
 
 /// [`inflate`] compiled for AVX2: a 32-byte copy is one load and one store.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn inflate_avx2(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
-    inflate_any(src, out, size)
+    inflate_any::<Narrow>(src, out, size)
 }
 
+/// [`inflate`] with AVX-512: 64-byte copies, and a match that overlaps what
+/// it writes (a short period) is its period spread over a register, stored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn inflate_avx512(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+    inflate_any::<Wide>(src, out, size)
+}
+
+/// How an inflate copies: literals `LITERALS` bytes at a time when that many
+/// are there to read, matches as `copy_match`.
+trait Copies {
+    const LITERALS: usize;
+    /// `out[d..d + len] = out[d - offset..]` byte after byte as LZ4 means it
+    /// (the source may overlap what is being written), writing at most
+    /// `SLACK - 1` bytes past `d + len`.
+    ///
+    /// # Safety
+    /// `offset` in `1..=d`, and `out` valid for reads and writes up to `d + len + SLACK - 1`.
+    unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize);
+}
+
+/// The copies of every CPU: 16 or 32 bytes.
+struct Narrow;
+
+impl Copies for Narrow {
+    const LITERALS: usize = 16;
+    #[inline(always)]
+    unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
+        copy_match(out, d, offset, len)
+    }
+}
+
+/// AVX-512's copies: 32-byte literals, 64-byte matches.
+#[cfg(target_arch = "x86_64")]
+struct Wide;
+
+#[cfg(target_arch = "x86_64")]
+impl Copies for Wide {
+    const LITERALS: usize = 32;
+    #[inline(always)]
+    unsafe fn copy_match(out: *mut u8, d: usize, offset: usize, len: usize) {
+        use std::arch::x86_64::*;
+        let end = out.add(d + len);
+        let mut dst = out.add(d);
+        if offset >= 64 {
+            // apart by 64 or more: no overlap within one copy
+            while dst < end {
+                _mm512_storeu_si512(dst as *mut __m512i, _mm512_loadu_si512(dst.sub(offset) as *const __m512i));
+                dst = dst.add(64);
+            }
+            return;
+        }
+        // a period of `offset` bytes (read from the 64 at `dst - offset`,
+        // of which only the first `offset` are indexed) repeated over 64,
+        // stored every whole number of periods
+        let repeat = _mm512_loadu_si512(REPEAT[offset].as_ptr() as *const __m512i);
+        let period = _mm512_permutexvar_epi8(repeat, _mm512_loadu_si512(dst.sub(offset) as *const __m512i));
+        let step = offset * (64 / offset);
+        while dst < end {
+            _mm512_storeu_si512(dst as *mut __m512i, period);
+            dst = dst.add(step);
+        }
+    }
+}
+
+/// `REPEAT[p][k] = k % p`: the byte indices of a period of `p` over 64 bytes.
+#[cfg(target_arch = "x86_64")]
+static REPEAT: [[u8; 64]; 64] = {
+    let mut t = [[0u8; 64]; 64];
+    let mut p = 1;
+    while p < 64 {
+        let mut k = 0;
+        while k < 64 {
+            t[p][k] = (k % p) as u8;
+            k += 1;
+        }
+        p += 1;
+    }
+    t
+};
+
 #[inline(always)]
-fn inflate_any(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
+fn inflate_any<C: Copies>(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static str> {
     assert!(out.len() >= size + SLACK);
     let n = src.len();
     let (mut i, mut d) = (0usize, 0usize);
@@ -209,10 +325,10 @@ fn inflate_any(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static s
         if lit > n - i || lit > size - d {
             return Err("literals run past the block");
         }
-        if lit <= 16 && n - i >= 16 {
-            // SAFETY: 16 bytes of src from i (checked just above), 16 of out
-            // from d <= size (out has SLACK >= 16 more), distinct buffers
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i), out.as_mut_ptr().add(d), 16) };
+        if lit <= C::LITERALS && n - i >= C::LITERALS {
+            // SAFETY: LITERALS bytes of src from i (checked just above), as
+            // many of out from d <= size (out has SLACK >= LITERALS more), distinct buffers
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i), out.as_mut_ptr().add(d), C::LITERALS) };
         } else {
             out[d..d + lit].copy_from_slice(&src[i..i + lit]);
         }
@@ -238,8 +354,8 @@ fn inflate_any(src: &[u8], out: &mut [u8], size: usize) -> Result<(), &'static s
             return Err("a match runs past the block");
         }
         // SAFETY: the match reads from d - offset >= 0 and writes d..d+len
-        // (<= size) plus at most 31 bytes of SLACK
-        unsafe { copy_match(out.as_mut_ptr(), d, offset, len) };
+        // (<= size) plus less than SLACK bytes, as far as out goes
+        unsafe { C::copy_match(out.as_mut_ptr(), d, offset, len) };
         d += len;
     }
     if d != size {
@@ -299,15 +415,19 @@ fn transpose8(mut x: u64) -> u64 {
 }
 
 /// Bit rows of `n` elements (`n % 8 == 0`) back into elements.
-fn untranspose(planes: &[u8], n: usize, elem_size: usize, out: &mut [u8]) {
+fn untranspose(isa: Isa, planes: &[u8], n: usize, elem_size: usize, out: &mut [u8]) {
     let row = n / 8; // bytes in a bit row
     assert!(planes.len() >= n * elem_size && out.len() >= n * elem_size);
     let mut done = 0; // bytes of each row done
     #[cfg(target_arch = "x86_64")]
     {
         use simd::{groups, Avx2, Sse2};
-        // SAFETY (both): the lengths are asserted above; Avx2 only where the CPU has it
-        if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY (all): the lengths are asserted above; AVX-512 and AVX2
+        // only where the CPU has them (Isa::best(), or a test that checked)
+        if isa == Isa::Avx512 {
+            done = unsafe { gfni::groups(planes, row, elem_size, out) };
+        }
+        if isa != Isa::Plain {
             done = unsafe { groups::<Avx2>(planes, row, elem_size, out, done) };
         }
         done = unsafe { groups::<Sse2>(planes, row, elem_size, out, done) };
@@ -567,6 +687,181 @@ mod simd {
     }
 }
 
+/// The bit transpose with AVX-512 and GFNI, 64 bytes of each bit row at a time.
+///
+/// The 8 rows of byte `j` of the elements, 64 bytes each, are transposed as
+/// bytes (three rounds of two-register byte permutes) so that each 64-bit
+/// word holds byte `q` of the 8 rows, the last row first: an 8x8 bit matrix,
+/// which one GF(2) affine instruction transposes into byte `j` of elements
+/// `8q..8q + 8`. Interleaving the words of the planes `j` (one, two or three
+/// more rounds of permutes) puts the elements' bytes in order.
+#[cfg(target_arch = "x86_64")]
+mod gfni {
+    use std::arch::x86_64::*;
+
+    /// A byte permute of two registers, `(a, b)` indexed as 128 bytes.
+    type Index = [u8; 64];
+
+    fn build(f: impl Fn(usize) -> usize) -> Index {
+        std::array::from_fn(|n| f(n) as u8)
+    }
+
+    /// The index vectors of every round, made once.
+    struct Indices {
+        /// rows to words: pairs of rows' bytes, fours, eights (`[half]` each)
+        rows2: [Index; 2],
+        rows4: [Index; 2],
+        rows8: [Index; 2],
+        /// words of planes to elements: 2, 4 and 8 bytes of each
+        elems2: [Index; 2],
+        elems4: [Index; 2],
+        elems8: [Index; 2],
+    }
+
+    fn indices() -> &'static Indices {
+        static INDICES: std::sync::OnceLock<Indices> = std::sync::OnceLock::new();
+        INDICES.get_or_init(|| Indices {
+            // S_p = row 7 - p; A_h[2m + e] = S_e[32h + m]
+            rows2: std::array::from_fn(|h| build(|n| (n % 2) * 64 + 32 * h + n / 2)),
+            // B_g[4m + e] = A[2(16g + m) + e % 2] of the pair e / 2
+            rows4: std::array::from_fn(|g| build(|n| (n % 4 / 2) * 64 + 2 * (16 * g + n / 4) + n % 2)),
+            // X_f[8u + p] = B[4(8f + u) + p % 4] of the four p / 4
+            rows8: std::array::from_fn(|f| build(|n| (n % 8 / 4) * 64 + 4 * (8 * f + n / 8) + n % 4)),
+            // word u byte k of planes j = 0, 1 -> [16(u - 4h) + 2k + j]
+            elems2: std::array::from_fn(|h| build(|n| (n % 2) * 64 + 8 * (4 * h + n / 16) + n % 16 / 2)),
+            // pairs (2k + j) of planes 0-1, 2-3 -> [32v + 4k + j], u = 2g + v of the half
+            elems4: std::array::from_fn(|g| build(|n| (n % 4 / 2) * 64 + 16 * (2 * g + n / 32) + 2 * (n % 32 / 4) + n % 2)),
+            // fours (4k + j) of planes 0-3, 4-7 -> [8k + j], one word u = v of the pair
+            elems8: std::array::from_fn(|v| build(|n| (n % 8 / 4) * 64 + 32 * v + 4 * (n / 8) + n % 4)),
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn load(i: &Index) -> __m512i {
+        _mm512_loadu_si512(i.as_ptr() as *const __m512i)
+    }
+
+    #[inline(always)]
+    unsafe fn permute(a: __m512i, i: __m512i, b: __m512i) -> __m512i {
+        _mm512_permutex2var_epi8(a, i, b)
+    }
+
+    /// The indices as registers.
+    #[derive(Clone, Copy)]
+    struct Regs {
+        rows: [[__m512i; 2]; 3],
+        elems: [[__m512i; 2]; 3],
+    }
+
+    /// The elements of rows' bytes `at..at + 64`, bytes interleaved.
+    ///
+    /// Per plane `j` (rows `8j..8j + 8`, S_p = row 7 - p): pairs of rows
+    /// (A), fours (B) and eights (X, register `t` word `u` for
+    /// `q = at + 8t + u`), each round two halves of the last; worked half by
+    /// half (h, g, f) so that the registers of all planes at one `t` fit in
+    /// the 32 there are. A plane whose bits are all 0 is left 0.
+    #[inline(always)]
+    unsafe fn group<const E: usize>(planes: *const u8, row: usize, at: usize, out: *mut u8, x: &Regs) {
+        let rows = |j: usize| -> [__m512i; 8] {
+            std::array::from_fn(|p| unsafe { _mm512_loadu_si512(planes.add((8 * j + 7 - p) * row + at) as *const __m512i) })
+        };
+        let live: [bool; E] = std::array::from_fn(|j| unsafe {
+            let any = rows(j).iter().fold(_mm512_setzero_si512(), |a, &v| _mm512_or_si512(a, v));
+            _mm512_test_epi64_mask(any, any) != 0
+        });
+        let zero = _mm512_setzero_si512();
+        // the words' bits transposed: x (the matrix) times the bytes 1 << k
+        let unit = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
+        let [r2, r4, r8] = x.rows;
+        let [e2, e4, e8] = x.elems;
+        for h in 0..2 {
+            // A of pair c, half h
+            let a: [[__m512i; 4]; E] = std::array::from_fn(|j| {
+                if !live[j] {
+                    return [zero; 4];
+                }
+                let s = rows(j);
+                std::array::from_fn(|c| unsafe { permute(s[2 * c], r2[h], s[2 * c + 1]) })
+            });
+            for g in 0..2 {
+                // B of four d, half (h, g)
+                let b: [[__m512i; 2]; E] =
+                    std::array::from_fn(|j| std::array::from_fn(|d| unsafe { permute(a[j][2 * d], r4[g], a[j][2 * d + 1]) }));
+                for f in 0..2 {
+                    let t = 4 * h + 2 * g + f;
+                    // byte j of elements 8q..8q + 8 in word q
+                    let y: [__m512i; E] = std::array::from_fn(|j| unsafe {
+                        if live[j] {
+                            _mm512_gf2p8affine_epi64_epi8::<0>(unit, permute(b[j][0], r8[f], b[j][1]))
+                        } else {
+                            zero
+                        }
+                    });
+                    // elements 8(at + 8t).. : 64 E bytes
+                    let o = out.add(E * 8 * (at + 8 * t)) as *mut __m512i;
+                    match E {
+                        1 => _mm512_storeu_si512(o, y[0]),
+                        2 => {
+                            for k in 0..2 {
+                                _mm512_storeu_si512(o.add(k), permute(y[0], e2[k], y[1]));
+                            }
+                        }
+                        4 => {
+                            for k in 0..2 {
+                                let (w01, w23) = (permute(y[0], e2[k], y[1]), permute(y[2], e2[k], y[3]));
+                                for l in 0..2 {
+                                    _mm512_storeu_si512(o.add(2 * k + l), permute(w01, e4[l], w23));
+                                }
+                            }
+                        }
+                        _ => {
+                            for k in 0..2 {
+                                let w: [__m512i; 4] = std::array::from_fn(|c| unsafe { permute(y[2 * c], e2[k], y[2 * c + 1]) });
+                                for l in 0..2 {
+                                    let (z0, z1) = (permute(w[0], e4[l], w[1]), permute(w[2], e4[l], w[3]));
+                                    for v in 0..2 {
+                                        _mm512_storeu_si512(o.add(4 * k + 2 * l + v), permute(z0, e8[v], z1));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn each<const E: usize>(planes: *const u8, row: usize, out: *mut u8, x: &Regs) -> usize {
+        let mut at = 0;
+        while at + 64 <= row {
+            group::<E>(planes, row, at, out, x);
+            at += 64;
+        }
+        at
+    }
+
+    /// Elements from their bit rows, 64 bytes of each row at a time, as far
+    /// as whole groups go; returns where it stopped.
+    ///
+    /// # Safety
+    /// `planes` holds `8 * elem_size` rows of `row` bytes and `out` as many
+    /// bytes; the CPU has AVX-512 F, BW, VBMI and GFNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
+    pub(super) unsafe fn groups(planes: &[u8], row: usize, elem_size: usize, out: &mut [u8]) -> usize {
+        let i = indices();
+        let pair = |r: &[Index; 2]| unsafe { [load(&r[0]), load(&r[1])] };
+        let x = Regs { rows: [pair(&i.rows2), pair(&i.rows4), pair(&i.rows8)], elems: [pair(&i.elems2), pair(&i.elems4), pair(&i.elems8)] };
+        let (p, o) = (planes.as_ptr(), out.as_mut_ptr());
+        match elem_size {
+            1 => each::<1>(p, row, o, &x),
+            2 => each::<2>(p, row, o, &x),
+            4 => each::<4>(p, row, o, &x),
+            _ => each::<8>(p, row, o, &x),
+        }
+    }
+}
+
 /// Encode `data` (elements `elem_size` bytes wide) as a bitshuffle-LZ4 chunk
 /// with blocks of `block` elements: the inverse of [`decode_into`], for the
 /// tests and the simulated detector.
@@ -668,33 +963,128 @@ mod tests {
         }
     }
 
+    /// The instruction sets this CPU runs, the plain ones first.
+    fn isas() -> Vec<Isa> {
+        match Isa::best() {
+            Isa::Avx512 => vec![Isa::Plain, Isa::Avx2, Isa::Avx512],
+            Isa::Avx2 => vec![Isa::Plain, Isa::Avx2],
+            Isa::Plain => vec![Isa::Plain],
+        }
+    }
+
     #[test]
     fn lz4_blocks_inflate_as_lz4_flex_inflates_them() {
-        for seed in 0..40 {
-            let data = mixed(5000 + 997 * seed as usize, seed);
+        for isa in isas() {
+            for seed in 0..40 {
+                let data = mixed(5000 + 997 * seed as usize, seed);
+                let packed = lz4_flex::block::compress(&data);
+                let mut out = vec![0u8; data.len() + SLACK];
+                inflate(isa, &packed, &mut out, data.len()).unwrap();
+                assert_eq!(&out[..data.len()], &data[..], "{isa:?}");
+                assert!(inflate(isa, &packed, &mut vec![0; data.len() + SLACK + 1], data.len() + 1).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn matches_of_every_period_inflate_the_same_on_every_path() {
+        // periods 1..=140 (a register's worth and past it, where the wide
+        // copy changes method at 64) of lengths 4..=600, between literals
+        let mut s = 7u64;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as usize
+        };
+        for round in 0..6 {
+            let mut data = Vec::new();
+            for period in 1..=140 {
+                data.extend((0..next() % 70).map(|_| next() as u8));
+                let first: Vec<u8> = (0..period).map(|_| next() as u8).collect();
+                let len = period + 4 + next() % (600 + 200 * round);
+                data.extend(first.iter().cycle().take(len));
+            }
             let packed = lz4_flex::block::compress(&data);
-            let mut out = vec![0u8; data.len() + SLACK];
-            inflate(&packed, &mut out, data.len()).unwrap();
-            assert_eq!(&out[..data.len()], &data[..]);
-            assert!(inflate(&packed, &mut vec![0; data.len() + SLACK + 1], data.len() + 1).is_err());
+            for isa in isas() {
+                let mut out = vec![0u8; data.len() + SLACK];
+                inflate(isa, &packed, &mut out, data.len()).unwrap();
+                assert!(out[..data.len()] == data[..], "{isa:?}, round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_decodes_every_element_size_to_the_same_bytes() {
+        // rows of 64 + 32 + 16 + 8 + 5 bytes (every vector width, then the
+        // scalar rest), a partial last block, and up to 7 elements left raw
+        for elem in [1usize, 2, 4, 8] {
+            let odd = 8 * (64 * 2 + 32 + 16 + 8 + 5);
+            let shapes = [
+                (3 * odd + 8 * 77 + 5, odd),
+                (2 * (8192 / elem) + 8 * 100 + 3, 8192 / elem),
+                (8 * 64 * 3 + 7, 8 * 64),
+                (7, 8 * 64),
+                (8 * 9 + 1, 8 * 64),
+            ];
+            for (n, block) in shapes {
+                let random = mixed(n * elem, (n * elem + block) as u64);
+                // small counts: bytes past the first 0, but in one element of 61
+                let counts: Vec<u8> = random.iter().enumerate().map(|(k, &b)| if k % elem == 0 || k / elem % 61 == 0 { b } else { 0 }).collect();
+                for data in [random, counts] {
+                    let chunk = encode(&data, elem, block);
+                    for isa in isas() {
+                        let mut out = vec![0u8; data.len()];
+                        decode_with(isa, &chunk, elem, &mut out, &mut Vec::new()).unwrap();
+                        assert!(out == data, "{isa:?}: {elem}-byte elements, {n} of them, blocks of {block}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_puts_the_same_bits_back() {
+        // bit rows of random bytes: no plane all 0
+        for elem in [1usize, 2, 4, 8] {
+            for n in [8, 8 * 16, 8 * 64, 8 * (64 * 3 + 32 + 16 + 8 + 3)] {
+                let planes = mixed(n * elem, n as u64 + 3);
+                let plain = {
+                    let mut out = vec![0u8; n * elem];
+                    untranspose(Isa::Plain, &planes, n, elem, &mut out);
+                    out
+                };
+                for isa in isas() {
+                    let mut out = vec![0u8; n * elem];
+                    untranspose(isa, &planes, n, elem, &mut out);
+                    assert!(out == plain, "{isa:?}: {elem}-byte elements, {n} of them");
+                }
+            }
         }
     }
 
     #[test]
     fn damaged_chunks_are_errors_or_frames_never_a_crash() {
+        // and the same error, or the same frame, on every path
         let data = mixed(4 * 3000, 5);
         let chunk = encode(&data, 4, 2048);
-        let mut out = vec![0u8; data.len()];
         let mut s = 17u64;
+        let decoded = |isa: Isa, bad: &[u8]| {
+            let mut out = vec![0u8; data.len()];
+            decode_with(isa, bad, 4, &mut out, &mut Vec::new()).map(|()| out)
+        };
         for _ in 0..3000 {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let mut bad = chunk.clone();
             let at = 12 + (s >> 33) as usize % (bad.len() - 12);
             bad[at] ^= 1 << ((s >> 20) % 8);
-            let _ = decode_into(&bad, 4, &mut out, &mut Vec::new());
+            let plain = decoded(Isa::Plain, &bad);
+            for isa in isas() {
+                assert!(decoded(isa, &bad) == plain, "{isa:?}, bit flipped at byte {at}");
+            }
         }
-        for cut in (0..chunk.len()).step_by(7) {
-            assert!(decode_into(&chunk[..cut], 4, &mut out, &mut Vec::new()).is_err(), "cut at {cut}");
+        for isa in isas() {
+            for cut in (0..chunk.len()).step_by(7) {
+                assert!(decoded(isa, &chunk[..cut]).is_err(), "{isa:?}, cut at {cut}");
+            }
         }
     }
 
@@ -706,7 +1096,7 @@ mod tests {
         let mut planes = vec![0u8; 32];
         planes[(8 + 3) * 2 + 1] = 1 << 1;
         let mut out = vec![0u8; 32];
-        untranspose(&planes, 16, 2, &mut out);
+        untranspose(Isa::best(), &planes, 16, 2, &mut out);
         assert_eq!(out, data);
     }
 
@@ -728,5 +1118,88 @@ mod tests {
         bad[17] ^= 0xFF;
         assert!(decode_into(&bad, 4, &mut out, &mut Vec::new()).is_err());
         assert!(decode_into(&chunk[..4], 4, &mut out, &mut Vec::new()).unwrap_err().0.contains("header"));
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// `BSLZ4_CHUNK=path cargo test --release timing -- --ignored --nocapture`:
+    /// the LZ4 inflate and the bit untranspose of a recorded chunk, timed apart.
+    #[test]
+    #[ignore]
+    fn time_a_recorded_chunk() {
+        let Ok(path) = std::env::var("BSLZ4_CHUNK") else { return };
+        let chunk = std::fs::read(&path).unwrap();
+        let elem = 4;
+        let bytes = uncompressed_size(&chunk).unwrap() as usize;
+        let mut out = vec![0u8; bytes];
+        let mut scratch = Vec::new();
+        let best = |f: &mut dyn FnMut()| {
+            let mut t: Vec<f64> = (0..200)
+                .map(|_| {
+                    let s = Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (t[0], t[t.len() / 2])
+        };
+        let whole = best(&mut || decode_into(&chunk, elem, &mut out, &mut scratch).unwrap());
+        for isa in [Isa::Plain, Isa::Avx2, Isa::Avx512, Isa::Avx2, Isa::Avx512] {
+            let t = best(&mut || decode_with(isa, &chunk, elem, &mut out, &mut scratch).unwrap());
+            println!("{path}: decoded with {isa:?} {t:.3?} ms");
+        }
+        // the blocks, inflated only
+        let block_bytes = be32(&chunk[8..12]) as usize;
+        let mut blocks = Vec::new();
+        let mut at = 12;
+        while at + 4 <= chunk.len() && blocks.len() < bytes / block_bytes {
+            let n = be32(&chunk[at..at + 4]) as usize;
+            blocks.push(&chunk[at + 4..at + 4 + n]);
+            at += 4 + n;
+        }
+        let mut buf = vec![0u8; block_bytes + SLACK];
+        let lz = best(&mut || {
+            for b in &blocks {
+                inflate(Isa::best(), b, &mut buf, block_bytes).unwrap();
+            }
+        });
+        // the untranspose only, of one block's planes, as often
+        inflate(Isa::best(), blocks[blocks.len() / 2], &mut buf, block_bytes).unwrap();
+        let un = best(&mut || {
+            for (k, o) in out.chunks_exact_mut(block_bytes).enumerate() {
+                let _ = k;
+                untranspose(Isa::best(), &buf[..block_bytes], block_bytes / elem, elem, o);
+            }
+        });
+        // every block inflated (a realistic mix of planes all 0 and not)
+        let mut inflated = vec![0u8; blocks.len() * block_bytes + 64];
+        let base = inflated.as_ptr().align_offset(64);
+        for (k, b) in blocks.iter().enumerate() {
+            inflate(Isa::best(), b, &mut buf, block_bytes).unwrap();
+            inflated[base + k * block_bytes..base + (k + 1) * block_bytes].copy_from_slice(&buf[..block_bytes]);
+        }
+        for isa in [Isa::Plain, Isa::Avx2, Isa::Avx512] {
+            let mut small = vec![0u8; block_bytes + 64];
+            let a = small.as_ptr().align_offset(64);
+            let cached = best(&mut || {
+                for k in 0..blocks.len() {
+                    let planes = &inflated[base + k * block_bytes..base + (k + 1) * block_bytes];
+                    untranspose(isa, planes, block_bytes / elem, elem, &mut small[a..a + block_bytes]);
+                }
+            });
+            println!("{path}: untranspose {isa:?} of every block into one cached block {cached:.3?} ms");
+        }
+        let fill = best(&mut || {
+            for o in out.chunks_exact_mut(block_bytes) {
+                o.copy_from_slice(&buf[..block_bytes]);
+            }
+        });
+        println!("{path}: copying the blocks out {fill:.3?} ms");
+        println!("{path}: whole {whole:.3?} ms, inflate {lz:.3?} ms, untranspose {un:.3?} ms (min, median)");
     }
 }
