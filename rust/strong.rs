@@ -1416,7 +1416,7 @@ mod fast {
                     };
                     let (row, c) = (i / w, i % w);
                     let spot = if (row % 11 == 5) && (c % 13 == 6) { 300 } else { 0 };
-                    T::try_from((v + spot).min(top)).ok().unwrap_or(T::ZERO)
+                    T::try_from(v.saturating_add(spot).min(top)).ok().unwrap_or(T::ZERO)
                 })
                 .collect()
         }
