@@ -699,6 +699,34 @@ mod fast {
     const X_BITS: u32 = M_ONE - 1;
     /// Columns the filter takes at a time.
     const BLOCK: usize = 64;
+    /// Zero column sums either side of the row beyond the box's reach, so
+    /// that vectors of sixteen may be read whole (and aligned) past its ends.
+    const SPARE: usize = 16;
+
+    /// Zeroed `u32`s of which element `at` starts a 64-byte line, with
+    /// at least `front` of them before it: a vector stored there, or read,
+    /// stays in one cache line.
+    struct Aligned {
+        v: Vec<u32>,
+        at: usize,
+    }
+
+    impl Aligned {
+        fn new(front: usize, len: usize, back: usize) -> Aligned {
+            let v = vec![0u32; front + len + back + 15];
+            let past = (v.as_ptr() as usize / 4 + front) % 16; // elements past a line's start
+            Aligned { at: front + (16 - past) % 16, v }
+        }
+
+        /// The elements from `before` ahead of the aligned one on.
+        fn from(&self, before: usize) -> &[u32] {
+            &self.v[self.at - before..]
+        }
+
+        fn from_mut(&mut self, before: usize) -> &mut [u32] {
+            &mut self.v[self.at - before..]
+        }
+    }
 
     type Row<'a, T> = Option<(&'a [T], &'a [bool])>;
 
@@ -731,29 +759,46 @@ mod fast {
     }
 
     /// The window of rows: the packed terms of its rows (row `e` in slot
-    /// `e % rows`; a pixel's square is that of its low bits) and their levels,
-    /// and the sums of the terms down each column, with `kx` zero columns
-    /// either side.
+    /// `e % rows`, each slot starting a cache line; a pixel's square is that
+    /// of its low bits) and their levels, and the sums of the terms down each
+    /// column (column 0 starting a cache line), with zero columns either side.
     struct Window {
         rows: usize,
         kx: usize,
-        ring_p: Vec<u32>,
+        /// The frame's width, and the slots' (a whole number of lines).
+        w: usize,
+        stride: usize,
+        ring_p: Aligned,
         ring_level: Vec<u8>,
-        col_p: Vec<u32>,
-        col_y: Vec<u32>,
+        col_p: Aligned,
+        col_y: Aligned,
     }
 
     impl Window {
         fn new(w: usize, (kx, ky): (usize, usize)) -> Window {
-            let rows = 2 * ky + 1;
+            let (rows, stride, spare) = (2 * ky + 1, w.div_ceil(16) * 16, kx.max(SPARE));
             Window {
                 rows,
                 kx,
-                ring_p: vec![0; rows * w],
+                w,
+                stride,
+                ring_p: Aligned::new(0, rows * stride, 0),
                 ring_level: vec![0; rows * w],
-                col_p: vec![0; w + 2 * kx],
-                col_y: vec![0; w + 2 * kx],
+                col_p: Aligned::new(spare, w, spare + SPARE),
+                col_y: Aligned::new(spare, w, spare + SPARE),
             }
+        }
+
+        /// The slot of row `e`: its packed terms and its levels.
+        #[inline(always)]
+        fn slot(&mut self, e: usize) -> (&mut [u32], &mut [u8]) {
+            let (w, slot) = (self.w, e % self.rows);
+            (&mut self.ring_p.from_mut(0)[slot * self.stride..][..w], &mut self.ring_level[slot * w..][..w])
+        }
+
+        /// The column sums, from frame column `-before` on.
+        fn cols(&self, before: usize) -> (&[u32], &[u32]) {
+            (self.col_p.from(before), self.col_y.from(before))
         }
 
         /// Row `e` enters (None: past the frame's end) and row `e - rows`,
@@ -773,11 +818,11 @@ mod fast {
         unsafe fn enter_avx2<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
             use std::arch::x86_64::*;
             let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
-            let w = self.col_p.len() - 2 * self.kx;
+            let w = self.w;
             assert!(v.len() >= w && g.len() >= w);
-            let slot = (e % self.rows) * w;
-            let (rp, rl) = (self.ring_p[slot..slot + w].as_mut_ptr(), self.ring_level[slot..slot + w].as_mut_ptr());
-            let (cp, cy) = (self.col_p[self.kx..].as_mut_ptr(), self.col_y[self.kx..].as_mut_ptr());
+            let (rp, rl) = self.slot(e);
+            let (rp, rl) = (rp.as_mut_ptr(), rl.as_mut_ptr());
+            let (cp, cy) = (self.col_p.from_mut(0)[..w].as_mut_ptr(), self.col_y.from_mut(0)[..w].as_mut_ptr());
             let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
             // values as u32 lanes: a negative one (widened by sign) is above
             // every valid one, as `v >= 0` asks
@@ -830,11 +875,11 @@ mod fast {
         unsafe fn enter_avx512<T: Pixel>(&mut self, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
             use std::arch::x86_64::*;
             let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
-            let w = self.col_p.len() - 2 * self.kx;
+            let w = self.w;
             assert!(v.len() >= w && g.len() >= w);
-            let slot = (e % self.rows) * w;
-            let (rp, rl) = (self.ring_p[slot..slot + w].as_mut_ptr(), self.ring_level[slot..slot + w].as_mut_ptr());
-            let (cp, cy) = (self.col_p[self.kx..].as_mut_ptr(), self.col_y[self.kx..].as_mut_ptr());
+            let (rp, rl) = self.slot(e);
+            let (rp, rl) = (rp.as_mut_ptr(), rl.as_mut_ptr());
+            let (cp, cy) = (self.col_p.from_mut(0)[..w].as_mut_ptr(), self.col_y.from_mut(0)[..w].as_mut_ptr());
             let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
             // values as u32 lanes, as enter_avx2 widens them
             let lanes = |c: usize| match std::mem::size_of::<T>() {
@@ -877,11 +922,11 @@ mod fast {
         /// [`Window::enter`] of columns `from..`.
         #[inline(always)]
         fn enter_from<T: Pixel>(&mut self, from: usize, e: usize, row: Row<T>, max: T, f: &Filter<T>) {
-            let w = self.col_p.len() - 2 * self.kx;
-            let slot = (e % self.rows) * w;
-            let rp = &mut self.ring_p[slot..slot + w];
-            let rl = &mut self.ring_level[slot..slot + w];
-            let (cp, cy) = (&mut self.col_p[self.kx..self.kx + w], &mut self.col_y[self.kx..self.kx + w]);
+            let w = self.w;
+            let (cp, cy) = (&mut self.col_p.from_mut(0)[..w], &mut self.col_y.from_mut(0)[..w]);
+            let slot = e % self.rows;
+            let rp = &mut self.ring_p.from_mut(0)[slot * self.stride..][..w];
+            let rl = &mut self.ring_level[slot * w..][..w];
             match row {
                 Some((v, g)) => {
                     let (v, g) = (&v[..w], &g[..w]);
@@ -976,7 +1021,8 @@ mod fast {
         let taps = if TAPS == 0 { taps } else { TAPS };
         let (bp, by) = sums;
         // column c of the frame is col[kx + c]: the box around it is col[c..c + taps]
-        let (cp, cy) = (&win.col_p[c0..c0 + n + taps - 1], &win.col_y[c0..c0 + n + taps - 1]);
+        let (cp, cy) = win.cols(win.kx);
+        let (cp, cy) = (&cp[c0..c0 + n + taps - 1], &cy[c0..c0 + n + taps - 1]);
         if n == BLOCK {
             let levels = &levels[c0..c0 + BLOCK];
             let cp = &cp[..BLOCK + taps - 1];
@@ -1071,8 +1117,9 @@ mod fast {
         let taps = if TAPS == 0 { taps } else { TAPS };
         let w = levels.len();
         // column c's box is col[c..c + taps], read 8 columns at a time
-        assert!(win.col_p.len() >= w + taps - 1 && win.col_y.len() >= w + taps - 1);
-        let (cp, cy, lv) = (win.col_p.as_ptr(), win.col_y.as_ptr(), levels.as_ptr());
+        let (cp, cy) = win.cols(win.kx);
+        assert!(cp.len() >= w + taps - 1 && cy.len() >= w + taps - 1);
+        let (cp, cy, lv) = (cp.as_ptr(), cy.as_ptr(), levels.as_ptr());
         let sum = |col: *const u32, c0: usize| {
             let mut s = _mm256_loadu_si256(col.add(c0) as *const __m256i);
             for d in 1..taps {
@@ -1134,6 +1181,33 @@ mod fast {
         c0
     }
 
+    /// Lanes `d..d + 16` of `a` followed by `b` (`d` < 16).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn shifted(a: std::arch::x86_64::__m512i, b: std::arch::x86_64::__m512i, d: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::_mm512_alignr_epi32 as align;
+        match d {
+            0 => a,
+            1 => align::<1>(b, a),
+            2 => align::<2>(b, a),
+            3 => align::<3>(b, a),
+            4 => align::<4>(b, a),
+            5 => align::<5>(b, a),
+            6 => align::<6>(b, a),
+            7 => align::<7>(b, a),
+            8 => align::<8>(b, a),
+            9 => align::<9>(b, a),
+            10 => align::<10>(b, a),
+            11 => align::<11>(b, a),
+            12 => align::<12>(b, a),
+            13 => align::<13>(b, a),
+            14 => align::<14>(b, a),
+            15 => align::<15>(b, a),
+            _ => b,
+        }
+    }
+
     /// [`sieve_avx2`] in AVX-512, sixteen columns at a time, the tests in
     /// masks: the same `f32` operations in the same order, so the same pixels
     /// pass; returns where it stopped.
@@ -1153,13 +1227,21 @@ mod fast {
         use std::arch::x86_64::*;
         let taps = if TAPS == 0 { taps } else { TAPS };
         let w = levels.len();
-        // column c's box is col[c..c + taps], read 16 columns at a time
-        assert!(win.col_p.len() >= w + taps - 1 && win.col_y.len() >= w + taps - 1);
-        let (cp, cy, lv) = (win.col_p.as_ptr(), win.col_y.as_ptr(), levels.as_ptr());
+        // the sums of columns c0 - 16.. from three aligned reads: a box's
+        // columns are shifts of them across each other (a read at each offset
+        // would cross a cache line), or for a box wider than 31 such reads
+        let (kx, spare) = (taps / 2, (taps / 2).max(SPARE));
+        let (cp, cy) = win.cols(spare);
+        assert!(cp.len() >= w + 2 * spare && cy.len() >= w + 2 * spare);
+        let (cp, cy, lv) = (cp.as_ptr(), cy.as_ptr(), levels.as_ptr());
         let sum = |col: *const u32, c0: usize| {
-            let mut s = _mm512_loadu_si512(col.add(c0) as *const __m512i);
-            for d in 1..taps {
-                s = _mm512_add_epi32(s, _mm512_loadu_si512(col.add(c0 + d) as *const __m512i));
+            // frame column c0 + at (at >= -spare)
+            let read = |at: isize| _mm512_loadu_si512(col.add(c0 + spare).offset(at) as *const __m512i);
+            let (a, b, c) = (read(-16), read(0), read(16));
+            let mut s = b;
+            for t in 1..=kx {
+                let (left, right) = if kx < 16 { (shifted(a, b, 16 - t), shifted(b, c, t)) } else { (read(-(t as isize)), read(t as isize)) };
+                s = _mm512_add_epi32(s, _mm512_add_epi32(left, right));
             }
             s
         };
@@ -1426,7 +1508,8 @@ mod fast {
             for (h, w) in [(9, 1), (13, 15), (17, 16), (21, 33), (40, 67), (30, 130)] {
                 let data = frame::<T>(h, w, (h * 131 + w) as u64, top);
                 let mask: Vec<bool> = (0..h * w).map(|i| i % 29 != 3).collect();
-                for (kernel, min_local, gain) in [((3, 3), 2, None), ((1, 2), 3, Some(1.5)), ((2, 1), 2, None), ((4, 3), 5, None)] {
+                // boxes up to 63 pixels: the widest (kx 15 and 20) reach past a vector of sixteen columns
+                for (kernel, min_local, gain) in [((3, 3), 2, None), ((1, 2), 3, Some(1.5)), ((2, 1), 2, None), ((4, 3), 5, None), ((15, 0), 2, None), ((20, 0), 3, None)] {
                     let rule = Rule { kernel, min_local, gain, ..Rule::default() };
                     for mask in [None, Some(&mask[..])] {
                         for trusted in [None, Some(4000.0)] {
