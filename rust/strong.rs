@@ -1181,33 +1181,6 @@ mod fast {
         c0
     }
 
-    /// Lanes `d..d + 16` of `a` followed by `b` (`d` < 16).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn shifted(a: std::arch::x86_64::__m512i, b: std::arch::x86_64::__m512i, d: usize) -> std::arch::x86_64::__m512i {
-        use std::arch::x86_64::_mm512_alignr_epi32 as align;
-        match d {
-            0 => a,
-            1 => align::<1>(b, a),
-            2 => align::<2>(b, a),
-            3 => align::<3>(b, a),
-            4 => align::<4>(b, a),
-            5 => align::<5>(b, a),
-            6 => align::<6>(b, a),
-            7 => align::<7>(b, a),
-            8 => align::<8>(b, a),
-            9 => align::<9>(b, a),
-            10 => align::<10>(b, a),
-            11 => align::<11>(b, a),
-            12 => align::<12>(b, a),
-            13 => align::<13>(b, a),
-            14 => align::<14>(b, a),
-            15 => align::<15>(b, a),
-            _ => b,
-        }
-    }
-
     /// [`sieve_avx2`] in AVX-512, sixteen columns at a time, the tests in
     /// masks: the same `f32` operations in the same order, so the same pixels
     /// pass; returns where it stopped.
@@ -1239,9 +1212,20 @@ mod fast {
             let read = |at: isize| _mm512_loadu_si512(col.add(c0 + spare).offset(at) as *const __m512i);
             let (a, b, c) = (read(-16), read(0), read(16));
             let mut s = b;
-            for t in 1..=kx {
-                let (left, right) = if kx < 16 { (shifted(a, b, 16 - t), shifted(b, c, t)) } else { (read(-(t as isize)), read(t as isize)) };
-                s = _mm512_add_epi32(s, _mm512_add_epi32(left, right));
+            if kx < 16 {
+                // columns t either side: lanes 16 - t.. of a then b, and t.. of b then c
+                macro_rules! either_side {
+                    ($($t:literal)*) => {$(
+                        if $t <= kx {
+                            s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_alignr_epi32::<{ 16 - $t }>(b, a), _mm512_alignr_epi32::<$t>(c, b)));
+                        }
+                    )*};
+                }
+                either_side!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            } else {
+                for t in 1..=kx as isize {
+                    s = _mm512_add_epi32(s, _mm512_add_epi32(read(-t), read(t)));
+                }
             }
             s
         };
