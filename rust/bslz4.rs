@@ -155,6 +155,25 @@ impl<'a> Reader<'a> {
         self.piece().map(|(n, _)| n)
     }
 
+    /// Pass over the whole blocks that end at or before element `e`
+    /// without decoding them (only their lengths are read); returns the
+    /// element the next piece starts at.
+    pub fn skip_to(&mut self, e: usize) -> Result<usize, ChunkError> {
+        while matches!(self.piece(), Some((size, true)) if size == self.block && self.start + size <= e) {
+            let (chunk, at) = (self.chunk, self.at);
+            let packed = match chunk.get(at..at + 4) {
+                Some(b) => be32(b) as usize,
+                None => return err(format!("the chunk ends inside the block at element {} (byte {at})", self.start)),
+            };
+            if chunk.len() < at + 4 + packed {
+                return err(format!("the block at element {} says {packed} bytes, the chunk has {} left", self.start, chunk.len() - at - 4));
+            }
+            self.at = at + 4 + packed;
+            self.start += self.block;
+        }
+        Ok(self.start)
+    }
+
     /// Decode the next piece into `out`, exactly its elements' bytes.
     pub fn decode_piece(&mut self, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), ChunkError> {
         let Some((size, compressed)) = self.piece() else { return err("the chunk is already decoded".into()) };
@@ -922,6 +941,32 @@ mod tests {
             decode_into(&chunk, 4, &mut out, &mut Vec::new()).unwrap();
             assert_eq!(out, data, "{n} elements");
         }
+    }
+
+    #[test]
+    fn a_reader_skips_whole_blocks_and_decodes_on_from_the_next() {
+        // blocks of 256 elements of 4 bytes, a partial block and a raw rest
+        let data = values(5 * 256 + 100 + 5);
+        let chunk = encode(&data, 4, 256);
+        for e in [0usize, 1, 255, 256, 257, 1000, 5 * 256, 5 * 256 + 99, 10_000] {
+            let mut reader = Reader::new(&chunk, 4, data.len()).unwrap();
+            let start = reader.skip_to(e).unwrap();
+            assert_eq!(start, (e / 256).min(5) * 256, "skipping to element {e}");
+            let mut scratch = Vec::new();
+            let mut at = start * 4;
+            while let Some(n) = reader.next_piece() {
+                let mut out = vec![0u8; n * 4];
+                reader.decode_piece(&mut out, &mut scratch).unwrap();
+                assert_eq!(out, data[at..at + n * 4], "the piece at byte {at} after skipping to element {e}");
+                at += n * 4;
+            }
+            assert_eq!(at, data.len());
+        }
+        // a block's length pointing past the chunk's end is an error, not a skip
+        let mut cut = chunk.clone();
+        cut.truncate(12 + 4 + 10);
+        let mut reader = Reader::new(&cut, 4, data.len()).unwrap();
+        assert!(reader.skip_to(600).unwrap_err().0.contains("the block at element 0 says"));
     }
 
     /// Bytes of every kind: random, small counts, zero runs, short periods
