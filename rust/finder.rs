@@ -121,20 +121,114 @@ impl Finder {
             // each chunk decoded a few rows ahead of the search, into a ring
             // of rows that stays in the cache: the frame is never in memory
             let fresh = || (Vec::<T>::new(), Vec::<T>::new(), Vec::<u8>::new());
-            return in_parallel(chunks.len(), threads, fresh, |(ring, piece, scratch), i| {
-                let mut rows = DecodedRows::new(chunks[i], height, width, self.rule.kernel.1, ring, piece, scratch)?;
-                let valid = Valid::new(self.mask.as_deref(), self.trusted_max);
-                let mut strong = Strong::default();
-                strong_pixels_of_rows(&mut rows, &valid, &self.rule, &mut strong)?;
-                rows.finish()?;
-                Ok(label(&strong, width, self.limits))
-            });
+            let bands = self.bands(chunks.len(), threads, height);
+            if bands == 1 {
+                return in_parallel(chunks.len(), threads, fresh, |buffers, i| {
+                    Ok(label(&self.strong_in_band(chunks[i], height, width, (0, height), buffers)?, width, self.limits))
+                });
+            }
+            // fewer frames than threads: each in bands of rows, a band to a thread
+            let band = |b: usize| (height * b / bands, height * (b + 1) / bands);
+            let mut found = in_parallel(chunks.len() * bands, threads, fresh, |buffers, u| {
+                self.strong_in_band(chunks[u / bands], height, width, band(u % bands), buffers)
+            })
+            .into_iter();
+            return (0..chunks.len())
+                .map(|_| {
+                    let parts: Vec<Result<Strong>> = found.by_ref().take(bands).collect();
+                    let mut strong = Strong::default();
+                    for part in parts {
+                        let part = part?;
+                        strong.index.extend(part.index);
+                        strong.value.extend(part.value);
+                    }
+                    Ok(label(&strong, width, self.limits))
+                })
+                .collect();
         }
         let fresh = || (vec![T::ZERO; height * width], Vec::new());
         in_parallel(chunks.len(), threads, fresh, |(frame, scratch), i| {
             decode_frame(chunks[i], frame, scratch)?;
             self.find(&Frame::new(frame, height, width)?)
         })
+    }
+}
+
+/// Rows a band of a frame's search has at least (beside the rows around it).
+const BAND_ROWS: usize = 64;
+
+impl Finder {
+    /// Bands of rows to search each of `frames` frames in on `threads`
+    /// threads: one each when there are frames enough for every thread.
+    fn bands(&self, frames: usize, threads: usize, height: usize) -> usize {
+        let threads = thread_count(threads);
+        if frames == 0 || frames >= threads {
+            return 1;
+        }
+        threads.div_ceil(frames).min(height / (BAND_ROWS + 2 * self.rule.kernel.1)).max(1)
+    }
+
+    /// The strong pixels of rows `r0..r1` of a chunk's frame (flat indices
+    /// into the whole frame): the rows from `ky` before to `ky` after them
+    /// decoded (the blocks before passed over), and searched as a frame of
+    /// their own, which gives the same boxes for the rows inside. The band
+    /// that ends the frame checks the chunk ends with it.
+    fn strong_in_band<T: Pixel>(
+        &self,
+        chunk: &[u8],
+        height: usize,
+        width: usize,
+        (r0, r1): (usize, usize),
+        (ring, piece, scratch): &mut (Vec<T>, Vec<T>, Vec<u8>),
+    ) -> Result<Strong> {
+        let ky = self.rule.kernel.1;
+        let (lo, hi) = (r0.saturating_sub(ky), (r1 + ky).min(height));
+        let rows = DecodedRows::new(chunk, height, width, ky, lo, ring, piece, scratch)?;
+        let mut band = Band { rows, lo, hi };
+        let valid = Valid::new(self.mask.as_deref().map(|m| &m[lo * width..hi * width]), self.trusted_max);
+        let mut strong = Strong::default();
+        strong_pixels_of_rows(&mut band, &valid, &self.rule, &mut strong)?;
+        if hi == height {
+            band.rows.finish()?;
+        }
+        if (lo, hi) != (r0, r1) {
+            // only the band's own rows, as indices into the frame
+            let (first, last) = (((r0 - lo) * width) as u32, ((r1 - lo) * width) as u32);
+            let (a, b) = (strong.index.partition_point(|&i| i < first), strong.index.partition_point(|&i| i < last));
+            strong.index.truncate(b);
+            strong.index.drain(..a);
+            strong.value.truncate(b);
+            strong.value.drain(..a);
+        }
+        let offset = (lo * width) as u32;
+        strong.index.iter_mut().for_each(|i| *i += offset);
+        Ok(strong)
+    }
+}
+
+/// Rows `lo..hi` of a frame's rows, as a frame of their own.
+struct Band<R> {
+    rows: R,
+    lo: usize,
+    hi: usize,
+}
+
+impl<T, R: Rows<T>> Rows<T> for Band<R> {
+    fn height(&self) -> usize {
+        self.hi - self.lo
+    }
+    fn width(&self) -> usize {
+        self.rows.width()
+    }
+    fn reach(&mut self, r: usize) -> Result<()> {
+        self.rows.reach(self.lo + r)
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[T] {
+        self.rows.row(self.lo + r)
+    }
+    fn resident(&self) -> bool {
+        self.rows.resident()
     }
 }
 
@@ -150,27 +244,32 @@ struct DecodedRows<'a, T> {
     ring: &'a mut Vec<T>,
     piece: &'a mut Vec<T>,
     scratch: &'a mut Vec<u8>,
-    /// Elements of the frame decoded.
+    /// Elements of the frame decoded (or, before the first row, passed over).
     decoded: usize,
 }
 
 impl<'a, T: Pixel> DecodedRows<'a, T> {
+    /// Rows from `first` on (the blocks before it passed over).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         chunk: &'a [u8],
         height: usize,
         width: usize,
         ky: usize,
+        first: usize,
         ring: &'a mut Vec<T>,
         piece: &'a mut Vec<T>,
         scratch: &'a mut Vec<u8>,
     ) -> Result<Self> {
         let n = height * width;
-        let reader = bslz4::Reader::new(chunk, std::mem::size_of::<T>(), n * std::mem::size_of::<T>()).map_err(|e| InputError::new(e.0))?;
+        let fail = |e: bslz4::ChunkError| InputError::new(e.0);
+        let mut reader = bslz4::Reader::new(chunk, std::mem::size_of::<T>(), n * std::mem::size_of::<T>()).map_err(fail)?;
+        let decoded = reader.skip_to(first * width).map_err(fail)?;
         // the rows in use (2ky + 1 around the row searched, the next) and those
         // a piece decoded to reach the last of them may run on into
         let slots = (2 * ky + 3 + reader.block().div_ceil(width)).min(height);
         ring.resize(slots * width, T::ZERO);
-        Ok(DecodedRows { reader, height, width, slots, ring, piece, scratch, decoded: 0 })
+        Ok(DecodedRows { reader, height, width, slots, ring, piece, scratch, decoded })
     }
 
     /// Decode the next piece of the chunk into the ring.
@@ -368,6 +467,43 @@ mod tests {
                 let mut long = chunk.clone();
                 long.push(0);
                 assert!(finder.find_chunks::<u16>(&[&long], h, w, 1)[0].as_ref().unwrap_err().0.contains("follow"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_searched_in_bands_of_rows_finds_what_one_search_does() {
+        // fewer frames than threads: each frame's rows in bands, a thread each;
+        // spots across every band's edge, big pixels, a mask, a wider box
+        for (h, w, block) in [(301, 83, 4096), (250, 200, 64), (400, 40, 2048)] {
+            let mut data: Vec<u16> = frame(h, w, (h + w) as u64).iter().enumerate().map(|(i, &v)| if i % 101 == 7 { v + 6000 } else { v }).collect();
+            for k in 2..=5 {
+                for b in 1..k {
+                    let edge = h * b / k;
+                    for r in edge - 1..=edge + 1 {
+                        data[r * w + 30..r * w + 33].fill(400);
+                    }
+                }
+            }
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let chunk = bslz4::encode(&bytes, 2, block);
+            let mask: Vec<bool> = (0..h * w).map(|i| i % 37 != 5).collect();
+            let masked = Finder::new(Rule::default(), SpotFilter::default(), Some((mask, h, w)), Some(4000.0)).unwrap();
+            let wide = Finder { rule: Rule { kernel: (2, 5), ..Rule::default() }, ..Finder::default() };
+            for finder in [&Finder::default(), &masked, &wide] {
+                let expected = finder.find(&Frame::new(&data, h, w).unwrap()).unwrap();
+                assert!(expected.len() >= 10, "{} spots, {:?}", expected.len(), finder.rule);
+                for threads in [2, 3, 5] {
+                    assert!(finder.bands(1, threads, h) > 1);
+                    let got = finder.find_chunks::<u16>(&[&chunk], h, w, threads).remove(0).unwrap();
+                    assert_eq!(got, expected, "{h} x {w}, blocks of {block}, {threads} threads");
+                }
+                let two = finder.find_chunks::<u16>(&[&chunk, &chunk], h, w, 5);
+                assert!(two.iter().all(|s| s.as_ref().unwrap() == &expected));
+                // a chunk cut short: the band that reaches the cut says so, and so does the frame
+                let cut = &chunk[..chunk.len() * 3 / 4];
+                let found = finder.find_chunks::<u16>(&[cut, &chunk], h, w, 5);
+                assert!(found[0].is_err() && found[1].as_ref().unwrap() == &expected);
             }
         }
     }
