@@ -25,12 +25,21 @@ The data is either
 * **CPU** (``per_image_analysis``, started at ``end``, as Diamond's CPU
   PIA): reads the frames written, and sends ``n_spots_total`` (spots with
   ``d`` <= 40 Å), ``n_spots_no_ice``, ``n_spots_4A`` and ``total_intensity``.
+  For a detector's file, as Diamond's: a file watcher (``filewatcher``)
+  sends a message per frame written to the workers sharing
+  ``per_image_analysis``, each answering one image in a transaction with
+  its ack.
 
-The step's message is acked when every frame has been sent (or named as
+A step's message is acked when every frame has been sent (or named as
 never come): a service that stops half-way leaves it to be run again (the
-centring service takes duplicates). A step that cannot run (no DCID, data
-missing, not HDF5, truncated, frames of the wrong size) is one log line and
-dead-lettered: it would fail the same way again.
+centring service takes duplicates). The file watcher is exactly once
+instead: a message of it waits for a frame not yet sent (up to the frame
+timeout since the last), then in one transaction sends every frame written
+by then, acks itself and, unless the step is done, checkpoints how far it
+got (``filewatcher-status``) to its own queue, for whichever watcher takes
+it next. A step that cannot run (no DCID, data missing, not HDF5,
+truncated, frames of the wrong size) is one log line and dead-lettered: it
+would fail the same way again.
 """
 
 from __future__ import annotations
