@@ -258,8 +258,8 @@ class PerImageAnalysis(CommonService):
         self.settings = Settings.of(self.config)
         self.progress: dict[int, GridProgress] = {}
         self._stopping = threading.Event()
-        #: one transaction at a time: workflows' transport numbers them without a lock, and the file
-        #: watcher's messages are held (and settled) in threads, on a channel a transaction may be open on
+        #: one transaction at a time: workflows' transport numbers them without a lock; and a message
+        #: held in a thread is settled only while none is open on its channel (pika: a state mismatch)
         self._transacting = threading.Lock()
         self.journal = logbook.attach(self)
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
@@ -298,7 +298,7 @@ class PerImageAnalysis(CommonService):
 
     def _dead_letter(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], error: StepError) -> None:
         self.log.error("%s per-image analysis cannot run: %s; dead-lettering the step", self.kind, error)
-        with self._transacting:  # not while a watcher's transaction is open on the channel
+        with self._transacting:  # not while a transaction is open on the channel
             rw.transport.nack(header, requeue=False)  # it would fail the same way again
 
     def _run(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], step: Step,
@@ -314,7 +314,8 @@ class PerImageAnalysis(CommonService):
                 progress.last_sent_at = time.time()
             if self._stopping.is_set():
                 return  # the step stays unacked: it is run again by the next service
-            rw.transport.ack(header)
+            with self._transacting:  # not while a transaction is open on the channel
+                rw.transport.ack(header)
             self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", step.dcid,
                           progress.sent, time.monotonic() - start)
         except StepError as e:
@@ -475,7 +476,6 @@ class PerImageAnalysis(CommonService):
         watched = self.progress.get(dcid)  # the file watcher here: the spots found go on its progress
         if watched is not None:
             watched.spots += payload["n_spots_total"]
-
 
     def _image_results(self, dcid: int, path: Path, index: int) -> dict[str, Any] | None:
         """One frame's results (None if stopping first). The detector may
