@@ -7,8 +7,13 @@ against ``centre_3d_scans`` over those counts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +39,7 @@ FAST = Settings(frame_rate=RATE, idle_s=3.0, frame_timeout_s=1.0)
 GPU_KEYS = {"file", "file-number", "n_spots_total", "num_strong_pixels", "file-seen-at"}
 CPU_KEYS = {"file", "file-number", "file-seen-at", "n_spots_total", "n_spots_no_ice", "n_spots_4A", "total_intensity"}
 GPU_SERVICE, CPU_SERVICE = "Per-image analysis, GPU (zocalo-xrc)", "Per-image analysis (zocalo-xrc)"
+XRC_SERVICE = "X-ray centring (zocalo-xrc)"
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +59,12 @@ def small_scan(**changes) -> Scan:
     return Scan.from_dict(data)
 
 
-def sent(local, service: str, dcids, to: str = "reduce.xray_centering") -> dict[int, list[dict]]:
-    """What ``service`` sent on to ``to`` (or ``to``.gpu) for each DCID, from the logbook."""
+def sent(local, service: str, dcids, to: str = "reduce.xray_centering", direction: str = "out") -> dict[int, list[dict]]:
+    """What ``service`` sent on to ``to`` (or ``to``.gpu) for each DCID (or,
+    ``direction`` "in", received from it), from the logbook."""
     out: dict[int, list[dict]] = {d: [] for d in dcids}
     for e in local.logbook.entries():
-        if (e["service"] == service and e["dir"] == "out" and e["queue"] in (to, f"{to}.gpu")
+        if (e["service"] == service and e["dir"] == direction and e["queue"] in (to, f"{to}.gpu")
                 and int(e.get("dcid") or 0) in out):
             out[int(e["dcid"])].append(e["payload"])
     return out
@@ -204,10 +211,6 @@ def test_local_up_follows_a_detector_written_by_add_scan_in_another_process(rabb
     and then writes the frames at the frame rate: the GPU service in its own
     process follows the files as they grow, and the result is the one the
     finder's counts over the same frames give."""
-    import os
-    import signal
-    import subprocess
-    import sys
 
     from zocalo_xrc import ZocaloStartInfo
 
@@ -272,29 +275,92 @@ def test_waiting_for_frames_opens_the_file_again_only_when_it_changes(tmp_path):
     assert waited_cpu < 0.25 * waited, f"{waited_cpu:.2f} s of CPU in {waited:.2f} s of waiting"
 
 
+@contextlib.contextmanager
+def worker_processes(local, tmp_path, n: int = 2):
+    """``n`` more PIA workers (``zocalo.service -s PerImageAnalysis``, each
+    also a file watcher) beside the local Zocalo's: their process groups,
+    once all consume ``per_image_analysis`` and ``filewatcher``. Stopped at the end."""
+    command = Path(sys.executable).with_name("zocalo.service")
+    env = dict(os.environ, ZOCALO_CONFIG=str(local.state.zocalo_config), HDF5_USE_FILE_LOCKING="FALSE")
+    logs = [tmp_path / f"worker{k}.log" for k in range(n)]
+    workers = [subprocess.Popen([str(command), "-s", "PerImageAnalysis", "-e", "local"], env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+               for log in logs]
+    try:
+        t = local.transport()
+        assert eventually(lambda: t.consumer_count("per_image_analysis") == t.consumer_count("filewatcher") == n + 1,
+                          timeout=30), (t.consumer_count("per_image_analysis"), [w.poll() for w in workers],
+                                        [log.read_text()[-2000:] for log in logs])
+        yield [w.pid for w in workers]
+    finally:
+        for w in workers:
+            try:
+                os.killpg(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            w.wait(30)
+
+
+def in_group(pid: int, groups: list[int]) -> bool:
+    """The process ``pid`` runs, in one of the process groups ``groups`` (a
+    ``zocalo.service`` runs its service in a child process)."""
+    try:
+        return os.getpgid(pid) in groups
+    except ProcessLookupError:
+        return False
+
+
+def journals(local) -> dict[int, Path]:
+    """The CPU PIA services' journals, by process (this one's: the local Zocalo's thread)."""
+    return {int(p.name.split("-")[-2]): p for p in (local.state.logbook / "journal").glob(
+        "Per-image-analysis-zocalo-xrc-*.jsonl")}
+
+
+def journal(path: Path, queue: str, direction: str = "out") -> list[dict]:
+    """What one journal says went ``direction`` on ``queue``."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [e for e in lines if e["dir"] == direction and e["queue"] == queue]
+
+
+def assert_answered_once_as_the_finder_finds(local, registered, scan: Scan, detector: SimulatedDetector, got):
+    """Each image answered once, with the finder's counts, and the result the
+    one those counts give. What was answered is what the centring service
+    (not killed) received: a process killed just after a commit may not have
+    journaled what it sent, so the watchers' and workers' journals (the
+    thread's and the processes') are held only to sending no image twice."""
+    watched = sent(local, CPU_SERVICE, registered.dcids, to="per_image_analysis")
+    answered = sent(local, CPU_SERVICE, registered.dcids)
+    received = sent(local, XRC_SERVICE, registered.dcids, direction="in")
+    geometry, spots = found(detector)
+    firsts = np.cumsum([0] + [g.image_count for g in scan.grids])
+    counts = []
+    for k, dcid in enumerate(registered.dcids):
+        numbers = list(range(1, scan.grids[k].image_count + 1))
+        assert set(by_number(watched[dcid])) <= set(numbers)  # no watcher sent an image twice
+        assert set(by_number(answered[dcid])) <= set(numbers)  # no worker answered an image twice
+        c = by_number(received[dcid])  # each image answered once
+        assert sorted(c) == numbers
+        for n, m in c.items():
+            s_ = spots[firsts[k] + n - 1]
+            assert m["n_spots_total"] == image_stats(s_.centroid[:, 0], s_.centroid[:, 1], s_.intensity,
+                                                     geometry).n_spots_total
+        counts.append([c[n]["n_spots_total"] for n in numbers])
+    expected = centre_3d_scans(*(GridScan(k + 1, np.array(counts[k]), g) for k, g in enumerate(scan.grids)),
+                               sample_id=scan.sample_id)
+    assert got.to_dicts() == expected.to_dicts()
+
+
 def test_workers_sharing_the_queue_answer_every_image_once_when_one_is_killed_mid_scan(local, tmp_path):
     """Diamond's CPU path: a file watcher, and per-image analysis workers on
     any number of machines sharing one queue, each answering an image in one
     transaction with its ack. Two more workers (``zocalo.service -s
     PerImageAnalysis``) join the local Zocalo's; one is killed (SIGKILL)
-    after its first answers. Every image is answered exactly once, and the
-    result is the one the finder's counts give."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    command = Path(sys.executable).with_name("zocalo.service")
-    env = dict(os.environ, ZOCALO_CONFIG=str(local.state.zocalo_config), HDF5_USE_FILE_LOCKING="FALSE")
-    logs = [tmp_path / f"worker{k}.log" for k in range(2)]
-    workers = [subprocess.Popen([str(command), "-s", "PerImageAnalysis", "-e", "local"], env=env,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-               for log in logs]
-    journals = local.state.logbook / "journal"
-    try:
+    after its first answers (it may be holding a file watcher's message too).
+    Every image is sent and answered exactly once, and the result is the one
+    the finder's counts give."""
+    with worker_processes(local, tmp_path) as pids:
         t = local.transport()
-        assert eventually(lambda: t.consumer_count("per_image_analysis") == 3, timeout=30), (
-            t.consumer_count("per_image_analysis"), [w.poll() for w in workers], [log.read_text()[-2000:] for log in logs])
         scan = small_scan(grids=[{"gridinfo": {**g.to_ispyb(), "steps_x": 12, "steps_y": 8}} for g in small_scan().grids])
         registered, detector = local.add_detector_scan(scan, name="workers", size=SHAPE)
         detector.write()
@@ -304,49 +370,73 @@ def test_workers_sharing_the_queue_answer_every_image_once_when_one_is_killed_mi
             trigger.run_start(*scan.start_infos(registered.dcids, "workers"))
             trigger.run_end(*registered.dcids)
 
-            def answers(path):
-                lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-                return [e for e in lines if e["dir"] == "out" and e["queue"] == "reduce.xray_centering"]
-
             def first_answers():
-                for path in journals.glob(f"Per-image-analysis-zocalo-xrc-*.jsonl"):
-                    pid = int(path.name.split("-")[-2])
-                    if pid != os.getpid() and len(answers(path)) >= 3:
-                        return pid, path
-                return None
+                return next(((pid, path) for pid, path in journals(local).items()
+                             if in_group(pid, pids) and len(journal(path, "reduce.xray_centering")) >= 3), None)
 
             victim = eventually(first_answers, timeout=30)
             assert victim, "no worker process answered"
-            pid, journal = victim
+            pid, path = victim
             os.killpg(os.getpgid(pid), signal.SIGKILL)
             got = r.trigger(dcids=registered.dcids, dcgid=registered.dcgid)
-        answered_by_victim = len(answers(journal))
-    finally:
-        for w in workers:
-            try:
-                os.killpg(w.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for w in workers:
-            w.wait(30)
-    total = sum(g.image_count for g in scan.grids)
-    assert 3 <= answered_by_victim < total / 2  # it was killed with images in hand, which others answered
-    answered = sent(local, CPU_SERVICE, registered.dcids)  # every journal: the thread's and both processes'
-    _, spots = found(detector)
-    geometry, _ = found(detector)
-    firsts = np.cumsum([0] + [g.image_count for g in scan.grids])
-    counts = []
-    for k, dcid in enumerate(registered.dcids):
-        c = by_number(answered[dcid])  # each image answered once
-        assert sorted(c) == list(range(1, scan.grids[k].image_count + 1))
-        for n, m in c.items():
-            s_ = spots[firsts[k] + n - 1]
-            assert m["n_spots_total"] == image_stats(s_.centroid[:, 0], s_.centroid[:, 1], s_.intensity,
-                                                     geometry).n_spots_total
-        counts.append([c[n]["n_spots_total"] for n in range(1, scan.grids[k].image_count + 1)])
-    expected = centre_3d_scans(*(GridScan(k + 1, np.array(counts[k]), g) for k, g in enumerate(scan.grids)),
-                               sample_id=scan.sample_id)
-    assert got.to_dicts() == expected.to_dicts()
+        answered_by_victim = len(journal(path, "reduce.xray_centering"))
+    assert 3 <= answered_by_victim < sum(g.image_count for g in scan.grids)  # the others answered the rest
+    assert_answered_once_as_the_finder_finds(local, registered, scan, detector, got)
+
+
+def test_a_file_watcher_killed_mid_scan_goes_on_from_its_last_checkpoint(local, tmp_path):
+    """The file watcher follows a file still being written (20 frames/s): a
+    message handles the frames written by then and, in one transaction,
+    sends them, acks itself and checkpoints how far it got to its own queue,
+    where any watcher takes it up. The process holding a checkpoint of it
+    (a ``zocalo.service -s PerImageAnalysis``) is killed (SIGKILL) mid-scan:
+    the next watcher goes on from that checkpoint, so no image is sent
+    twice or left out, each is answered once, and the result is the finder's."""
+    rate = 20.0
+    with worker_processes(local, tmp_path) as pids:
+        t = local.transport()
+        scan = small_scan(grids=[{"gridinfo": {**g.to_ispyb(), "steps_x": 12, "steps_y": 8}} for g in small_scan().grids])
+        registered, detector = local.add_detector_scan(scan, name="watched", size=SHAPE, frame_rate=rate)
+        with ZocaloResults(t, beamline=scan.beamline, private_queue=True, source=Source.CPU, timeout_s=60) as r:
+            r.subscribe()
+            trigger = ZocaloTrigger(t, timeout_s=10)
+            trigger.run_start(*scan.start_infos(registered.dcids, "watched"))
+            writing = detector.start()
+            # the end (the CPU recipe's start) comes with the first grid nearly written, so that
+            # the second grid's watcher is not first kept waiting longer than its frame timeout
+            time.sleep(scan.grids[0].image_count / rate - 0.4)
+            trigger.run_end(*registered.dcids)
+
+            def holding_a_checkpoint():
+                """A worker process whose last file watcher message of the second grid (its frames
+                being written) is a checkpoint it has not passed on."""
+                for pid, path in journals(local).items():
+                    ins, outs = journal(path, "filewatcher", "in"), journal(path, "filewatcher")
+                    xz = [e for e in ins + outs if int(e["dcid"]) == registered.dcids[1]]
+                    last = max(xz, key=lambda e: e["t"], default=None)
+                    if in_group(pid, pids) and last in ins and "filewatcher-status" in (last["payload"] or {}):
+                        return pid, path
+                return None
+
+            victim = eventually(holding_a_checkpoint, timeout=30)
+            assert victim, "no worker process held a checkpoint of the file watcher"
+            assert writing.is_alive(), "the detector was done before the watcher was killed"
+            pid, path = victim
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            killed_at = time.time()
+            got = r.trigger(dcids=registered.dcids, dcgid=registered.dcgid)
+        writing.join()
+        victims_checkpoints = [e for e in journal(path, "filewatcher", "in") if int(e["dcid"]) == registered.dcids[1]]
+    # the step went on from the checkpoint the killed watcher held (or a later one): it did not start over
+    held = victims_checkpoints[-1]
+    after = [e["payload"] for p, j in journals(local).items() if p != pid for e in journal(j, "filewatcher", "in")
+             if e["t"] > killed_at and e["dcid"] == held["dcid"]]
+    assert after and all(isinstance(m, dict) and m["filewatcher-status"]["sent"] >= held["payload"][
+        "filewatcher-status"]["sent"] for m in after), (held, after)
+    watched = sent(local, CPU_SERVICE, registered.dcids, to="per_image_analysis")
+    first_seen = min(m["file-seen-at"] for m in watched[registered.dcids[0]])
+    assert first_seen < detector.last_written_at - 1.0  # followed as written, not read once at the end
+    assert_answered_once_as_the_finder_finds(local, registered, scan, detector, got)
 
 
 def test_a_detector_writes_the_chunks_it_encoded_beforehand(tmp_path):

@@ -25,16 +25,26 @@ The data is either
 * **CPU** (``per_image_analysis``, started at ``end``, as Diamond's CPU
   PIA): reads the frames written, and sends ``n_spots_total`` (spots with
   ``d`` <= 40 Å), ``n_spots_no_ice``, ``n_spots_4A`` and ``total_intensity``.
+  For a detector's file, as Diamond's: a file watcher (``filewatcher``)
+  sends a message per frame written to the workers sharing
+  ``per_image_analysis``, each answering one image in a transaction with
+  its ack.
 
-The step's message is acked when every frame has been sent (or named as
+A step's message is acked when every frame has been sent (or named as
 never come): a service that stops half-way leaves it to be run again (the
-centring service takes duplicates). A step that cannot run (no DCID, data
-missing, not HDF5, truncated, frames of the wrong size) is one log line and
-dead-lettered: it would fail the same way again.
+centring service takes duplicates). The file watcher is exactly once
+instead: a message of it waits for a frame not yet sent (up to the frame
+timeout since the last), then in one transaction sends every frame written
+by then, acks itself and, unless the step is done, checkpoints how far it
+got (``filewatcher-status``) to its own queue, for whichever watcher takes
+it next. A step that cannot run (no DCID, data missing, not HDF5,
+truncated, frames of the wrong size) is one log line and dead-lettered: it
+would fail the same way again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -62,6 +72,8 @@ WORKERS = 8
 STEPS_AT_ONCE = 64
 #: frames named at most when some never come
 NAMED = 20
+#: how long a worker waits before reading again a file that failed to read (it may be being written), seconds
+REREAD_S = 0.02
 #: the file watcher's queue (the CPU service watches files too: one process, both of Diamond's CPU roles)
 WATCHER_QUEUE = "filewatcher"
 
@@ -195,6 +207,38 @@ class Frames:
         return cls(dcid, path, numbers[order], counts[order], due[order])
 
 
+@dataclass(frozen=True)
+class WatchStatus:
+    """How far a file watcher step has got, kept in its checkpoint message
+    (as Diamond's file watcher keeps ``filewatcher-status``): the number of
+    the step's frames sent (in order), since when it has waited for the next
+    and when it started (epoch s)."""
+
+    sent: int
+    waiting_since: float
+    started_at: float
+
+    KEY = "filewatcher-status"
+
+    @classmethod
+    def of(cls, message: Any, frames: int) -> WatchStatus:
+        """The status a watcher message carries; a fresh one for the step's first message."""
+        status = message.get(cls.KEY) if isinstance(message, Mapping) else None
+        if status is None:
+            now = time.time()
+            return cls(0, now, now)
+        try:
+            got = cls(int(status["sent"]), float(status["waiting-since"]), float(status["started-at"]))
+        except (KeyError, TypeError, ValueError):
+            raise StepError(f"{cls.KEY}: expected sent, waiting-since and started-at, got {status!r:.80}") from None
+        if not 0 < got.sent < frames:
+            raise StepError(f"{cls.KEY}: {got.sent} frame(s) sent of a step of {frames}")
+        return got
+
+    def message(self) -> dict[str, Any]:
+        return {self.KEY: {"sent": self.sent, "waiting-since": self.waiting_since, "started-at": self.started_at}}
+
+
 def named(numbers: list[int]) -> str:
     """Image numbers, briefly: the first few, then how many more."""
     more = len(numbers) - NAMED
@@ -214,6 +258,9 @@ class PerImageAnalysis(CommonService):
         self.settings = Settings.of(self.config)
         self.progress: dict[int, GridProgress] = {}
         self._stopping = threading.Event()
+        #: one transaction at a time: workflows' transport numbers them without a lock; and a message
+        #: held in a thread is settled only while none is open on its channel (pika: a state mismatch)
+        self._transacting = threading.Lock()
         self.journal = logbook.attach(self)
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
         workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
@@ -251,7 +298,8 @@ class PerImageAnalysis(CommonService):
 
     def _dead_letter(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], error: StepError) -> None:
         self.log.error("%s per-image analysis cannot run: %s; dead-lettering the step", self.kind, error)
-        rw.transport.nack(header, requeue=False)  # it would fail the same way again
+        with self._transacting:  # not while a transaction is open on the channel
+            rw.transport.nack(header, requeue=False)  # it would fail the same way again
 
     def _run(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], step: Step,
              messages: Iterator[dict[str, Any]], progress: GridProgress) -> None:
@@ -266,7 +314,8 @@ class PerImageAnalysis(CommonService):
                 progress.last_sent_at = time.time()
             if self._stopping.is_set():
                 return  # the step stays unacked: it is run again by the next service
-            rw.transport.ack(header)
+            with self._transacting:  # not while a transaction is open on the channel
+                rw.transport.ack(header)
             self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", step.dcid,
                           progress.sent, time.monotonic() - start)
         except StepError as e:
@@ -294,31 +343,29 @@ class PerImageAnalysis(CommonService):
 
     # ---- the detector's file, through the spot finder ----
 
-    def _analysed(self, step: Step, wanted: range, *, find: bool = True) -> Iterator[dict[str, Any]]:
-        """Each frame's message as it is found (or, ``find`` False, as it is
-        written: the file watcher's message for a worker to answer)."""
+    def _analysed(self, step: Step, wanted: range) -> Iterator[dict[str, Any]]:
+        """Each frame's message as it is found."""
         from ..pia.follow import FileFollower
         from ..pia.images import ImagesError
 
-        follower = FileFollower(step.path, wanted, finder=self.spot_finder if find else None, stopping=self._stopping,
+        follower = FileFollower(step.path, wanted, finder=self.spot_finder, stopping=self._stopping,
                                 timeout_s=self.settings.frame_timeout_s if self.follows_detector else 0.0)
         path = str(step.path)
         try:
             for found in follower:
-                number = found.index - wanted.start + 1
-                file = {"file": path, "file-number": number, "file-seen-at": found.seen_at}
-                if found.spots is None:
-                    yield {"hdf5": path, "hdf5-index": found.index, **file}
-                else:
-                    yield {**file, **self.results(step.dcid, step.path, found.spots, follower.geometry,
-                                                  step.parameters)}
+                assert found.spots is not None
+                yield {"file": path, "file-number": found.index - wanted.start + 1, "file-seen-at": found.seen_at,
+                       **self.results(step.dcid, step.path, found.spots, follower.geometry, step.parameters)}
         except ImagesError as e:
             raise StepError(f"DCID {step.dcid}: {e}") from None
         if follower.missing:
-            numbers = [i - wanted.start + 1 for i in follower.missing]
-            waited = f"after {follower.timeout_s:g} s" if follower.timeout_s else "at end"
-            self.log.warning("%s per-image analysis of DCID %d: %d frame(s) never came (%s): images %s of %s; "
-                             "ending the step", self.kind, step.dcid, len(numbers), waited, named(numbers), step.path)
+            self._never_came(step, wanted, follower.missing, follower.timeout_s)
+
+    def _never_came(self, step: Step, wanted: range, missing: list[int], timeout_s: float) -> None:
+        numbers = [i - wanted.start + 1 for i in missing]
+        waited = f"after {timeout_s:g} s" if timeout_s else "at end"
+        self.log.warning("%s per-image analysis of DCID %d: %d frame(s) never came (%s): images %s of %s; "
+                         "ending the step", self.kind, step.dcid, len(numbers), waited, named(numbers), step.path)
 
     def spot_finder(self, images: Images) -> SpotFinder:
         """Diamond's CPU PIA runs DIALS's dispersion with its defaults."""
@@ -339,47 +386,117 @@ class PerImageAnalysis(CommonService):
     # ---- as Diamond's CPU path: a file watcher, and workers answering an image each ----
 
     def on_watch(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], message: Any) -> None:
-        """A file watcher step: one message per image written, to the workers."""
+        """A file watcher step, or its checkpoint: the images written since, to the workers."""
         try:
             step = Step.of(rw.recipe_step.get("parameters") or {})
             wanted = step.frames()
+            status = WatchStatus.of(message, len(wanted))
         except StepError as e:
             self._dead_letter(rw, header, e)
             return
-        progress = self.progress[step.dcid] = GridProgress(step.dcid, len(wanted))
-        threading.Thread(target=self._run, args=(rw, header, step, self._analysed(step, wanted, find=False), progress),
-                         daemon=True, name=f"file watcher of DCID {step.dcid}").start()
+        progress = self.progress.get(step.dcid)
+        if progress is None or status.sent == 0:  # a new step here (or its first message again)
+            progress = self.progress[step.dcid] = GridProgress(step.dcid, len(wanted))
+            if status.sent == 0:
+                self.log.info("file watcher of DCID %d: %d frame(s) from %s", step.dcid, len(wanted), step.path)
+        progress.sent = status.sent
+        threading.Thread(target=self._watch, args=(rw, header, step, wanted, status, progress), daemon=True,
+                         name=f"file watcher of DCID {step.dcid}").start()
+
+    def _watch(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], step: Step, wanted: range,
+               status: WatchStatus, progress: GridProgress) -> None:
+        """Wait for a frame not yet sent (or the frame timeout), then in one
+        transaction send every frame written by then, ack the message and,
+        unless the step is done, checkpoint how far it got: a watcher killed
+        at any point has sent each image once, or not yet."""
+        from ..pia.follow import FileFollower
+        from ..pia.images import ImagesError
+
+        timeout_s = self.settings.frame_timeout_s
+        follower = FileFollower(step.path, wanted[status.sent:], finder=None, stopping=self._stopping,
+                                timeout_s=max(0.0, timeout_s - (time.time() - status.waiting_since)))
+        try:
+            try:
+                with contextlib.closing(follower.batches()) as batches:
+                    written = next(batches, [])
+            except ImagesError as e:
+                raise StepError(f"DCID {step.dcid}: {e}") from None
+            if follower.stopped:
+                return  # the message stays unacked: it is run again by the next service
+            path, now = str(step.path), time.time()
+            images = [{"hdf5": path, "hdf5-index": f.index, "file": path, "file-number": f.index - wanted.start + 1,
+                       "file-seen-at": f.seen_at} for f in written]
+            sent = status.sent + len(images)
+            ended = sent == len(wanted) or not images  # every frame sent, or the rest never came
+            with self._transacting:
+                txn = rw.transport.transaction_begin(subscription_id=header["subscription"])
+                rw.transport.ack(header, transaction=txn)
+                for image in images:
+                    rw.send(image, transaction=txn)  # type: ignore[no-untyped-call]
+                if not ended:
+                    rw.checkpoint(WatchStatus(sent, now, status.started_at).message(),  # type: ignore[no-untyped-call]
+                                  transaction=txn)
+                rw.transport.transaction_commit(txn)
+            progress.sent = sent
+            if images:
+                progress.last_seen_at, progress.last_sent_at = written[-1].seen_at, time.time()
+            if follower.missing:
+                self._never_came(step, wanted, follower.missing, timeout_s)
+            if ended:
+                self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", step.dcid, sent,
+                              time.time() - status.started_at)
+                progress.done.set()
+        except StepError as e:
+            self._dead_letter(rw, header, e)
+            progress.done.set()
+        except Exception:
+            self.log.exception("file watcher of DCID %d stopped after %d frame(s)", step.dcid, progress.sent)
 
     def answer(self, rw: workflows.recipe.RecipeWrapper, header: Mapping[str, Any], image: Mapping[str, Any]) -> None:
         """One image from the file watcher: its results and the input's ``file*``
         keys, sent in one transaction with the input's ack."""
-        from ..pia.images import ImagesError, open_images
-
         dcid = _whole(rw.recipe_step.get("parameters") or {}, "dcid", "a DCID") or 0
         try:
             try:
                 path, index = Path(str(image["hdf5"])), int(image["hdf5-index"])
             except (KeyError, TypeError, ValueError):
                 raise StepError(f"DCID {dcid}: an image message without hdf5 and hdf5-index: {image!r:.80}") from None
+            payload = self._image_results(dcid, path, index)
+        except StepError as e:
+            self._dead_letter(rw, header, e)
+            return
+        if payload is None:
+            return  # stopping: the image stays unacked, for the next worker
+        payload.update({k: v for k, v in image.items() if k.startswith("file")})
+        with self._transacting:
+            txn = rw.transport.transaction_begin(subscription_id=header["subscription"])
+            rw.transport.ack(header, transaction=txn)
+            rw.send(payload, transaction=txn)  # type: ignore[no-untyped-call]
+            rw.transport.transaction_commit(txn)
+        watched = self.progress.get(dcid)  # the file watcher here: the spots found go on its progress
+        if watched is not None:
+            watched.spots += payload["n_spots_total"]
+
+    def _image_results(self, dcid: int, path: Path, index: int) -> dict[str, Any] | None:
+        """One frame's results (None if stopping first). The detector may
+        still be writing the file (the watcher follows it): a read that fails,
+        as one half-way through a write does, is tried again until the frame
+        timeout."""
+        from ..pia.images import ImagesError, open_images
+
+        deadline = time.monotonic() + self.settings.frame_timeout_s
+        while True:
             try:
                 with open_images(path) as images:
                     if not 0 <= index < len(images):
                         raise StepError(f"DCID {dcid}: {path} has {len(images)} frame(s), no frame {index}")
                     finder = self._finders.get(path) or self._finders.setdefault(path, self.spot_finder(images))
-                    payload = self.results(dcid, path, finder.find(images[index]), images.geometry, {})
+                    return self.results(dcid, path, finder.find(images[index]), images.geometry, {})
             except ImagesError as e:
-                raise StepError(f"DCID {dcid}: {e}") from None
-        except StepError as e:
-            self._dead_letter(rw, header, e)
-            return
-        payload.update({k: v for k, v in image.items() if k.startswith("file")})
-        txn = rw.transport.transaction_begin(subscription_id=header["subscription"])
-        rw.transport.ack(header, transaction=txn)
-        rw.send(payload, transaction=txn)  # type: ignore[no-untyped-call]
-        rw.transport.transaction_commit(txn)
-        watched = self.progress.get(dcid)  # the file watcher here: the spots found go on its progress
-        if watched is not None:
-            watched.spots += payload["n_spots_total"]
+                if time.monotonic() >= deadline:
+                    raise StepError(f"DCID {dcid}: {e}") from None
+            if self._stopping.wait(REREAD_S):
+                return None
 
 
 class PerImageAnalysisGPU(PerImageAnalysis):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -81,7 +81,15 @@ class FileFollower:
         self._detector: Optional[Images] = None
 
     def __iter__(self) -> Iterator[Found]:
-        batch = BATCH_PER_THREAD * (self.threads or len(os.sched_getaffinity(0)))
+        for found in self.batches():
+            yield from found
+
+    def batches(self) -> Generator[list[Found], None, None]:
+        """The frames in batches, in order, as they are found. With no
+        finder a batch is every frame written since the last batch (the
+        first: every frame there is); the next is not looked for until this
+        one is taken, so a caller can act on what is there before waiting."""
+        batch = BATCH_PER_THREAD * (self.threads or len(os.sched_getaffinity(0))) if self._finder else len(self.frames)
         frames, done = self.frames, 0  # frames[:done] are found
         last_progress = time.monotonic()
         while done < len(frames):
@@ -99,8 +107,8 @@ class FileFollower:
                     self.geometry = images.geometry
                     while done < len(frames) and frames[done] < len(images) and not self._stopping.is_set():
                         chunk = [i for i in frames[done:done + batch] if i < len(images)]
-                        for index, spots in zip(chunk, self._find(images, chunk)):
-                            yield Found(index, spots, seen_at)
+                        found = [Found(index, spots, seen_at) for index, spots in zip(chunk, self._find(images, chunk))]
+                        yield found
                         done += len(chunk)
                         last_progress = time.monotonic()
             except ImagesError as e:
