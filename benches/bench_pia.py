@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Round:
     results: Any = None
     written_at: float = 0.0  # time.time() as the last frame's write began
     arrived_at: float = 0.0
+    writes: dict[int, float] = field(default_factory=dict)  # frame index -> time.time() as its write began
 
 
 class Rounds:
@@ -138,6 +139,7 @@ class Rounds:
                 wait = start + k / rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
+            r.writes[i] = time.time()
             r.detector.writer.write_chunk(self.chunks[i])
 
     def sent(self, r: Round) -> int:
@@ -192,6 +194,15 @@ def check(local: LocalZocalo, scan: Scan, r: Round, frames: int) -> dict[int, li
     return sent
 
 
+def lags(local: LocalZocalo, scan: Scan, r: Round) -> list[float]:
+    """For each frame of the round written at the rate (by index), its message sent minus its write's start."""
+    sent = messages(local, r)
+    firsts = np.cumsum([0] + [g.image_count for g in scan.grids])
+    by_index = {int(firsts[k]) + m["file-number"] - 1: m["sent_at"] for k, dcid in enumerate(r.registered.dcids)
+                for m in sent[dcid]}
+    return [by_index[i] - r.writes[i] for i in sorted(r.writes) if i < firsts[-1] - 1]
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
@@ -214,6 +225,12 @@ def test_paced_last_frame_to_result(record, local, scan, size, chunks, note, req
                 lag.append(final["sent_at"] - r.written_at)
                 result.append(r.arrived_at - final["sent_at"])
             p50 = statistics.median
+            during = [lags(local, scan, r) for r in rounds.done]
+            note(f"{SUITE}, {RATE:.0f} frames/s of {size}, keeping up: each of the {len(during[0])} frames before "
+                 f"the last, its message sent after its write began, p50 {ms(p50(p50(d) for d in during))}, "
+                 f"the rounds' worst {ms(p50(max(d) for d in during))} (median of rounds), "
+                 f"{ms(max(max(d) for d in during))} at most; p50 of the first 50 frames "
+                 f"{ms(p50(p50(d[:50]) for d in during))}, of the last 50 {ms(p50(p50(d[-50:]) for d in during))}")
             note(f"{SUITE}, {RATE:.0f} frames/s of {size}, median of {len(rounds.done)} rounds: last frame written "
                  f"-> seen in the file {ms(p50(seen))} -> its message sent {ms(p50(sent))} (decode, find, publish) "
                  f"-> result in the caller {ms(p50(result))} (centre, publish, deliver); last message "
