@@ -72,6 +72,8 @@ WORKERS = 8
 STEPS_AT_ONCE = 64
 #: frames named at most when some never come
 NAMED = 20
+#: files whose detector (mask, geometry) and spot finder a worker keeps for the next image
+FILES_KEPT = 8
 #: how long a worker waits before reading again a file that failed to read (it may be being written), seconds
 REREAD_S = 0.02
 #: the file watcher's queue (the CPU service watches files too: one process, both of Diamond's CPU roles)
@@ -86,6 +88,20 @@ class GridProgress:
     frames: int
     sent: int = 0
     spots: int = 0  # n_spots_total over the frames sent
+    #: a file watcher's grid: ``sent`` counts the images handed to the workers, ``answered`` those that
+    #: workers of this service answered
+    watched: bool = False
+    answered: int = 0
+
+    @property
+    def results(self) -> int:
+        """Images whose results are sent (by this service's workers, for a watched grid)."""
+        return self.answered if self.watched else self.sent
+
+    @property
+    def finished(self) -> bool:
+        """Every frame's results sent (or the step ended with frames that never came)."""
+        return self.done.is_set() and (not self.watched or self.answered >= self.sent)
     last_seen_at: float | None = None
     last_sent_at: float | None = None  # time.time() once the last message so far is sent
     done: threading.Event = field(default_factory=threading.Event)
@@ -239,6 +255,13 @@ class WatchStatus:
         return {self.KEY: {"sent": self.sent, "waiting-since": self.waiting_since, "started-at": self.started_at}}
 
 
+def _keep_recent(cache: dict[Path, Any], path: Path, value: Any) -> None:
+    """``cache[path] = value``, forgetting the oldest beyond the files of the last few scans."""
+    cache[path] = value
+    while len(cache) > FILES_KEPT:
+        del cache[next(iter(cache))]
+
+
 def named(numbers: list[int]) -> str:
     """Image numbers, briefly: the first few, then how many more."""
     more = len(numbers) - NAMED
@@ -265,8 +288,9 @@ class PerImageAnalysis(CommonService):
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
         workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
                                         prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
-        #: spot finders by file, for the images workers answer (a detector's mask is read once)
+        #: spot finders and detectors (mask, geometry) by file, for the images workers answer: read once
         self._finders: dict[Path, SpotFinder] = {}
+        self._detectors: dict[Path, Images] = {}
         if not self.follows_detector:
             workflows.recipe.wrap_subscribe(self._transport, WATCHER_QUEUE, self.on_watch, acknowledgement=True,
                                             prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
@@ -396,7 +420,7 @@ class PerImageAnalysis(CommonService):
             return
         progress = self.progress.get(step.dcid)
         if progress is None or status.sent == 0:  # a new step here (or its first message again)
-            progress = self.progress[step.dcid] = GridProgress(step.dcid, len(wanted))
+            progress = self.progress[step.dcid] = GridProgress(step.dcid, len(wanted), watched=True)
             if status.sent == 0:
                 self.log.info("file watcher of DCID %d: %d frame(s) from %s", step.dcid, len(wanted), step.path)
         progress.sent = status.sent
@@ -443,8 +467,8 @@ class PerImageAnalysis(CommonService):
             if follower.missing:
                 self._never_came(step, wanted, follower.missing, timeout_s)
             if ended:
-                self.log.info("per-image analysis of DCID %d: done, %d frame(s) in %.2f s", step.dcid, sent,
-                              time.time() - status.started_at)
+                self.log.info("file watcher of DCID %d: done, %d frame(s) handed to the workers in %.2f s", step.dcid,
+                              sent, time.time() - status.started_at)
                 progress.done.set()
         except StepError as e:
             self._dead_letter(rw, header, e)
@@ -473,9 +497,10 @@ class PerImageAnalysis(CommonService):
             rw.transport.ack(header, transaction=txn)
             rw.send(payload, transaction=txn)  # type: ignore[no-untyped-call]
             rw.transport.transaction_commit(txn)
-        watched = self.progress.get(dcid)  # the file watcher here: the spots found go on its progress
+        watched = self.progress.get(dcid)  # the file watcher here: the images answered go on its progress
         if watched is not None:
             watched.spots += payload["n_spots_total"]
+            watched.answered += 1
 
     def _image_results(self, dcid: int, path: Path, index: int) -> dict[str, Any] | None:
         """One frame's results (None if stopping first). The detector may
@@ -487,11 +512,16 @@ class PerImageAnalysis(CommonService):
         deadline = time.monotonic() + self.settings.frame_timeout_s
         while True:
             try:
-                with open_images(path) as images:
+                with open_images(path, detector=self._detectors.get(path)) as images:
+                    if path not in self._detectors:
+                        _keep_recent(self._detectors, path, images)
+                        _keep_recent(self._finders, path, self.spot_finder(images))
                     if not 0 <= index < len(images):
                         raise StepError(f"DCID {dcid}: {path} has {len(images)} frame(s), no frame {index}")
-                    finder = self._finders.get(path) or self._finders.setdefault(path, self.spot_finder(images))
-                    return self.results(dcid, path, finder.find(images[index]), images.geometry, {})
+                    finder = self._finders[path]
+                    # as a frame of the file: decoded in the core, in bands of rows on every core
+                    (spots,) = finder.find_many(images, frames=range(index, index + 1))
+                    return self.results(dcid, path, spots, images.geometry, {})
             except ImagesError as e:
                 if time.monotonic() >= deadline:
                     raise StepError(f"DCID {dcid}: {e}") from None
