@@ -142,8 +142,8 @@ class Demo:
         total = sum(g.image_count for g in self.scan.grids)
         while True:
             grids = [service.progress.get(d) for d in scan.dcids]
-            sent = sum(g.sent for g in grids if g is not None)
-            finished = all(g is not None and g.done.is_set() for g in grids)
+            sent = sum(g.results for g in grids if g is not None)
+            finished = all(g is not None and g.finished for g in grids)
             elapsed = time.monotonic() - start
             if progress is not None:
                 progress.bar(what, sent, total, elapsed, finished=finished)
