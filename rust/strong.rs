@@ -796,6 +796,16 @@ mod fast {
             (&mut self.ring_p.from_mut(0)[slot * self.stride..][..w], &mut self.ring_level[slot * w..][..w])
         }
 
+        /// For the SIMD passes: row `e`'s slot (its terms and levels) and the
+        /// column sums from column 0, `w` of each.
+        #[inline(always)]
+        fn raw(&mut self, e: usize) -> (*mut u32, *mut u8, *mut u32, *mut u32) {
+            let w = self.w;
+            let (cp, cy) = (self.col_p.from_mut(0)[..w].as_mut_ptr(), self.col_y.from_mut(0)[..w].as_mut_ptr());
+            let (rp, rl) = self.slot(e);
+            (rp.as_mut_ptr(), rl.as_mut_ptr(), cp, cy)
+        }
+
         /// The column sums, from frame column `-before` on.
         fn cols(&self, before: usize) -> (&[u32], &[u32]) {
             (self.col_p.from(before), self.col_y.from(before))
@@ -820,9 +830,7 @@ mod fast {
             let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
             let w = self.w;
             assert!(v.len() >= w && g.len() >= w);
-            let (rp, rl) = self.slot(e);
-            let (rp, rl) = (rp.as_mut_ptr(), rl.as_mut_ptr());
-            let (cp, cy) = (self.col_p.from_mut(0)[..w].as_mut_ptr(), self.col_y.from_mut(0)[..w].as_mut_ptr());
+            let (rp, rl, cp, cy) = self.raw(e);
             let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
             // values as u32 lanes: a negative one (widened by sign) is above
             // every valid one, as `v >= 0` asks
@@ -877,9 +885,7 @@ mod fast {
             let Some((v, g)) = row else { return self.enter_from(0, e, row, max, f) };
             let w = self.w;
             assert!(v.len() >= w && g.len() >= w);
-            let (rp, rl) = self.slot(e);
-            let (rp, rl) = (rp.as_mut_ptr(), rl.as_mut_ptr());
-            let (cp, cy) = (self.col_p.from_mut(0)[..w].as_mut_ptr(), self.col_y.from_mut(0)[..w].as_mut_ptr());
+            let (rp, rl, cp, cy) = self.raw(e);
             let (vp, gp) = (v.as_ptr(), g.as_ptr() as *const u8);
             // values as u32 lanes, as enter_avx2 widens them
             let lanes = |c: usize| match std::mem::size_of::<T>() {
