@@ -123,6 +123,7 @@ impl Finder {
             let fresh = || (Vec::<T>::new(), Vec::<T>::new(), Vec::<u8>::new());
             let bands = self.bands(chunks.len(), threads, height);
             if bands == 1 {
+                // a frame a thread, labelled in its thread too
                 return in_parallel(chunks.len(), threads, fresh, |buffers, i| {
                     Ok(label(&self.strong_in_band(chunks[i], height, width, (0, height), buffers)?, width, self.limits))
                 });
