@@ -288,9 +288,8 @@ class PerImageAnalysis(CommonService):
         # a step is held (unacked) while its frames play: take many at once, as a pool of workers does
         workflows.recipe.wrap_subscribe(self._transport, self.queue, self.on_step, acknowledgement=True,
                                         prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
-        #: spot finders and detectors (mask, geometry) by file, for the images workers answer: read once
-        self._finders: dict[Path, SpotFinder] = {}
-        self._detectors: dict[Path, Images] = {}
+        #: the detector (mask, geometry) and spot finder of a file, for the images workers answer: made once
+        self._files: dict[Path, tuple[Images, SpotFinder]] = {}
         if not self.follows_detector:
             workflows.recipe.wrap_subscribe(self._transport, WATCHER_QUEUE, self.on_watch, acknowledgement=True,
                                             prefetch_count=STEPS_AT_ONCE, log_extender=self.extend_log)
@@ -512,13 +511,14 @@ class PerImageAnalysis(CommonService):
         deadline = time.monotonic() + self.settings.frame_timeout_s
         while True:
             try:
-                with open_images(path, detector=self._detectors.get(path)) as images:
-                    if path not in self._detectors:
-                        _keep_recent(self._detectors, path, images)
-                        _keep_recent(self._finders, path, self.spot_finder(images))
+                known = self._files.get(path)
+                with open_images(path, detector=known[0] if known else None) as images:
+                    if known is None:
+                        known = (images, self.spot_finder(images))
+                        _keep_recent(self._files, path, known)
                     if not 0 <= index < len(images):
                         raise StepError(f"DCID {dcid}: {path} has {len(images)} frame(s), no frame {index}")
-                    finder = self._finders[path]
+                    finder = known[1]
                     # as a frame of the file: decoded in the core, in bands of rows on every core
                     (spots,) = finder.find_many(images, frames=range(index, index + 1))
                     return self.results(dcid, path, spots, images.geometry, {})
