@@ -106,6 +106,49 @@ def test_open_scans_adding_up_past_65535_images_all_complete(rabbit, unique):
         t.close()
 
 
+def test_a_commit_acks_its_batch_in_one_frame_after_scans_have_finished(rabbit, unique):
+    """Finished scans leave their tombstones in the queue for a minute, held
+    by the service. Held one by one, each would sit below every later batch
+    of acks, which would then go one frame per image (the broker settles
+    each as slowly as a publish: a checkpoint of 32,767 images took 1.1 s,
+    and a result waiting behind it as long). Held as one record, republished
+    by every commit that acks, each commit acks in one frame: four scans in
+    a row, checkpointed every 100 images, take a frame per commit (and one
+    per checkpoint that comes back after its scan's result)."""
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+    t = AmqpTransport(zx.ConnectionSettings.from_url(rabbit.url))
+    q = f"reduce.xray_centering.{unique}"
+    t.declare_results_queue(q, exchange="pia", routing_key=q)
+    t.declare_results_queue(f"xrc.{unique}")
+    service = XrcService(t, q, idle_s=120, checkpoint_images=100).start()
+    channel = service.subscription.channel._impl
+    frames = []
+    basic_ack = channel.basic_ack
+
+    def counted(tag, multiple=False):
+        frames.append(tag)
+        basic_ack(tag, multiple=multiple)
+
+    channel.basic_ack = counted
+    try:
+        for k in range(4):
+            publish(t, q, scan(unique, shift=10 * k)[2])
+            [result] = taken(t, f"xrc.{unique}", 1)
+            assert zx.parse_result_message(result.body).results == direct_3d()
+        assert eventually(lambda: t.message_count(q) == 0 and service.held == 0)
+        commits = service.checkpoints + service.completed
+        assert service.completed == 4 and service.checkpoints >= 4 * 4
+        # one frame a commit, and one for each checkpoint that comes back after its scan is over
+        assert len(frames) <= commits + service.checkpoints, f"{len(frames)} ack frames for {commits} commits"
+        assert len(service.records_held) <= 2 and len(service.tombstones) == 4
+    finally:
+        service.stop()
+        for name in (q, f"dlq.{q}", f"xrc.{unique}", f"dlq.xrc.{unique}"):
+            t.delete_queue(name)
+        t.close()
+
+
 def test_twenty_restarts_during_one_open_scan_lose_nothing(rabbit, rabbitmq, unique):
     """The service killed (kill -9 and SIGTERM in turn) 20 times while a scan
     is open, on a queue with Diamond's delivery limit of 5: the scan's
@@ -350,3 +393,19 @@ def test_a_new_run_of_a_finished_scan_is_centred_again(transport, work, unique):
         assert service.completed == 2 and service.rejected == 0
     finally:
         service.stop()
+
+
+def test_a_record_of_finished_scans_reads_back_and_so_does_a_lone_tombstone():
+    """The record round-trips; a lone tombstone, as earlier versions wrote
+    it, reads as a record of one; a broken one is refused with the reason."""
+    from zocalo_xrc.service.assembly import MessageRejected
+    from zocalo_xrc.service.checkpoint import Tombstone, parse, record
+
+    stones = [Tombstone((7, 8), "result", {7: "a", 8: "a"}, 1.7e9), Tombstone((9,), "abort", None, 1.7e9 + 1)]
+    taken = parse(record(t.encode() for t in stones))
+    assert taken.group == () and taken.tombstones == tuple(stones)
+    assert taken.describe() == "a record of 2 finished scan(s)"
+    lone = parse(b'{"zocalo-xrc-checkpoint": 1, "group": [9], "outcome": "abort", "finished-at": 1700000001.0}')
+    assert lone.tombstones == (stones[1],)
+    with pytest.raises(MessageRejected, match="unreadable checkpoint"):
+        parse(b'{"zocalo-xrc-checkpoint": 1, "tombstones": [{"group": ["x"], "outcome": "result"}]}')

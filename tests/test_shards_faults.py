@@ -60,7 +60,7 @@ def shard_queues(q):
 
 def left_behind(t, names):
     """What waits in the queues ``names`` (taken off them), but for the
-    tombstones of finished scans, which a stopped service hands back for
+    records of finished scans (their tombstones), which a stopped service hands back for
     the next, by queue."""
     left = {}
     for name in names:
@@ -69,7 +69,8 @@ def left_behind(t, names):
         left[name] = []
         for _ in range(t.message_count(name)):
             d = got.get(timeout=10)
-            if not (is_checkpoint(d.body) and parse(d.body).outcome == "result"):
+            if not (is_checkpoint(d.body) and parse(d.body).tombstones
+                    and all(t.outcome == "result" for t in parse(d.body).tombstones)):
                 left[name].append(d.body[:80])
             d.ack()
         sub.cancel()

@@ -13,13 +13,18 @@ Checkpoints are snapshots, merged by union: an image's count is the same in
 every checkpoint that has it, so any number of them, old or new, in any
 order, with or without the images themselves, rebuild the same scan.
 
-Every finished scan leaves a *tombstone* (a checkpoint with an
-``outcome``), published with its result: it is behind any checkpoint of the
-scan in the queue, and tells whoever takes that checkpoint, or a repeat of
-the scan's images, that the scan is over. A scan rebuilt from messages the
-broker hands out again may have finished before; it is centred only once a
-*barrier* (a checkpoint naming a nonce) it sends to the queue has come
-back: a tombstone of it would have come first.
+Every finished scan leaves a *tombstone* (its DCIDs and ``outcome``),
+published with its result: it is behind any checkpoint of the scan in the
+queue, and tells whoever takes that checkpoint, or a repeat of the scan's
+images, that the scan is over. Tombstones travel together, in a *record*
+of the recently finished scans: each commit that acks publishes the
+record anew and acks the copies held, so that one copy at most sits below
+the acks (one ``basic.ack`` frame acks a whole batch; a copy held per scan
+would split it into one frame per image, each costing the broker as much
+as a publish). A scan rebuilt from messages the broker hands out again may
+have finished before; it is centred only once a *barrier* (a checkpoint
+naming a nonce) it sends to the queue has come back: a tombstone of it
+would have come first.
 
 No I/O here: bytes in, bytes out.
 """
@@ -30,7 +35,7 @@ import base64
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -53,18 +58,35 @@ class GridState:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Tombstone:
+    """A finished scan: how it ended, each grid's run (recipe ID), when (wall clock)."""
+
     group: tuple[int, ...]
+    outcome: str  # "result" or "abort"
+    runs: dict[int, Any] | None
+    finished_at: float
+
+    def describe(self) -> str:
+        return f"a tombstone ({self.outcome}) of DCID {', '.join(map(str, self.group))}"
+
+    def encode(self) -> bytes:
+        """Its JSON object, as a record holds it (:func:`record`)."""
+        return json.dumps({"group": list(self.group), "outcome": self.outcome, "finished-at": self.finished_at,
+                           **({} if self.runs is None else {"runs": [[d, r] for d, r in self.runs.items()]})}).encode()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    group: tuple[int, ...]  # () for a record of tombstones
     grids: tuple[GridState, ...]
-    outcome: str | None = None  # a tombstone's: "result" or "abort"
-    runs: dict[int, Any] | None = None  # a tombstone's: the recipe ID of each grid's run
-    finished_at: float | None = None  # a tombstone's: when (wall clock)
+    tombstones: tuple[Tombstone, ...] = ()  # a record's
     barrier: str | None = None  # a barrier's nonce
     maybe_finished: bool = False  # rebuilt from messages handed out again: it may have finished before
 
     def describe(self) -> str:
-        kind = f"tombstone ({self.outcome})" if self.outcome else "barrier" if self.barrier else "checkpoint"
-        return f"a {kind} of DCID {', '.join(map(str, self.group))}"
+        if not self.group:
+            return f"a record of {len(self.tombstones)} finished scan(s)"
+        return f"a {'barrier' if self.barrier else 'checkpoint'} of DCID {', '.join(map(str, self.group))}"
 
 
 def encode(group: Group, firsts: dict[int, bytes], maybe_finished: bool = False) -> bytes:
@@ -83,10 +105,9 @@ def encode(group: Group, firsts: dict[int, bytes], maybe_finished: bool = False)
     return _body({"group": list(group.dcids), "grids": grids, **({"maybe-finished": True} if maybe_finished else {})})
 
 
-def tombstone(dcids: tuple[int, ...], outcome: str, runs: dict[int, Any] | None, finished_at: float) -> bytes:
-    """The message that says a scan is over (``outcome``: result or abort)."""
-    return _body({"group": list(dcids), "outcome": outcome, "finished-at": finished_at,
-                  **({} if runs is None else {"runs": [[d, r] for d, r in runs.items()]})})
+def record(tombstones: Iterable[bytes]) -> bytes:
+    """The message that says these scans are over: their :meth:`Tombstone.encode`."""
+    return MARK + b', "tombstones": [' + b", ".join(tombstones) + b"]}"
 
 
 def barrier(dcids: tuple[int, ...], nonce: str) -> bytes:
@@ -98,10 +119,11 @@ def parse(body: bytes) -> Checkpoint:
     """The checkpoint in ``body``; :class:`MessageRejected` says what is wrong."""
     try:
         message = json.loads(body)
+        if "tombstones" in message:
+            return Checkpoint((), (), tuple(_tombstone(t) for t in message["tombstones"]))
+        if "outcome" in message:  # one tombstone alone, as a service before records wrote it
+            return Checkpoint((), (), (_tombstone(message),))
         group = tuple(int(d) for d in message["group"])
-        outcome = message.get("outcome")
-        runs = {int(d): r for d, r in message["runs"]} if "runs" in message else None
-        finished_at = None if message.get("finished-at") is None else float(message["finished-at"])
         nonce = message.get("barrier")
         grids = []
         for g in message.get("grids", []):
@@ -118,8 +140,13 @@ def parse(body: bytes) -> Checkpoint:
         if state.first.group_dcids != group:
             raise MessageRejected(f"a checkpoint of DCID {', '.join(map(str, group))} holds a grid of another "
                                   f"group ({', '.join(map(str, state.first.group_dcids))})")
-    return Checkpoint(group, tuple(grids), None if outcome is None else str(outcome), runs, finished_at,
-                      None if nonce is None else str(nonce), bool(message.get("maybe-finished")))
+    return Checkpoint(group, tuple(grids), (), None if nonce is None else str(nonce), bool(message.get("maybe-finished")))
+
+
+def _tombstone(fields: dict[str, Any]) -> Tombstone:
+    runs = {int(d): r for d, r in fields["runs"]} if "runs" in fields else None
+    return Tombstone(tuple(int(d) for d in fields["group"]), str(fields["outcome"]), runs,
+                     float(fields.get("finished-at") or 0.0))
 
 
 def _body(fields: dict[str, Any]) -> bytes:

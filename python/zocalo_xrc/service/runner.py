@@ -3,17 +3,21 @@ centre each group once it is complete, send the result to the step's
 ``success`` output, abandon idle groups to ``abort``.
 
 Each result once, across crashes and restarts: the result is published
-with a tombstone of its scan (to the service's own queue), and the scan's
-messages are acked once the broker has confirmed both
-(:meth:`Subscription.commit`). A service that dies before the acks has
+with a tombstone of its scan (to the service's own queue, in the record of
+recently finished scans), and the scan's messages are acked once the
+broker has confirmed both (:meth:`Subscription.commit`). A service that dies before the acks has
 acked nothing: the broker hands the messages to the next one, which
 rebuilds the scan and, before centring it (it was rebuilt from messages
 handed out again), sends a barrier to its queue and waits for it: a
 tombstone of the scan comes first if the result went, and the rebuilt scan
-is settled, not sent again. A tombstone taken is held unacked for a minute
+is settled, not sent again. A tombstone is kept in the queue for a minute
 (:data:`TOMBSTONE_S`), so that a restart in that time finds it again, and
 so do repeats of the scan's images (a shard router killed between its
-forwards and its acks); a service that stops hands it back with the rest. An open group is not held unacked for long: now and
+forwards and its acks): the record that holds it is held unacked, and
+each commit that acks publishes the record anew (what is still within its
+minute) and acks the copies held, so that nothing held for long sits below
+a batch of acks (:mod:`.checkpoint`); a service that stops hands the
+record back with the rest. An open group is not held unacked for long: now and
 then its state goes to the service's own queue as a checkpoint, and the
 images it covers are acked once it is confirmed (module :mod:`.checkpoint`);
 a restarted service resumes from it, merging checkpoints by union. The
@@ -44,8 +48,8 @@ from ..messages import is_recipe_envelope
 from ..summary import format_2d
 from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
-from .checkpoint import Checkpoint, barrier, encode as encode_checkpoint, is_checkpoint, parse as parse_checkpoint
-from .checkpoint import tombstone
+from .checkpoint import Checkpoint, Tombstone, barrier, encode as encode_checkpoint, is_checkpoint
+from .checkpoint import parse as parse_checkpoint, record
 from .recipe import Envelope, EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -64,9 +68,9 @@ REFRESH_S = 0.05
 TICK_LATE_S = 1.0
 #: How many finished groups are remembered (a late duplicate of one is acked, nothing more).
 FINISHED_KEPT = 50_000
-#: A tombstone is held unacked this long after its scan finished (wall clock) ...
+#: A tombstone is kept in the queue this long after its scan finished (wall clock) ...
 TOMBSTONE_S = 60.0
-#: ... and at most this many are held (the oldest acked first).
+#: ... and at most this many are (the oldest dropped first).
 TOMBSTONES_HELD = 2_000
 
 
@@ -184,7 +188,10 @@ class XrcService(AtomicConsumer):
         self.aborted_named = Recent(FINISHED_KEPT)
         self._told = Recent(1_000)  # (group, what) logged once at INFO
         self.held = 0  # unacked images and checkpoints, all groups
-        self.tombstones: collections.deque[tuple[float, Delivery]] = collections.deque()  # (ack at, tombstone)
+        # the recently finished groups, each with its tombstone encoded, oldest first: what the record says
+        self.tombstones: dict[tuple[int, ...], tuple[Tombstone, bytes]] = {}
+        self.records_held: list[Delivery] = []  # copies of the record taken, unacked
+        self._records_sent = Recent(64)  # message IDs of the records this service published
         self.completed = 0
         self.rejected = 0
         self.checkpoints = 0
@@ -205,6 +212,10 @@ class XrcService(AtomicConsumer):
             log.exception("a message on %s could not be dealt with", self.queue)
 
     def _take(self, delivery: Delivery) -> None:
+        if delivery.message_id is not None and self._records_sent.get(delivery.message_id) is not None \
+                and not delivery.redelivered:
+            self.records_held.append(delivery)  # a record this service sent: it knows what it holds
+            return
         if is_checkpoint(delivery.body):
             return self._take_checkpoint(delivery)
         if not is_recipe_envelope(delivery.headers):
@@ -252,8 +263,8 @@ class XrcService(AtomicConsumer):
         key = checkpoint.group
         if checkpoint.barrier is not None:
             return self._take_barrier(delivery, key, checkpoint.barrier)
-        if checkpoint.outcome is not None:
-            return self._take_tombstone(delivery, checkpoint)
+        if not key:
+            return self._take_record(delivery, checkpoint)
         if self._settle_late(delivery, key, checkpoint.describe(), lambda: [g.first for g in checkpoint.grids]):
             return
         group = None
@@ -270,11 +281,21 @@ class XrcService(AtomicConsumer):
         held.maybe_finished |= checkpoint.maybe_finished
         self._hold(group, held, delivery)
 
-    def _take_tombstone(self, delivery: Delivery, tombstone: Checkpoint) -> None:
-        """The group is over: settle what was rebuilt of it, remember it, and
-        hold the tombstone for its time."""
+    def _take_record(self, delivery: Delivery, taken: Checkpoint) -> None:
+        """Tombstones: the groups are over. Settle what was rebuilt of each,
+        remember them, and hold the record (a fresh copy of it, if the
+        broker hands it out again: no restart counts against the queue's
+        delivery limit)."""
+        for tombstone in taken.tombstones:
+            self._take_tombstone(tombstone)
+        self.records_held.append(delivery)
+        if delivery.redelivered:
+            self._commit([], [], "record of finished scans", None, record=True)
+        elif not self._tombstones_kept():
+            self._release_tombstones()
+
+    def _take_tombstone(self, tombstone: Tombstone) -> None:
         key = tombstone.group
-        assert tombstone.outcome is not None
         held = self.open.get(key)
         if held is not None and tombstone.runs is not None and any(
                 tombstone.runs.get(dcid, run) != run for dcid, run in _runs(list(held.firsts.values())).items()):
@@ -290,22 +311,33 @@ class XrcService(AtomicConsumer):
                          group.describe() if group else key, tombstone.outcome)
                 if held.deliveries:
                     self._commit([], held.deliveries, "settlement", key)
-        until = (tombstone.finished_at or 0.0) + TOMBSTONE_S
-        if until <= time.time():
-            delivery.ack()
-        elif delivery.redelivered:  # a fresh copy, so that no restart counts against the queue's delivery limit
-            self._commit([Outgoing("", self.queue, delivery.body, {}, new_message_id())], [delivery], "tombstone", key)
-        else:
-            self.tombstones.append((until, delivery))
-            if len(self.tombstones) > TOMBSTONES_HELD:
-                self.tombstones.popleft()[1].ack()
-            self._schedule(time.monotonic() + until - time.time(), "tombstones", ())
+        if key not in self.tombstones and tombstone.finished_at + TOMBSTONE_S > time.time():
+            self._keep_tombstone(tombstone)
+
+    def _keep_tombstone(self, tombstone: Tombstone) -> None:
+        """``tombstone`` goes in the next record published, until its time is over."""
+        self.tombstones.pop(tombstone.group, None)
+        self.tombstones[tombstone.group] = (tombstone, tombstone.encode())
+        while len(self.tombstones) > TOMBSTONES_HELD:
+            del self.tombstones[next(iter(self.tombstones))]
+        self._schedule(time.monotonic() + tombstone.finished_at + TOMBSTONE_S - time.time(), "tombstones", ())
+
+    def _tombstones_kept(self) -> bool:
+        """Forget the tombstones whose time is over; whether any is left."""
+        now = time.time()
+        while self.tombstones:
+            oldest = next(iter(self.tombstones.values()))[0]
+            if oldest.finished_at + TOMBSTONE_S > now:
+                return True
+            del self.tombstones[oldest.group]
+        return False
 
     def _release_tombstones(self) -> None:
-        """Ack the tombstones whose time is over."""
-        now = time.time()
-        while self.tombstones and self.tombstones[0][0] <= now:
-            self.tombstones.popleft()[1].ack()
+        """Once every tombstone's time is over, ack the copies of the record held."""
+        if not self._tombstones_kept():
+            held, self.records_held = self.records_held, []
+            for d in held:
+                d.ack()
 
     def _take_barrier(self, delivery: Delivery, key: tuple[int, ...], nonce: str) -> None:
         """A barrier back: no tombstone of its group came before it, so the
@@ -399,7 +431,8 @@ class XrcService(AtomicConsumer):
                 self.assembly.drop(group)
             self._close(key)
         self.finishing.clear()
-        self.tombstones.clear()  # they are handed out again too
+        self.tombstones.clear()  # the records are handed out again too
+        self.records_held.clear()
         self.held = 0
 
     def _reject(self, delivery: Delivery, why: str) -> None:
@@ -491,7 +524,8 @@ class XrcService(AtomicConsumer):
         remember it once committed."""
         key = group.dcids
         runs = _runs(list(held.firsts.values()))
-        sends = [*sends, Outgoing("", self.queue, tombstone(key, outcome, runs, time.time()), {}, new_message_id())]
+        # in the record from this commit on (a later commit's copy must hold it before this one's is acked)
+        self._keep_tombstone(Tombstone(key, outcome, runs, time.time()))
         finished = self.finishing[key] = Finished(outcome, runs)
 
         def committed() -> None:
@@ -499,22 +533,33 @@ class XrcService(AtomicConsumer):
                 self.finished.add(key, finished)
             (then or (lambda: self._finished(group, outcome)))()
 
-        def failed() -> None:
+        def failed() -> None:  # the channel is gone: what comes again says whether it finished
             self.finishing.pop(key, None)
+            self.tombstones.pop(key, None)
 
-        self._commit(sends, acks, outcome, key, committed, failed)
+        self._commit(sends, acks, outcome, key, committed, failed, record=True)
 
     def _finished(self, group: Group, outcome: str, latency_s: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.finished("3d" if len(group.dcids) > 1 else "2d", outcome, latency_s)
 
     def _commit(self, sends: list[Outgoing], acks: list[Delivery], what: str, key: tuple[int, ...] | None,
-                then: Callable[[], None] | None = None, failed: Callable[[], None] | None = None) -> None:
+                then: Callable[[], None] | None = None, failed: Callable[[], None] | None = None, *,
+                record: bool = False) -> None:
         """Publish ``sends`` and ack ``acks`` as one transaction; say what
-        became of it once the broker has answered."""
+        became of it once the broker has answered. With ``record``, or
+        whenever it acks, the record of finished groups goes with it: a
+        fresh copy, and the acks of the copies held."""
         if not sends and what in ("result", "abort"):
             log.warning("the recipe gives the %s of DCID %s nowhere to go; settling its messages", what, key)
         assert self.subscription is not None
+        if record or (acks and self.records_held):
+            if self._tombstones_kept():
+                copy = Outgoing("", self.queue, record_of(self.tombstones), {}, new_message_id())
+                self._records_sent.add(copy.message_id, True)
+                sends = [*sends, copy]
+            acks = [*acks, *self.records_held]
+            self.records_held = []
         future = self.subscription.commit(sends, acks)
 
         def done(f: Future[list[Outgoing]], _acks: list[Delivery] = acks) -> None:
@@ -588,6 +633,11 @@ class XrcService(AtomicConsumer):
         self.assembly.drop(group)
         # settled with the abort: abandoned, not to be tried again
         self._finish(group, held, "abort", envelope.send("abort", {}), held.deliveries)
+
+
+def record_of(tombstones: dict[tuple[int, ...], tuple[Tombstone, bytes]]) -> bytes:
+    """The record of these tombstones (each encoded once, when it was kept)."""
+    return record(encoded for _, encoded in tombstones.values())
 
 
 def describe(group: Group, envelope: Envelope) -> str:
