@@ -93,6 +93,27 @@ def test_help_of_every_command_states_its_own_defaults_and_exit_codes(tmp_path):
                    "zocalo-xrc local add-scan: ")
 
 
+def test_local_logbook_before_any_local_zocalo_says_so(tmp_path):
+    one_line_error(run("local", "logbook", "--state", tmp_path / "fresh"), cli.EXIT_FILE,
+                   "no local Zocalo has run with this state directory ('zocalo-xrc local up' starts one")
+
+
+def test_add_scan_says_how_fast_its_detector_wrote(tmp_path):
+    """The frames are drawn and compressed as they are written: asked for a
+    rate this machine cannot draw at, add-scan says the rate it wrote at."""
+    import json
+
+    from test_pia_services import small_scan
+
+    scan = tmp_path / "small.json"
+    scan.write_text(json.dumps(small_scan().to_dict()))
+    out = run("local", "add-scan", scan, "--state", tmp_path / "state", "--detector", "eiger2x-1m",
+              "--frame-rate", "1000000", timeout=120)
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if "frame(s) written in" in x]
+    assert "frames/s; slower than 1e+06 frames/s: drawing and compressing a frame here takes longer)" in line, line
+
+
 def test_3d_json_is_the_payload_and_parses_back():
     case, scans = case_3d()
     want = zx.centre_3d_scans(*scans, sample_id=case["sample_id"])
@@ -281,6 +302,17 @@ def test_demo_with_a_bad_password_says_so_in_one_line(rabbit):
 
 
 BROKER_COMMANDS = [["demo", EXAMPLES / "scan2d.json", "--plot", "none"], ["service"], ["local", "up"]]
+
+
+def test_the_service_names_the_option_given_for_its_broker():
+    """``service -e ENV``, as ``zocalo.service`` takes it: an error names
+    ``-e``, not ``--broker``, which the user never typed."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOCALO_CONFIG"}
+    one_line_error(run("service", "-e", "nosuchenv", env=env, timeout=60), cli.EXIT_BROKER,
+                   "-e: no zocalo configuration for environment 'nosuchenv': set ZOCALO_CONFIG")
+    one_line_error(run("service", "-e", "", timeout=60), cli.EXIT_USAGE, "-e: an empty string names no broker")
 
 
 @pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(map(str, c[:2])))

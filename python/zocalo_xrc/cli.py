@@ -97,30 +97,30 @@ def broker_help(command: str) -> str:
     return f"RabbitMQ: {forms}{default}"
 
 
-def broker_of(text: str | None, command: str) -> ConnectionSettings | None:
+def broker_of(text: str | None, command: str, flag: str = "--broker") -> ConnectionSettings | None:
     """What ``--broker`` names, read the same way by every command: an
     amqp:// URL, a zocalo environment of ``$ZOCALO_CONFIG``, or
     ``'in-process'`` (None: a broker inside this process, for the demo
     only). ``text`` None is the command's default: the in-process broker for
     the demo, dodal's environment otherwise. Errors suggest only what
-    ``command`` can use."""
+    ``command`` can use, and name ``flag``, the option the user gave."""
     in_process = command not in _NEEDS_A_SHARED_BROKER
     if text == IN_PROCESS or (text is None and in_process):
         if in_process:
             return None
-        raise CliError(f"--broker: {_NEEDS_A_SHARED_BROKER[command]}: give an amqp:// URL or a zocalo environment "
+        raise CliError(f"{flag}: {_NEEDS_A_SHARED_BROKER[command]}: give an amqp:// URL or a zocalo environment "
                        "('zocalo-xrc demo' runs in one process)", EXIT_USAGE)
     if text == "":
-        raise CliError("--broker: an empty string names no broker", EXIT_USAGE)
+        raise CliError(f"{flag}: an empty string names no broker", EXIT_USAGE)
     if text is not None and looks_like_url(text):
         try:
             return ConnectionSettings.from_url(text)
         except ConfigurationError as e:
-            raise CliError(f"--broker: {e}", EXIT_USAGE) from None
+            raise CliError(f"{flag}: {e}", EXIT_USAGE) from None
     environment = text or default_environment()
     if not os.environ.get("ZOCALO_CONFIG"):
         other = "an amqp:// URL" + (", or 'in-process' for a broker inside this process" if in_process else "")
-        raise CliError(f"--broker: no zocalo configuration for environment {environment!r}: set ZOCALO_CONFIG to "
+        raise CliError(f"{flag}: no zocalo configuration for environment {environment!r}: set ZOCALO_CONFIG to "
                        f"a zocalo YAML file, or give {other}", EXIT_BROKER)
     try:
         return ConnectionSettings.from_zocalo_config(environment)
@@ -874,7 +874,11 @@ def run_local_add_scan(args: argparse.Namespace) -> int:
         started = time.monotonic()
         written = detector.write()
         if not args.json:
-            print(f"detector: {written} frame(s) written in {time.monotonic() - started:.2f} s")
+            took = time.monotonic() - started
+            rate = written / took if took > 0 else float("inf")
+            slower = "" if rate >= 0.95 * args.frame_rate else \
+                f"; slower than {args.frame_rate:g} frames/s: drawing and compressing a frame here takes longer"
+            print(f"detector: {written} frame(s) written in {took:.2f} s ({rate:.0f} frames/s{slower})")
     return EXIT_OK
 
 
@@ -907,7 +911,8 @@ def run_local_logbook(args: argparse.Namespace) -> int:
 
     book = Logbook(StateDirectory(args.state or default_state_directory()).logbook)
     if not book.location.is_dir():
-        raise CliError(f"no logbook at {book.location} (give the local Zocalo's --state)", EXIT_FILE)
+        raise CliError(f"no logbook at {book.location}: no local Zocalo has run with this state directory "
+                       "('zocalo-xrc local up' starts one; or give the --state of the one that ran)", EXIT_FILE)
     if args.guid is None:
         import time as _time
 
@@ -1071,7 +1076,7 @@ def run_service(args: argparse.Namespace) -> int:
     if args.instance is not None and args.instance >= args.shards:
         raise CliError(f"--instance: expected 0..{args.shards - 1} with --shards {args.shards}, got {args.instance}",
                        EXIT_USAGE)
-    broker = broker_of(args.broker, "service")
+    broker = broker_of(args.broker, "service", "--broker" if args.environment is None else "-e")
     assert broker is not None  # the service refuses a broker inside its own process
     try:
         _zocalo_logging(args.broker)
