@@ -5,8 +5,9 @@ centre each group once it is complete, send the result to the step's
 Each result once, across crashes and restarts: the result is published
 with a tombstone of its scan (to the service's own queue, in the record of
 recently finished scans), and the scan's messages are acked once the
-broker has confirmed both (:meth:`Subscription.commit`). A service that dies before the acks has
-acked nothing: the broker hands the messages to the next one, which
+broker has confirmed both (:meth:`Subscription.commit`). A service that
+dies before the acks has acked nothing: the broker hands the messages to
+the next one, which
 rebuilds the scan and, before centring it (it was rebuilt from messages
 handed out again), sends a barrier to its queue and waits for it: a
 tombstone of the scan comes first if the result went, and the rebuilt scan
@@ -49,7 +50,7 @@ from ..summary import format_2d
 from .metrics import ServiceMetrics
 from .assembly import Assembly, Fate, Group, GroupRejected, MessageRejected, PiaMessage, centre
 from .checkpoint import Checkpoint, Tombstone, barrier, encode as encode_checkpoint, is_checkpoint
-from .checkpoint import parse as parse_checkpoint, record
+from .checkpoint import parse as parse_checkpoint, record as encode_record
 from .recipe import Envelope, EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -555,7 +556,9 @@ class XrcService(AtomicConsumer):
         assert self.subscription is not None
         if record or (acks and self.records_held):
             if self._tombstones_kept():
-                copy = Outgoing("", self.queue, record_of(self.tombstones), {}, new_message_id())
+                # each tombstone encoded once, when it was kept
+                body = encode_record(encoded for _, encoded in self.tombstones.values())
+                copy = Outgoing("", self.queue, body, {}, new_message_id())
                 self._records_sent.add(copy.message_id, True)
                 sends = [*sends, copy]
             acks = [*acks, *self.records_held]
@@ -633,11 +636,6 @@ class XrcService(AtomicConsumer):
         self.assembly.drop(group)
         # settled with the abort: abandoned, not to be tried again
         self._finish(group, held, "abort", envelope.send("abort", {}), held.deliveries)
-
-
-def record_of(tombstones: dict[tuple[int, ...], tuple[Tombstone, bytes]]) -> bytes:
-    """The record of these tombstones (each encoded once, when it was kept)."""
-    return record(encoded for _, encoded in tombstones.values())
 
 
 def describe(group: Group, envelope: Envelope) -> str:
