@@ -40,4 +40,7 @@ def rabbit():
     broker = rabbitmq.RabbitMQ(tmpfs=os.environ.get("ZOCALO_XRC_BROKER_TMPFS") == "1")
     broker.start()
     yield broker
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+    AmqpTransport.close_shared()  # the clients' connections, made once per process: not left retrying at exit
     broker.stop()

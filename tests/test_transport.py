@@ -229,3 +229,21 @@ def test_commit_needs_an_atomic_subscription(transport, unique):
         sub.commit([], []).result(10)
     sub.cancel()
     transport.delete_queue(unique)
+
+
+def test_shared_connections_close_together_and_the_next_is_new(rabbit):
+    """One connection per broker and credentials; ``close_shared`` closes
+    them all (a test session does, before its broker goes, so that none
+    keeps trying to reach it as the process exits)."""
+    from zocalo_xrc.messaging.rabbitmq import AmqpTransport
+
+    settings = zx.ConnectionSettings.from_url(rabbit.url)
+    first = AmqpTransport.shared(settings)
+    assert AmqpTransport.shared(settings) is first and eventually(first.connected.is_set)
+    AmqpTransport.close_shared()
+    assert not first.connected.is_set() and not first._thread.is_alive()
+    second = AmqpTransport.shared(settings)
+    try:
+        assert second is not first and eventually(second.connected.is_set)
+    finally:
+        AmqpTransport.close_shared()

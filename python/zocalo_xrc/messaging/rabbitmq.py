@@ -144,6 +144,16 @@ class AmqpTransport(Transport):
                 transport = cls._shared[key] = cls(settings, connect_timeout=None)
             return transport
 
+    @classmethod
+    def close_shared(cls) -> None:
+        """Close every connection :meth:`shared` made (before their broker
+        goes, say, so that none keeps trying to reach it); the next
+        :meth:`shared` makes a new one."""
+        with cls._shared_lock:
+            transports, cls._shared = list(cls._shared.values()), {}
+        for transport in transports:
+            transport.close()
+
     def __init__(
         self,
         settings: ConnectionSettings,
