@@ -284,8 +284,8 @@ class ReferenceFinder:
     def __init__(self, images: Any) -> None:
         self.mask, self.trusted_max = images.mask, images.trusted_max
 
-    def find_many(self, images: Any, threads: int = 0) -> Any:
-        for k in range(len(images)):
+    def find_many(self, images: Any, threads: int = 0, *, frames: range | None = None) -> Any:
+        for k in range(len(images)) if frames is None else frames:
             image = np.asarray(images[k])
             strong = strong_pixels(image, self.mask, trusted_max=self.trusted_max, min_local=3)
             yield ReferenceSpots(find_spots(image, strong, max_spot_size=None), int(strong.sum()))

@@ -15,14 +15,14 @@ frames of another shape) that long raises :class:`ImagesError` naming it;
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional, Union
 
-from numpy.typing import NDArray
 
 from .finder import BATCH_PER_THREAD, SpotFinder, Spots
 from .images import Images, ImagesError, open_images
@@ -63,6 +63,8 @@ class FileFollower:
         threads: int = 0,
         stopping: Optional[threading.Event] = None,
     ) -> None:
+        if frames.step != 1:
+            raise ValueError(f"frames {frames}: consecutive frames are followed")
         if not timeout_s >= 0:
             raise ValueError(f"timeout_s must be >= 0 seconds, not {timeout_s!r}")
         self.path = path
@@ -85,13 +87,57 @@ class FileFollower:
             yield from found
 
     def batches(self) -> Generator[list[Found], None, None]:
-        """The frames in batches, in order, as they are found. With no
+        """The frames in batches, in order, as they are found. With a finder
+        the next batch is searched (in a thread of its own, the search in the
+        core's threads) while the caller handles this one: a caller that
+        sends each frame's message leaves no core idle meanwhile. With no
         finder a batch is every frame written since the last batch (the
         first: every frame there is); the next is not looked for until this
         one is taken, so a caller can act on what is there before waiting."""
-        batch = BATCH_PER_THREAD * (self.threads or len(os.sched_getaffinity(0))) if self._finder else len(self.frames)
+        if self._finder is None:
+            yield from self._batches()
+            return
+        ahead: queue.Queue[Union[list[Found], BaseException, None]] = queue.Queue(maxsize=1)
+        abandoned = threading.Event()
+
+        def search() -> None:
+            def hand(item: Union[list[Found], BaseException, None]) -> bool:
+                while not abandoned.is_set():
+                    try:
+                        ahead.put(item, timeout=0.05)
+                        return True
+                    except queue.Full:
+                        pass
+                return False
+
+            try:
+                for found in self._batches(abandoned):
+                    if not hand(found):
+                        return
+                hand(None)
+            except BaseException as e:  # handed to the caller, raised there
+                hand(e)
+
+        searcher = threading.Thread(target=search, name=f"spot finding in {self.path.name}", daemon=True)
+        searcher.start()
+        try:
+            while True:
+                item = ahead.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            abandoned.set()
+            searcher.join()
+
+    def _batches(self, abandoned: Optional[threading.Event] = None) -> Generator[list[Found], None, None]:
+        threads = self.threads or len(os.sched_getaffinity(0))
+        batch = BATCH_PER_THREAD * threads if self._finder else len(self.frames)
         frames, done = self.frames, 0  # frames[:done] are found
         last_progress = time.monotonic()
+        gone = abandoned if abandoned is not None else threading.Event()
         while done < len(frames):
             if self._stopping.is_set():
                 self.stopped = True
@@ -106,7 +152,13 @@ class FileFollower:
                         self._spot_finder = self._finder(images)
                     self.geometry = images.geometry
                     while done < len(frames) and frames[done] < len(images) and not self._stopping.is_set():
+                        if gone.is_set():
+                            return
                         chunk = [i for i in frames[done:done + batch] if i < len(images)]
+                        if self._finder and threads < len(chunk) < len(frames) - done:
+                            # a whole number of frames for each thread (the rest, with the
+                            # frames written meanwhile, next): no thread waits at the end
+                            chunk = chunk[:len(chunk) - len(chunk) % threads]
                         found = [Found(index, spots, seen_at) for index, spots in zip(chunk, self._find(images, chunk))]
                         yield found
                         done += len(chunk)
@@ -123,14 +175,16 @@ class FileFollower:
                     return
                 if self._stopping.wait(self.poll_s):
                     break
+                if gone.is_set():
+                    return
                 if time.monotonic() - opened_at >= REOPEN_S or _signature(self.path) != before:
                     break
 
     def _find(self, images: Images, chunk: list[int]) -> list[Optional[Spots]]:
         if self._spot_finder is None:
             return [None] * len(chunk)
-        # as Images, so that the core decodes the raw chunks in parallel as it searches them
-        return list(self._spot_finder.find_many(_Frames(images, chunk), self.threads))
+        # frames of the Images, so that the core reads and decodes their chunks as it searches them
+        return list(self._spot_finder.find_many(images, self.threads, frames=range(chunk[0], chunk[-1] + 1)))
 
 
 def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
@@ -148,27 +202,3 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
     except OSError:
         pass  # a file that comes and goes: open_images says what is wrong
     return tuple(sorted(found))
-
-
-class _Frames(Images):
-    """Some frames of open images, as ``Images`` (what ``find_many`` decodes
-    in the core). Images has no window of its own yet: this one takes only
-    what ``find_many`` reads (length, shape, dtype, frames, raw chunks, errors)."""
-
-    def __init__(self, images: Images, frames: list[int]) -> None:  # noqa: super().__init__ would open nothing
-        self.path, self.shape, self.dtype = images.path, images.shape, images.dtype
-        self._mask = lambda: images.mask  # read only if asked for (the finder has it)
-        self.trusted_max, self.geometry = images.trusted_max, images.geometry
-        self._images, self._frames = images, frames
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def __getitem__(self, index: int) -> NDArray[Any]:
-        return self._images[self._frames[index]]
-
-    def bslz4_chunk(self, index: int) -> Optional[bytes]:
-        return self._images.bslz4_chunk(self._frames[index])
-
-    def corrupt(self, index: int, reason: str) -> ImagesError:
-        return self._images.corrupt(self._frames[index], reason)
