@@ -155,6 +155,37 @@ impl Finder {
     }
 }
 
+impl Finder {
+    /// [`Finder::find_chunks`] of chunks that lie in `file`, at `extents`
+    /// (each chunk's first byte and length): each chunk read in the threads
+    /// that search (with positioned reads: no file position is shared), so
+    /// no caller copies them first. A chunk that cannot be read is an error
+    /// for that frame alone.
+    #[cfg(unix)]
+    pub fn find_chunks_at<T: Pixel>(
+        &self,
+        file: &std::fs::File,
+        extents: &[(u64, usize)],
+        height: usize,
+        width: usize,
+        threads: usize,
+    ) -> Vec<Result<Spots>> {
+        use std::os::unix::fs::FileExt;
+        let read = in_parallel(extents.len(), threads, || (), |_, i| {
+            let (at, n) = extents[i];
+            let mut chunk = vec![0u8; n];
+            file.read_exact_at(&mut chunk, at)
+                .map(|_| chunk)
+                .map_err(|e| InputError::new(format!("its chunk ({n} bytes at byte {at}) cannot be read: {e}")))
+        });
+        let chunks: Vec<&[u8]> = read.iter().filter_map(|r| r.as_deref().ok()).collect();
+        let mut found = self.find_chunks::<T>(&chunks, height, width, threads).into_iter();
+        read.into_iter()
+            .map(|r| r.and_then(|_| found.next().expect("a result for every chunk read")))
+            .collect()
+    }
+}
+
 /// Rows a band of a frame's search has at least (beside the rows around it).
 const BAND_ROWS: usize = 64;
 

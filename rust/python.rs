@@ -11,7 +11,7 @@ use numpy::{
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyIndexError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyKeyboardInterrupt, PyMemoryError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PySlice, PyString, PyTuple, PyType};
@@ -762,6 +762,23 @@ fn frame_error(py: Python<'_>, index: usize, e: InputError) -> PyErr {
     err
 }
 
+/// `$body` with `$T` the pixel type named by `$dtype` (numpy's name), or
+/// the TypeError naming a type no frame is read as.
+macro_rules! by_pixel_type {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            "uint16" => { type $T = u16; $body }
+            "uint32" => { type $T = u32; $body }
+            "int32" => { type $T = i32; $body }
+            "uint8" => { type $T = u8; $body }
+            "int16" => { type $T = i16; $body }
+            "float32" => { type $T = f32; $body }
+            "float64" => { type $T = f64; $body }
+            other => return Err(PyTypeError::new_err(format!("frames of {other} are not read"))),
+        }
+    };
+}
+
 fn spots_list<'py>(py: Python<'py>, results: Vec<Result<Spots, InputError>>) -> PyResult<Vec<Bound<'py, PySpots>>> {
     results
         .into_iter()
@@ -885,16 +902,28 @@ impl PyFinder {
     ) -> PyResult<Vec<Bound<'py, PySpots>>> {
         let raw: Vec<&[u8]> = chunks.iter().map(|c| c.as_bytes()).collect();
         let (h, w) = shape;
-        let results = match dtype {
-            "uint16" => py.detach(|| self.finder.find_chunks::<u16>(&raw, h, w, threads)),
-            "uint32" => py.detach(|| self.finder.find_chunks::<u32>(&raw, h, w, threads)),
-            "int32" => py.detach(|| self.finder.find_chunks::<i32>(&raw, h, w, threads)),
-            "uint8" => py.detach(|| self.finder.find_chunks::<u8>(&raw, h, w, threads)),
-            "int16" => py.detach(|| self.finder.find_chunks::<i16>(&raw, h, w, threads)),
-            "float32" => py.detach(|| self.finder.find_chunks::<f32>(&raw, h, w, threads)),
-            "float64" => py.detach(|| self.finder.find_chunks::<f64>(&raw, h, w, threads)),
-            other => return Err(PyTypeError::new_err(format!("frames of {other} are not read"))),
-        };
+        let results = by_pixel_type!(dtype, T => py.detach(|| self.finder.find_chunks::<T>(&raw, h, w, threads)));
+        spots_list(py, results)
+    }
+
+    /// The spots of bitshuffle-LZ4 chunks of `shape` frames of `dtype` that
+    /// lie in the file at `path`, at `extents` (each chunk's first byte and
+    /// length): read, decoded and searched `threads` at a time, without the
+    /// GIL (the reads too).
+    fn find_chunks_at<'py>(
+        &self,
+        py: Python<'py>,
+        path: std::path::PathBuf,
+        extents: Vec<(u64, usize)>,
+        dtype: &str,
+        shape: (usize, usize),
+        threads: usize,
+    ) -> PyResult<Vec<Bound<'py, PySpots>>> {
+        let file = py
+            .detach(|| std::fs::File::open(&path))
+            .map_err(|e| PyOSError::new_err(format!("{}: {e}", path.display())))?;
+        let (h, w) = shape;
+        let results = by_pixel_type!(dtype, T => py.detach(|| self.finder.find_chunks_at::<T>(&file, &extents, h, w, threads)));
         spots_list(py, results)
     }
 }
@@ -909,24 +938,12 @@ fn decode_bslz4<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let raw = chunk.as_bytes();
     let n: usize = shape.iter().product();
-    macro_rules! decode {
-        ($t:ty) => {{
-            // not zeroed first: the decoder writes every value (a fresh
-            // zeroed frame cost a fifth of the decoding)
-            let frame = py.detach(|| finder::decode_new_frame::<$t>(raw, n, &mut Vec::new()))?;
-            Ok(Array::from_shape_vec(shape, frame).expect("n values").into_pyarray(py).into_any())
-        }};
-    }
-    match dtype {
-        "uint16" => decode!(u16),
-        "uint32" => decode!(u32),
-        "int32" => decode!(i32),
-        "uint8" => decode!(u8),
-        "int16" => decode!(i16),
-        "float32" => decode!(f32),
-        "float64" => decode!(f64),
-        other => Err(PyTypeError::new_err(format!("frames of {other} are not read"))),
-    }
+    // not zeroed first: the decoder writes every value (a fresh zeroed
+    // frame cost a fifth of the decoding)
+    by_pixel_type!(dtype, T => {
+        let frame = py.detach(|| finder::decode_new_frame::<T>(raw, n, &mut Vec::new()))?;
+        Ok(Array::from_shape_vec(shape, frame).expect("n values").into_pyarray(py).into_any())
+    })
 }
 
 #[pymodule]

@@ -159,21 +159,32 @@ class SpotFinder:
             raise ValueError(f"image {start + i}: {error}") from None
 
     def _find_in(self, images: Images, frames: range, threads: int, batch: int) -> Iterator[Spots]:
+        from .images import ImagesError
+
         dtype = np.dtype(images.dtype).name
         for start in range(frames.start, frames.stop, batch):
             stop = min(start + batch, frames.stop)
-            read = [images.bslz4_chunk(i) for i in range(start, stop)]
-            chunks = [c for c in read if c is not None]
-            if len(chunks) == len(read) and dtype in _native_dtypes:
-                try:
-                    yield from self._core.find_chunks(chunks, dtype, images.shape, threads)
-                except ValueError as error:
-                    i = getattr(error, "index", None)
-                    if i is None:
-                        raise
-                    raise images.corrupt(start + i, str(error)) from None
-            else:
-                yield from self._many([images[i] for i in range(start, stop)], threads, start)
+            found: Optional[list[Spots]] = None
+            try:
+                if dtype in _native_dtypes and (at := images.bslz4_extents(range(start, stop))) is not None:
+                    path, extents = at  # read in the core's threads, from the file
+                    try:
+                        found = self._core.find_chunks_at(path, extents, dtype, images.shape, threads)
+                    except OSError as error:
+                        raise ImagesError(str(error)) from None
+                else:
+                    read = [images.bslz4_chunk(i) for i in range(start, stop)]
+                    chunks = [c for c in read if c is not None]
+                    if len(chunks) == len(read) and dtype in _native_dtypes:
+                        found = self._core.find_chunks(chunks, dtype, images.shape, threads)
+            except ValueError as error:
+                i = getattr(error, "index", None)
+                if i is None:
+                    raise
+                raise images.corrupt(start + i, str(error)) from None
+            if found is None:
+                found = self._many([images[i] for i in range(start, stop)], threads, start)
+            yield from found
 
 
 _native_dtypes = {"uint8", "uint16", "uint32", "int16", "int32", "float32", "float64"}

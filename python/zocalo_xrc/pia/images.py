@@ -167,10 +167,7 @@ class Images:
             return None
         segment = self._segment(i)
         dataset = segment.dataset
-        key = id(dataset)
-        if key not in self._bslz4:
-            self._bslz4[key] = dataset.chunks == (1, *self.shape) and _filters(dataset) == ((BITSHUFFLE, BITSHUFFLE_LZ4),)
-        if not self._bslz4[key]:
+        if not self._whole_bslz4(segment):
             return None
         k = segment.offset + i - segment.start
         try:
@@ -180,6 +177,41 @@ class Images:
                 f"{segment.filename}: frame {i} ({dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
             ) from None
         return None if skipped else bytes(data)
+
+    def bslz4_extents(self, frames: range) -> Optional[tuple[str, list[tuple[int, int]]]]:
+        """Where the raw chunks of ``frames`` lie when they are bitshuffle-LZ4
+        alone and in one file: its path and each chunk's first byte and
+        length, for the Rust core to read (in its threads, without the GIL);
+        else None (read them with ``bslz4_chunk``)."""
+        if self._array is not None or not len(frames):
+            return None
+        first, last = self._index(frames[0]), self._index(frames[-1])
+        segment = self._segment(first)
+        if last >= segment.start + segment.count or not self._whole_bslz4(segment):
+            return None
+        dataset = segment.dataset
+        base = int(dataset.file.userblock_size)  # chunk addresses count from the end of a user block
+        extents = []
+        for i in range(first, last + 1):
+            k = segment.offset + i - segment.start
+            try:
+                info = dataset.id.get_chunk_info_by_coord((k, 0, 0))
+            except (OSError, RuntimeError, KeyError, ValueError) as error:
+                raise ImagesError(
+                    f"{segment.filename}: frame {i} ({dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
+                ) from None
+            if info.byte_offset is None or info.filter_mask != 0:
+                return None  # not written, or a filter skipped: as bslz4_chunk finds out
+            extents.append((base + int(info.byte_offset), int(info.size)))
+        return str(dataset.file.filename), extents
+
+    def _whole_bslz4(self, segment: _Segment) -> bool:
+        """Whether the chunks of ``segment``'s dataset are whole frames in bitshuffle-LZ4 alone."""
+        dataset = segment.dataset
+        key = id(dataset)
+        if key not in self._bslz4:
+            self._bslz4[key] = dataset.chunks == (1, *self.shape) and _filters(dataset) == ((BITSHUFFLE, BITSHUFFLE_LZ4),)
+        return self._bslz4[key]
 
     def spot_finder(self, **options: Any) -> SpotFinder:
         """A ``SpotFinder`` with this detector's mask and trusted maximum
