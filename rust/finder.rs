@@ -157,9 +157,9 @@ impl Finder {
 
 impl Finder {
     /// [`Finder::find_chunks`] of chunks that lie in `file`, at `extents`
-    /// (each chunk's first byte and length): each chunk read in the threads
-    /// that search (with positioned reads: no file position is shared), so
-    /// no caller copies them first. A chunk that cannot be read is an error
+    /// (each chunk's first byte and length): the chunks read first, in
+    /// parallel (positioned reads: no file position is shared), so no caller
+    /// copies them, then searched. A chunk that cannot be read is an error
     /// for that frame alone.
     #[cfg(unix)]
     pub fn find_chunks_at<T: Pixel>(

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-
 from .finder import BATCH_PER_THREAD, SpotFinder, Spots
 from .images import Images, ImagesError, open_images
 from .resolution import Geometry
@@ -95,7 +94,7 @@ class FileFollower:
         first: every frame there is); the next is not looked for until this
         one is taken, so a caller can act on what is there before waiting."""
         if self._finder is None:
-            yield from self._batches()
+            yield from self._batches(threading.Event())
             return
         ahead: queue.Queue[Union[list[Found], BaseException, None]] = queue.Queue(maxsize=1)
         abandoned = threading.Event()
@@ -132,12 +131,12 @@ class FileFollower:
             abandoned.set()
             searcher.join()
 
-    def _batches(self, abandoned: Optional[threading.Event] = None) -> Generator[list[Found], None, None]:
+    def _batches(self, gone: threading.Event) -> Generator[list[Found], None, None]:
+        """The batches, until every frame is found, the timeout, ``stopping`` or ``gone`` (the caller left)."""
         threads = self.threads or len(os.sched_getaffinity(0))
         batch = BATCH_PER_THREAD * threads if self._finder else len(self.frames)
         frames, done = self.frames, 0  # frames[:done] are found
         last_progress = time.monotonic()
-        gone = abandoned if abandoned is not None else threading.Event()
         while done < len(frames):
             if self._stopping.is_set():
                 self.stopped = True

@@ -173,9 +173,7 @@ class Images:
         try:
             skipped, data = dataset.id.read_direct_chunk((k, 0, 0))
         except (OSError, RuntimeError, KeyError) as error:
-            raise ImagesError(
-                f"{segment.filename}: frame {i} ({dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
-            ) from None
+            raise _no_chunk(segment, i, k, error) from None
         return None if skipped else bytes(data)
 
     def bslz4_extents(self, frames: range) -> Optional[tuple[str, list[tuple[int, int]]]]:
@@ -197,9 +195,7 @@ class Images:
             try:
                 info = dataset.id.get_chunk_info_by_coord((k, 0, 0))
             except (OSError, RuntimeError, KeyError, ValueError) as error:
-                raise ImagesError(
-                    f"{segment.filename}: frame {i} ({dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
-                ) from None
+                raise _no_chunk(segment, i, k, error) from None
             if info.byte_offset is None or info.filter_mask != 0:
                 return None  # not written, or a filter skipped: as bslz4_chunk finds out
             extents.append((base + int(info.byte_offset), int(info.size)))
@@ -350,6 +346,13 @@ def _open_hdf5(path: Path, detector: Optional[Images] = None) -> Images:
         for handle in files:
             handle.close()
         raise
+
+
+def _no_chunk(segment: _Segment, i: int, k: int, error: Exception) -> ImagesError:
+    """The error for frame ``i`` (``k`` of ``segment``'s dataset) whose chunk cannot be found or read."""
+    return ImagesError(
+        f"{segment.filename}: frame {i} ({segment.dataset.name}[{k}]) has no readable chunk: {_first_line(error)}"
+    )
 
 
 def _segments(path: Path, master: Any, files: list[Any]) -> tuple[list[_Segment], int]:
